@@ -1,0 +1,487 @@
+"""
+Di4C - Distillation of Discrete Diffusion through Dimensional Correlations.
+Hayakawa, Takida, Imaizumi, Wakaki, Mitsufuji. ICML 2025. arXiv:2410.08709.
+
+Domain-agnostic core. Depends only on torch. Copy this file into your project.
+Section references "SPEC §X" point to docs/SPEC.md-style sections mirrored in the README's
+"Core API" table; the paper's own equation numbers are not quoted here because we could not
+check them against the PDF.
+
+Notation (used in every shape comment below)
+    B  batch size            D  number of discrete dimensions (pixels, image tokens, text tokens)
+    S  states per dimension (includes [MASK] for the absorbing process)
+    L  lambda-samples per x_t (the "lambda-batch"; official code: distil_batch_size / latent_bsize)
+    k  dimension of lambda (1 in every experiment of the paper)
+    psi / theta  teacher / student;  times 0 <= s < u < t <= 1, t = 1 is noise;  small time tau
+    x_t: (B, D) long;  logits: (..., D, S);  log_p_*: log-probabilities (float32 or float64)
+
+Denoiser signature (teacher and student alike)
+    denoiser(x_t: (N, D) long, t: (N,) float, lam: (N, k) float | None) -> logits (N, D, S)
+The logits are unnormalised log-probabilities of x0 given x_t (an "x0-prediction"); a product
+teacher ignores lam. The mixture student is
+    p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]^k} prod_d p^{theta,d}_{0|t}(x0^d | x_t; lambda)
+and every expectation over lambda is estimated with L draws (SPEC §B.1).
+
+Paper -> code
+    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       SPEC §A.2-A.4
+    mixture model, lambda-batch                      draw_lambda, student_log_probs   SPEC §B.1
+    J^ (mixture log-lik), log m^ (marginals)         mixture_joint_loglik, mixture_marginal_logp
+    C^ (control-variate log-lik), K (marginal KL)    cv_loglik, marginal_kl           SPEC §C.2
+    data / consistency / distillation terms          data_loss_*, consis_loss_*, distil_loss
+    one Di4C training step (all three variants)      di4c_loss, alpha_t               SPEC §C.3-C.6
+    N-step ancestral and hybrid sampling             ancestral_sample                 SPEC §D
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# -----------------------------------------------------------------------------
+# Categorical draws and small helpers
+
+
+def sample_categorical(log_p: Tensor, generator: Optional[torch.Generator] = None,
+                       chunk: int = 1 << 24) -> Tensor:
+    """Draw one state per row from Cat(softmax(log_p)) by Gumbel-max in float64.
+
+    float32 Gumbel noise lowers the effective temperature (Zheng et al., arXiv 2409.02908), so the
+    noise and the comparison are done in float64, in chunks of about `chunk` elements.
+    Args: log_p (..., S) unnormalised log-probabilities. Returns (...) long.
+    """
+    S = log_p.shape[-1]
+    flat = log_p.reshape(-1, S)                                       # (R, S)
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=log_p.device)
+    rows = max(1, chunk // S)
+    for i in range(0, flat.shape[0], rows):
+        lp = flat[i:i + rows].double()
+        u = torch.rand(lp.shape, generator=generator, dtype=torch.float64, device=lp.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        out[i:i + rows] = (lp + gumbel).argmax(-1)
+    return out.view(log_p.shape[:-1])
+
+
+def _per_row(t: Tensor, B: int, device) -> Tensor:
+    """Broadcast a time given as a float or a (B,) tensor to a (B,) float64 tensor."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=device)
+    return t.expand(B).clone() if t.dim() == 0 else t.double()
+
+
+# -----------------------------------------------------------------------------
+# Forward processes (per-dimension, independent across dimensions) and their posteriors
+#
+# Both classes share one duck-typed interface:
+#   transition(t, s)            Q_{t|s}: (B, S, S), row = from, column = to   (s = 0 by default)
+#   add_noise(x0, t, g)         x_t ~ q_{t|0}(. | x0)                          (B, D) long
+#   posterior(log_p0, x_t, t, s) p_{s|t}(x_s^d | x_t) from x0-predictions     (B, D, S) float64
+#   step(log_p0, x_t, t, s, g)  one draw from that product posterior           (B, D) long
+#   prior(B, D, g)              x_1 ~ the stationary / all-[MASK] distribution
+#   final(log_p0, x_t)          the deterministic last NFE (argmax of p_{0|t})
+#   needs_final(x_t)            whether that last NFE is needed
+
+
+class CTMCProcess:
+    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; SPEC §A.3).
+
+    Q_{t|s} = expm((beta_bar(t) - beta_bar(s)) R), computed in float64 by scaling-and-squaring
+    (stable for any R, reversible or not), clamped at 0 and renormalised. Times that repeat in a
+    batch share one matrix exponential.
+    Args: R (S, S) rate matrix (rows sum to 0); beta_bar: t (N,) -> integrated rate (N,);
+    pi (S,) the distribution of x_1 (the stationary law of R); eps: the tauLDR regulariser.
+    """
+
+    def __init__(self, R: Tensor, beta_bar: Callable[[Tensor], Tensor], pi: Tensor,
+                 eps: float = 1e-9):
+        assert R.dim() == 2 and R.shape[0] == R.shape[1], f"R must be (S, S), got {tuple(R.shape)}"
+        self.R, self.beta_bar, self.eps = R.double(), beta_bar, eps
+        self.pi = (pi.double() / pi.double().sum())
+        self.S = R.shape[0]
+
+    def transition(self, t: Tensor, s: Optional[Tensor] = None) -> Tensor:
+        t = _per_row(t, t.numel() if torch.is_tensor(t) else 1, self.R.device)
+        s = torch.zeros_like(t) if s is None else _per_row(s, t.numel(), self.R.device)
+        dbeta = self.beta_bar(t) - self.beta_bar(s)                   # (B,)
+        uniq, inv = torch.unique(dbeta, return_inverse=True)
+        Q = torch.linalg.matrix_exp(uniq[:, None, None] * self.R)      # (U, S, S)
+        Q = Q.clamp_min(0.0)
+        return (Q / Q.sum(-1, keepdim=True))[inv]                      # (B, S, S)
+
+    def to(self, device) -> "CTMCProcess":
+        self.R, self.pi = self.R.to(device), self.pi.to(device)
+        return self
+
+    def add_noise(self, x0: Tensor, t: Tensor, generator=None) -> Tensor:
+        B, D = x0.shape
+        Q = self.transition(_per_row(t, B, x0.device))                # (B, S, S)
+        rows = Q.gather(1, x0[:, :, None].expand(B, D, self.S))       # (B, D, S) = Q_{t|0}(x0^d -> .)
+        return sample_categorical(rows.clamp_min(1e-300).log(), generator)
+
+    def posterior(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """p_{s|t}(b | x_t) = sum_a p0(a) Q_{s|0}(a->b) Q_{t|s}(b->x_t) / Q_{t|0}(a->x_t) (SPEC §A.2).
+
+        The eps terms follow tauLDR: they keep the division finite where Q_{t|0}(a->x_t) ~ 0.
+        Args: log_p0 (B, D, S); x_t (B, D); t, s (B,) or floats. Returns (B, D, S) float64.
+        """
+        B, D, S = log_p0.shape
+        t, s = _per_row(t, B, x_t.device), _per_row(s, B, x_t.device)
+        Q_t0, Q_s0, Q_ts = self.transition(t), self.transition(s), self.transition(t, s)
+        idx = x_t[:, None, :].expand(B, S, D)
+        to_xt_from_0 = Q_t0.gather(2, idx).transpose(1, 2) + self.eps  # (B, D, S) over a
+        to_xt_from_s = Q_ts.gather(2, idx).transpose(1, 2) + self.eps  # (B, D, S) over b
+        w = log_p0.double().softmax(-1) / to_xt_from_0                 # (B, D, S) over a
+        post = torch.bmm(w, Q_s0 + self.eps) * to_xt_from_s + self.eps  # (B, D, S) over b
+        return post / post.sum(-1, keepdim=True)
+
+    def step(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor:
+        return sample_categorical(self.posterior(log_p0, x_t, t, s).log(), generator)
+
+    def prior(self, B: int, D: int, generator=None, device=None) -> Tensor:
+        return sample_categorical(self.pi.log().expand(B, D, self.S), generator)
+
+    def final(self, log_p0: Tensor, x_t: Tensor) -> Tensor:
+        return log_p0.argmax(-1)
+
+    def needs_final(self, x_t: Tensor) -> bool:
+        return True
+
+
+class MaskedProcess:
+    """Absorbing ("masked") process: each token is [MASK] at time t with probability m(t) (SPEC §A.4).
+
+    m: t (N,) -> mask probability (N,), increasing, m(0) = 0, m(1) = 1 (up to eps). MDLM's
+    log-linear schedule is m(t) = (1 - eps) t; MaskGIT's arccos schedule is arccos(1 - t) / (pi/2).
+    Args: S states including [MASK]; mask_id (default S - 1).
+    """
+
+    def __init__(self, S: int, m: Callable[[Tensor], Tensor], mask_id: Optional[int] = None):
+        self.S, self.m = S, m
+        self.mask_id = S - 1 if mask_id is None else mask_id
+
+    def to(self, device) -> "MaskedProcess":
+        return self
+
+    def transition(self, t: Tensor, s: Optional[Tensor] = None) -> Tensor:
+        dev = t.device if torch.is_tensor(t) else "cpu"
+        t = _per_row(t, t.numel() if torch.is_tensor(t) else 1, dev)
+        s = torch.zeros_like(t) if s is None else _per_row(s, t.numel(), dev)
+        keep = (1 - self.m(t)) / (1 - self.m(s))                      # (B,) P(stay unmasked)
+        Q = torch.diag_embed(keep[:, None].expand(-1, self.S).clone())
+        Q[:, :, self.mask_id] = 1 - keep[:, None]
+        Q[:, self.mask_id, :] = 0.0
+        Q[:, self.mask_id, self.mask_id] = 1.0
+        return Q                                                      # (B, S, S)
+
+    def add_noise(self, x0: Tensor, t: Tensor, generator=None) -> Tensor:
+        B, D = x0.shape
+        m_t = self.m(_per_row(t, B, x0.device))                        # (B,)
+        u = torch.rand(B, D, generator=generator, dtype=torch.float64, device=x0.device)
+        return torch.where(u < m_t[:, None], torch.full_like(x0, self.mask_id), x0)
+
+    def _unmask_prob(self, B: int, t, s, device) -> Tensor:
+        m_t, m_s = self.m(_per_row(t, B, device)), self.m(_per_row(s, B, device))
+        return (m_t - m_s) / m_t.clamp_min(1e-12)                      # (B,)
+
+    def posterior(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """Masked x_t^d: [MASK] w.p. m(s)/m(t), else v w.p. p0(v) (m(t) - m(s))/m(t); clean x_t^d: kept.
+
+        Returns (B, D, S) float64. Mass that p0 puts on [MASK] (MaskGIT heads) stays on [MASK].
+        """
+        B, D, S = log_p0.shape
+        r = self._unmask_prob(B, t, s, x_t.device)[:, None, None]     # (B, 1, 1)
+        post = log_p0.double().softmax(-1) * r                       # (B, D, S)
+        post[..., self.mask_id] += 1 - r[..., 0]
+        clean = F.one_hot(x_t, S).double()                             # (B, D, S)
+        return torch.where((x_t == self.mask_id)[..., None], post, clean)
+
+    def step(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor, generator=None) -> Tensor:
+        """Same law as `posterior`, drawn without building (B, D, S) float64: a Bernoulli decides
+        which masked tokens unmask, then only those rows draw from p0 (cheap for S = 50258)."""
+        B, D = x_t.shape
+        r = self._unmask_prob(B, t, s, x_t.device)                     # (B,)
+        u = torch.rand(B, D, generator=generator, dtype=torch.float64, device=x_t.device)
+        reveal = (x_t == self.mask_id) & (u < r[:, None])              # (B, D)
+        x_s = x_t.clone()
+        x_s[reveal] = sample_categorical(log_p0[reveal], generator)
+        return x_s
+
+    def prior(self, B: int, D: int, generator=None, device=None) -> Tensor:
+        return torch.full((B, D), self.mask_id, dtype=torch.long, device=device)
+
+    def final(self, log_p0: Tensor, x_t: Tensor) -> Tensor:
+        best = log_p0.index_fill(-1, torch.tensor([self.mask_id], device=log_p0.device),
+                                 -float("inf")).argmax(-1)             # (B, D), never [MASK]
+        return torch.where(x_t == self.mask_id, best, x_t)
+
+    def needs_final(self, x_t: Tensor) -> bool:
+        return bool((x_t == self.mask_id).any())
+
+
+# -----------------------------------------------------------------------------
+# Mixture model (the student): p(x0 | x_t) = mean over lambda of a product over dimensions
+
+
+def draw_lambda(n: int, k: int = 1, generator=None, device=None) -> Tensor:
+    """lambda ~ U[0,1]^k, one row per network call (SPEC §B.1). Returns (n, k) float32."""
+    return torch.rand(n, k, generator=generator, device=device)
+
+
+def repeat_batch(x: Tensor, L: int) -> Tensor:
+    """Repeat every batch row L times, rows of one x_t adjacent: (B, ...) -> (B*L, ...)."""
+    return x.repeat_interleave(L, dim=0)
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """log-softmax over states in float32, also under bf16 autocast (SPEC §G.28)."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: int = 1,
+                      generator=None, lam: Optional[Tensor] = None) -> Tensor:
+    """Run the student on the lambda-batch: L copies of each x_t, each with its own lambda.
+
+    Args: x (B, D) long; t (B,); lam (B*L, k) or None to draw it.
+    Returns log p^{theta,d}_{0|t}(. | x_t; lambda_l): (B, L, D, S).
+    """
+    B, D = x.shape
+    lam = draw_lambda(B * L, lam_dim, generator, x.device) if lam is None else lam
+    logits = student(repeat_batch(x, L), repeat_batch(t, L), lam)      # (B*L, D, S)
+    return log_probs(logits).view(B, L, D, -1)
+
+
+def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
+    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L: the mixture log-likelihood (SPEC §C.2).
+
+    Args: log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t).
+    Returns (B,) or (B, M).
+    """
+    ll = _component_loglik(log_p, y)                                    # (B, M, L)
+    J = torch.logsumexp(ll, dim=-1) - math.log(log_p.shape[1])         # (B, M)
+    return J.squeeze(1) if y.dim() == 2 else J
+
+
+def _component_loglik(log_p: Tensor, y: Tensor) -> Tensor:
+    """sum_d log p_l^d(y_m^d) for every component l and configuration m: (B, M, L)."""
+    B, L, D, S = log_p.shape
+    y = y[:, None] if y.dim() == 2 else y                              # (B, M, D)
+    M = y.shape[1]
+    idx = y[:, :, None, :, None].expand(B, M, L, D, 1)
+    return log_p[:, None].expand(B, M, L, D, S).gather(-1, idx).squeeze(-1).sum(-1)
+
+
+def mixture_marginal_logp(log_p: Tensor) -> Tensor:
+    """log m^d(a) = logsumexp_l log p_l^d(a) - log L: per-dimension mixture marginals (SPEC §C.2).
+
+    Args: log_p (B, L, D, S). Returns (B, D, S).
+    """
+    return torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
+
+
+def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
+              log_m: Optional[Tensor] = None) -> Tensor:
+    """C^(y) = J^(y) - sum_d log m^d(y^d): log-likelihood minus its dimension-wise control variate.
+
+    E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly (SPEC §C.2); with
+    control_variate=False this returns J^(y) itself.
+    Args: log_p (B, L, D, S); y (B, D) or (B, M, D); log_m (B, D, S) to reuse. Returns (B,) or (B, M).
+    """
+    J = mixture_joint_loglik(log_p, y)
+    if not control_variate:
+        return J
+    log_m = mixture_marginal_logp(log_p) if log_m is None else log_m    # (B, D, S)
+    y3 = y[:, None] if y.dim() == 2 else y                             # (B, M, D)
+    cv = log_m.gather(-1, y3.transpose(1, 2)).sum(1)                   # (B, M)
+    return J - (cv.squeeze(1) if y.dim() == 2 else cv)
+
+
+def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
+    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S (SPEC §C.2).
+
+    Zero-probability target states contribute 0 even where log m = -inf (no NaN gradients).
+    Args: log_pi, log_m (..., D, S), broadcastable. Returns (...).
+    """
+    p = log_pi.exp()
+    pos = p > 0
+    diff = torch.where(pos, log_pi, 0.0) - torch.where(pos, log_m, 0.0)
+    return (p * diff).sum((-1, -2))
+
+
+# -----------------------------------------------------------------------------
+# Loss terms (each per x_t, shape (B,), summed over dimensions; SPEC §C.2 table, §G.1)
+
+
+def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = True,
+                  log_m: Optional[Tensor] = None) -> Tensor:
+    """-C^(x0) for real data x0 (plain mixture NLL -J^(x0) without the control variate). (B,)"""
+    return -cv_loglik(log_p_student, x0, control_variate, log_m)
+
+
+def data_loss_indep(log_p_teacher: Tensor, log_m: Tensor) -> Tensor:
+    """K(p^psi_{0|t}(.|x_t) || m^): teacher marginals stand in for the unknown true ones (SPEC §G.8). (B,)"""
+    return marginal_kl(log_p_teacher, log_m)
+
+
+def consis_loss_cor(log_p_student: Tensor, y: Tensor, control_variate: bool = True,
+                    log_m: Optional[Tensor] = None) -> Tensor:
+    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t). y: (B, L, D). (B,)"""
+    return -cv_loglik(log_p_student, y, control_variate, log_m).mean(1)
+
+
+def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
+    """K(m-bar' || m^), m-bar' = (1/L) sum_i p^theta_{0|u}(.|x_u^(i); lambda'_i), detached. (B,)"""
+    return marginal_kl(mixture_marginal_logp(log_p_target).detach(), log_m)
+
+
+def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
+    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (SPEC §C.2).
+
+    The per-lambda average upper-bounds KL(teacher || mixture) by joint convexity (SPEC §G.26).
+    Args: log_p_teacher (B, D, S); log_p_student (B, L, D, S). Returns (B,).
+    """
+    return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
+
+
+def alpha_t(t: Tensor, schedule: str = "sigmoid", const: float = 1.0) -> Tensor:
+    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} (SPEC §C.3, §C.6)."""
+    shapes = {"sigmoid": lambda: torch.sigmoid(20 * (t - 0.5)), "linear": lambda: t,
+              "const": lambda: torch.ones_like(t), "zero": lambda: torch.zeros_like(t)}
+    if schedule not in shapes:
+        raise ValueError(f"alpha schedule must be one of {sorted(shapes)}, got {schedule!r}")
+    return const * shapes[schedule]()
+
+
+# -----------------------------------------------------------------------------
+# Teachers: product (one network call) or mixture (a previous Di4C student, multi-round)
+
+
+def make_teacher(teacher: Callable, process, lam_dim: int = 0, L: int = 16) -> tuple:
+    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser (SPEC §C.7).
+
+    teacher_marginal(x (N, D), t (N,), g) -> log p^psi_{0|t} (N, D, S): the product teacher's
+        log-probs, or for a mixture teacher (lam_dim > 0) the L-sample lambda-average.
+    teacher_step(x_t (N, D), t, u, log_p0 (N, D, S), g) -> x_u (N, D): one analytic step t -> u;
+        a product teacher reuses log_p0, a mixture teacher draws a fresh lambda per row.
+    """
+    @torch.no_grad()
+    def teacher_marginal(x, t, generator=None):
+        if lam_dim == 0:
+            return log_probs(teacher(x, t, None))
+        return mixture_marginal_logp(student_log_probs(teacher, x, t, L, lam_dim, generator))
+
+    @torch.no_grad()
+    def teacher_step(x_t, t, u, log_p0, generator=None):
+        if lam_dim > 0:
+            lam = draw_lambda(x_t.shape[0], lam_dim, generator, x_t.device)
+            log_p0 = log_probs(teacher(x_t, t, lam))
+        return process.step(log_p0, x_t, t, u, generator)
+
+    return teacher_marginal, teacher_step
+
+
+# -----------------------------------------------------------------------------
+# One Di4C training objective (SPEC §C.3 tauLDR, §C.4 MaskGIT, §C.5 SDTT share it)
+
+
+def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, *,
+              teacher_marginal: Callable, teacher_step: Callable, L: int = 16, lam_dim: int = 1,
+              student_target: Optional[Callable] = None, alpha: Optional[Tensor] = None,
+              distil_weight: Optional[Tensor] = None, consis_weight: Optional[Tensor] = None,
+              x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
+              control_variate: bool = True, generator=None) -> tuple:
+    """Di4C loss per x_t: distil_w distil + alpha data_cor + data_indep + consis_w (consis_cor + consis_indep).
+
+    Variants (SPEC §C.6), chosen by the caller's arguments:
+      tauLDR : x_tau, tau given (distillation on a separate small-time sample, weight 1),
+               consis_weight = 1, alpha = alpha_t(t, "sigmoid", 1.0).
+      MaskGIT: no x_tau; distil_weight = 1[t <= delta] / delta reuses x_t, consis_weight = 1[t > delta],
+               alpha = alpha_t(t, "sigmoid", 0.1) ("di4c-d") or zeros ("di4c").
+      SDTT   : as MaskGIT with distil_weight = 1[t < delta]; mixture teachers via make_teacher.
+    Gradients (SPEC §G.2-G.6): only the student at (x_t, t) and at (x_tau, tau) gets gradients; the
+    teacher, x_u, y and the student at (x_u, u) (current weights, `student_target`, e.g. in eval
+    mode) are computed under no_grad. The L lambdas at t serve both data and consistency terms.
+    Without the control variate the correlation terms become -J^ and the marginal terms are dropped.
+
+    Args: x0, x_t (B, D) long; t, u (B,) with u < t; alpha, *_weight (B,) (default 1).
+    Returns (loss (B,), terms: dict of detached (B,) tensors, unweighted).
+    """
+    B = x_t.shape[0]
+    ones = torch.ones(B, device=x_t.device)
+    alpha = ones if alpha is None else alpha
+    w_cons = ones if consis_weight is None else consis_weight
+    w_dist = (ones if x_tau is not None else 0 * ones) if distil_weight is None else distil_weight
+    student_target = student if student_target is None else student_target
+    cv = control_variate
+
+    log_p_s = student_log_probs(student, x_t, t, L, lam_dim, generator)     # (B, L, D, S)
+    log_m = mixture_marginal_logp(log_p_s)                                  # (B, D, S)
+    log_p_T = teacher_marginal(x_t, t, generator)                           # (B, D, S)
+    terms = {"data_cor": data_loss_cor(log_p_s, x0, cv, log_m)}
+    terms["data_indep"] = data_loss_indep(log_p_T, log_m) if cv else 0 * ones
+
+    if bool((w_cons != 0).any()):
+        with torch.no_grad():
+            x_u = teacher_step(repeat_batch(x_t, L), repeat_batch(t, L), repeat_batch(u, L),
+                               repeat_batch(log_p_T, L), generator)         # (B*L, D)
+            log_p_u = student_log_probs(student_target, x_u, repeat_batch(u, L), 1, lam_dim,
+                                        generator).view(log_p_s.shape)      # (B, L, D, S)
+            y = sample_categorical(log_p_u, generator)                      # (B, L, D)
+        terms["consis_cor"] = consis_loss_cor(log_p_s, y, cv, log_m)
+        terms["consis_indep"] = consis_loss_indep(log_p_u, log_m) if cv else 0 * ones
+    else:
+        terms["consis_cor"] = terms["consis_indep"] = 0 * ones
+
+    if x_tau is not None:
+        log_p_T_tau = teacher_marginal(x_tau, tau, generator)               # (B, D, S)
+        log_p_s_tau = student_log_probs(student, x_tau, tau, L, lam_dim, generator)
+        terms["distil"] = distil_loss(log_p_T_tau, log_p_s_tau)
+    elif bool((w_dist != 0).any()):
+        terms["distil"] = distil_loss(log_p_T, log_p_s)
+    else:
+        terms["distil"] = 0 * ones
+
+    loss = (w_dist * terms["distil"] + alpha * terms["data_cor"] + terms["data_indep"]
+            + w_cons * (terms["consis_cor"] + terms["consis_indep"]))
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+# -----------------------------------------------------------------------------
+# Samplers (SPEC §D)
+
+
+@torch.no_grad()
+def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
+                     lam_dim: int = 0, teacher: Optional[Callable] = None, n_teacher: int = 0,
+                     final_nfe: bool = True, reuse_unchanged: bool = False,
+                     generator=None) -> tuple:
+    """N-step ancestral sampling with the analytic product step; hybrid and mixture aware (SPEC §D).
+
+    times (K+1,) decreasing, t_0 = start. NFE k < K evaluates the network at t_k and draws
+    x_{t_{k+1}} ~ p_{t_{k+1}|t_k}; if final_nfe (and process.needs_final), one more NFE at t_K
+    returns process.final (argmax of p_{0|t_K}). So tauLDR's N-NFE sampler is times =
+    linspace(1, 0.01, N) and MDLM's is linspace(1, 1e-5, N + 1). A mixture denoiser
+    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid: the last n_teacher NFEs use
+    `teacher` (a product denoiser). reuse_unchanged skips a product network whose input x did
+    not change since its last call (valid only for networks without a time input, e.g. MDLM/SDTT).
+    Returns (x_0 (B, D) long, nfe: int).
+    """
+    B = x_T.shape[0]
+    K = times.numel() - 1
+    n_total = K + int(final_nfe)
+    x, nfe, cache = x_T, 0, None
+    for k in range(n_total):
+        if k == K and not process.needs_final(x):
+            break
+        net, dim = (teacher, 0) if k >= n_total - n_teacher else (denoiser, lam_dim)
+        t_k = times[k].expand(B).to(x.device)
+        if reuse_unchanged and dim == 0 and cache is not None and cache[0] is net \
+                and torch.equal(cache[1], x):
+            log_p0 = cache[2]
+        else:
+            lam = draw_lambda(B, dim, generator, x.device) if dim > 0 else None
+            log_p0 = log_probs(net(x, t_k, lam))                             # (B, D, S)
+            nfe += 1
+            cache = (net, x, log_p0)
+        if k == K:
+            return process.final(log_p0, x), nfe
+        x = process.step(log_p0, x, t_k, times[k + 1].expand(B).to(x.device), generator)
+    return x, nfe
