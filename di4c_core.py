@@ -412,7 +412,12 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
     student_target = student if student_target is None else student_target
     cv = control_variate
 
-    log_p_s = student_log_probs(student, x_t, t, L, lam_dim, generator)     # (B, L, D, S)
+    if x_tau is None:
+        log_p_s = student_log_probs(student, x_t, t, L, lam_dim, generator)  # (B, L, D, S)
+    else:                  # one student call for x_t and x_tau rows (DDP-friendly, one graph)
+        both = student_log_probs(student, torch.cat([x_t, x_tau]), torch.cat([t, tau]), L,
+                                 lam_dim, generator)                          # (2B, L, D, S)
+        log_p_s, log_p_s_tau = both[:B], both[B:]
     log_m = mixture_marginal_logp(log_p_s)                                  # (B, D, S)
     log_p_T = teacher_marginal(x_t, t, generator)                           # (B, D, S)
     terms = {"data_cor": data_loss_cor(log_p_s, x0, cv, log_m)}
@@ -431,9 +436,7 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
         terms["consis_cor"] = terms["consis_indep"] = 0 * ones
 
     if x_tau is not None:
-        log_p_T_tau = teacher_marginal(x_tau, tau, generator)               # (B, D, S)
-        log_p_s_tau = student_log_probs(student, x_tau, tau, L, lam_dim, generator)
-        terms["distil"] = distil_loss(log_p_T_tau, log_p_s_tau)
+        terms["distil"] = distil_loss(teacher_marginal(x_tau, tau, generator), log_p_s_tau)
     elif bool((w_dist != 0).any()):
         terms["distil"] = distil_loss(log_p_T, log_p_s)
     else:

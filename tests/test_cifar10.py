@@ -1,0 +1,144 @@
+"""cifar10_gaussian.py: process, networks, data formats, smoke end to end, exact resume, torchrun, errors."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cifar10_gaussian as m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke(tmp_path, **kw):
+    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path), **kw)
+
+
+def test_rate_matrix_is_reversible_and_reaches_pi_only_near_t1():
+    R, pi = m.gaussian_rate_matrix(17, 1.5, 34.0)
+    torch.testing.assert_close(R.sum(1), torch.zeros(17, dtype=torch.float64))
+    flux = pi[:, None] * R
+    torch.testing.assert_close(flux, flux.T)                                     # detailed balance
+    proc = m.build_process(m.make_config(m.Config, preset="demo"), "cpu")
+    Q = proc.transition(torch.tensor([0.3, 0.5, 1.0]))
+    tv = 0.5 * (Q - proc.pi[None, None]).abs().sum(-1).max(-1).values
+    assert tv[0] > 0.5 and tv[1] > 0.3 and tv[2] < 0.01                         # demo time scale
+
+
+def test_student_equals_teacher_at_init_for_every_lambda():
+    cfg = m.make_config(m.Config, preset="smoke", dropout=0.0)
+    torch.manual_seed(0)
+    teacher = m.build_unet(cfg, 1, 8, lam=False).eval()
+    with torch.no_grad():                       # non-trivial teacher weights
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = m.student_from_teacher(teacher, cfg).eval()
+    x = torch.randint(0, 17, (3, 64))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    want = teacher(x, t)
+    for lam in (0.0, 0.37, 1.0):
+        torch.testing.assert_close(student(x, t, torch.full((3, 1), lam)), want)
+    with torch.no_grad():
+        student.lemb_down[-1].bias.add_(1.0)
+        student.down[0].dense1.bias.add_(1.0)
+    assert not torch.allclose(student(x, t, torch.full((3, 1), 0.5)), want)
+
+
+def test_logistic_head_is_a_finite_distribution_peaked_at_mu():
+    x = torch.zeros(2, 1, 2, 2)
+    raw = torch.zeros(2, 2, 2, 2)
+    raw[:, 1] = -3.0                                                             # sharp
+    logits = m.logistic_logits(x, raw, 17)                                       # (2, 4, 17)
+    assert torch.isfinite(logits).all()
+    assert (logits.argmax(-1) == 8).all()                                        # bin holding 0
+    assert (logits.exp().sum(-1) <= 1 + 1e-5).all()
+
+
+def test_cifar10_pickle_batches_and_image_folder_formats(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in (1, 2):
+        data = torch.randint(0, 256, (5, 3072), dtype=torch.uint8).numpy()
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0] * 5}, f)
+    cfg = m.make_config(m.Config, dataset="cifar10", data_dir=str(tmp_path))
+    x = m.load_images(cfg)
+    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(torch.randint(0, 256, (12, 10, 3), dtype=torch.uint8).numpy()).save(
+                tmp_path / "imgs" / cls / f"{j}.png")
+    cfg = m.make_config(m.Config, dataset="folder", data_dir=str(tmp_path / "imgs"), image_size=8, S=17)
+    x = m.load_images(cfg)
+    assert x.shape == (4, 3, 8, 8) and int(x.max()) <= 16
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--preset must be one of"):
+        m.make_config(m.Config, preset="huge")
+    with pytest.raises(SystemExit, match="unknown config field"):
+        m.make_config(m.Config, stepz=3)
+    with pytest.raises(SystemExit, match="cifar-10-batches-py"):
+        m.load_images(m.make_config(m.Config, data_dir=str(tmp_path / "nope")))
+    with pytest.raises(SystemExit, match="not a folder"):
+        m.load_images(m.make_config(m.Config, dataset="folder", data_dir=str(tmp_path / "nope")))
+    with pytest.raises(SystemExit, match="--stage must be"):
+        m.main(smoke(tmp_path, stage="train"))
+    with pytest.raises(SystemExit, match="run --stage"):
+        m.main(smoke(tmp_path, stage="sample"))
+    r = subprocess.run([sys.executable, "cifar10_gaussian.py", "--preset", "smoke", "--ste", "3"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    m.main(smoke(tmp_path, stage="teacher"))
+    with pytest.raises(SystemExit, match="another config"):
+        m.main(smoke(tmp_path, stage="distill", ch=16))
+
+
+def test_smoke_end_to_end_writes_metrics(tmp_path):
+    metrics = m.main(smoke(tmp_path))
+    saved = json.load(open(tmp_path / "metrics.json"))
+    labels = ["teacher@2", "teacher@4", "student@2", "hybrid@2", "control@2"]
+    assert sorted(saved["quality"]) == sorted(labels)
+    assert all(v["frechet"] > 0 for v in saved["quality"].values())
+    assert "2" in saved["latency_s"] and metrics["distill_train_s"] > 0
+    assert (tmp_path / "grid_student@2.png").exists()
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    m.main(smoke(a, stage="teacher", teacher_iters=4, ckpt_every=100))
+    m.main(smoke(b, stage="teacher", teacher_iters=2, ckpt_every=100))      # "interrupted" at step 2
+    m.main(smoke(b, stage="teacher", teacher_iters=4, ckpt_every=100))      # resumes at step 2
+    sa = torch.load(a / "teacher_train_last.pt", weights_only=True)
+    sb = torch.load(b / "teacher_train_last.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 4
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    m.main(smoke(a, stage="distill", distil_iters=4, control=False, ckpt_every=100))
+    m.main(smoke(b, stage="distill", distil_iters=2, control=False, ckpt_every=100))
+    m.main(smoke(b, stage="distill", distil_iters=4, control=False, ckpt_every=100))
+    sa = torch.load(a / "student_train_last.pt", weights_only=True)
+    sb = torch.load(b / "student_train_last.pt", weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "cifar10_gaussian.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--device", "cpu",
+           "--teacher_batch", "8", "--batch_size", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world_size 2" in open(tmp_path / "log.txt").read()
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert "student@2" in saved["quality"]
