@@ -299,28 +299,33 @@ def build_process(cfg: Config, device) -> core.CTMCProcess:
 
 
 # -----------------------------------------------------------------------------
-# Network: tauLDR-style U-Net x0-predictor with a logistic output head; optional lambda path
+# Network: tauLDR's CIFAR-10 U-Net x0-predictor (same function, our module names; a tauLDR
+# checkpoint loads through `tauldr_to_ours`) with a logistic output head; optional lambda path
 
 
 def sinusoid(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """sin/cos embedding of 1000 x (x = t or lambda in [0, 1]): (N,) -> (N, dim)."""
+    """sin/cos embedding of 1000 x (x = t or lambda in [0, 1]): (N,) -> (N, dim).
+    Operation order as tauLDR's `transformer_timestep_embedding`, so the floats agree bit for bit."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / (half - 1))
-    args = 1000 * x.float()[:, None] * freqs[None]
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=x.device) * -(math.log(10000) / (half - 1)))
+    args = (1000 * x.float())[:, None] * freqs[None]                           # (N, half)
     return torch.cat([args.sin(), args.cos()], -1)
 
 
 def norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32 if c % 32 == 0 and c >= 128 else math.gcd(c, 8), c)
+    """tauLDR's GroupNorm: min(c // 4, 32) groups, eps 1e-6 (c must be a multiple of 4)."""
+    return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
+    """(skip(x) + conv(drop(act(norm(conv(act(norm(x))) + t_proj(temb) [+ dense1(lemb)]))))) / sqrt 2."""
+
     def __init__(self, cin, cout, emb, dropout, lam):
         super().__init__()
         self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.t_proj = nn.Linear(emb, cout)
         self.n2, self.drop, self.c2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()    # tauLDR's NiN
         self.dense1 = nn.Linear(emb, cout) if lam else None     # lambda path, zero at init
         if lam:
             nn.init.zeros_(self.dense1.weight), nn.init.zeros_(self.dense1.bias)
@@ -330,10 +335,12 @@ class ResBlock(nn.Module):
         h = h + self.t_proj(F.silu(temb))[:, :, None, None]
         if self.dense1 is not None:
             h = h + self.dense1(F.silu(lemb))[:, :, None, None]
-        return self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))
+        return (self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))) / math.sqrt(2)
 
 
 class Attention(nn.Module):
+    """Single-head self-attention over the H W positions, residual scaled by 1/sqrt 2."""
+
     def __init__(self, c):
         super().__init__()
         self.n, self.qkv, self.out = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
@@ -342,12 +349,37 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.n(x)).flatten(2).transpose(1, 2).chunk(3, -1)      # (B, HW, C) each
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.out(h.transpose(1, 2).view(B, C, H, W))
+        return (x + self.out(h.transpose(1, 2).reshape(B, C, H, W))) / math.sqrt(2)
+
+
+class Down(nn.Module):
+    """Halve H, W: pad one row/column at the bottom/right, then a 3x3 conv with stride 2 (tauLDR)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Up(nn.Module):
+    """Double H, W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):
     """x0-predictor: x_t (N, D) long -> logits (N, D, S), D = C H W (SPEC §A.3, §B.2).
 
+    Computes the same function as tauLDR's `UNet` + `ImageX0PredBase` head (fix_logistic=False);
+    `down`, `mid`, `up` hold the same blocks in the same order as tauLDR's downsampling, middle and
+    upsampling module lists, so a tauLDR checkpoint maps onto it key by key (`tauldr_to_ours`).
     With lam=True it also takes lambda: two embeddings of (lambda, t) -- the second also sees the
     bottleneck's spatial mean -- feed a zero-initialised `dense1` in every ResBlock, so the
     student is exactly the teacher at initialisation.
@@ -368,7 +400,7 @@ class UNet(nn.Module):
                     self.down.append(Attention(c))
                 chans.append(c)
             if i < len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                self.down.append(Down(c))
                 chans.append(c)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout, lam), Attention(c),
@@ -382,8 +414,7 @@ class UNet(nn.Module):
                 if res in attn_res:
                     self.up.append(Attention(c))
             if i > 0:
-                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                self.up.append(nn.Conv2d(c, c, 3, padding=1))
+                self.up.append(Up(c))
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 2 * C, 3, padding=1))
         if lam:
@@ -394,17 +425,18 @@ class UNet(nn.Module):
 
     def forward(self, x_t, t, lam=None):
         N = x_t.shape[0]
-        x = x_t.view(N, self.C, self.H, self.H).float() / (self.S - 1) * 2 - 1     # (N, C, H, W)
-        e_t = sinusoid(t, self.ch)                                                  # (N, ch)
+        dt = self.conv_in.weight.dtype                                              # float32 unless .double()
+        x = x_t.view(N, self.C, self.H, self.H).to(dt) / (self.S - 1) * 2 - 1       # (N, C, H, W)
+        e_t = sinusoid(t, self.ch).to(dt)                                           # (N, ch)
         temb = self.temb(e_t)
         lemb = None
         if self.lam:
-            e_lam = sinusoid(lam[:, 0], self.ch)
+            e_lam = sinusoid(lam[:, 0], self.ch).to(dt)
             lemb = self.lemb_down(torch.cat([e_lam, e_t], -1))
         h, skips = self.conv_in(x), []
         skips.append(h)
         for blk in self.down:
-            h = blk(h, temb, lemb) if not isinstance(blk, nn.Conv2d) else blk(h)
+            h = blk(h) if isinstance(blk, Down) else blk(h, temb, lemb)
             if not isinstance(blk, Attention):
                 skips.append(h)
             else:
@@ -416,8 +448,6 @@ class UNet(nn.Module):
         for blk in self.up:
             if isinstance(blk, ResBlock):
                 h = blk(torch.cat([h, skips.pop()], 1), temb, lemb)
-            elif isinstance(blk, Attention):
-                h = blk(h)
             else:
                 h = blk(h)
         return logistic_logits(x, self.out(h), self.S)                             # (N, D, S)
@@ -426,19 +456,19 @@ class UNet(nn.Module):
 def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
     """Log-mass of a logistic(mu, s) over S equal bins of [-1, 1] (tauLDR head, SPEC §A.3).
 
-    mu = tanh(x + raw_mu), s = exp(raw_log_scale - 2); the mass is computed on the side of the bin
-    away from mu (sigma(a) - sigma(b) = sigma(-b) - sigma(-a)) so tails keep their precision.
+    mu = tanh(x + raw_mu), s = exp(raw_log_scale - 2); log(sigma(r) - sigma(l)) as
+    log sigma(r) + log1p(1e-6 - exp(log sigma(l) - log sigma(r))), tauLDR's fix_logistic=False form
+    (far above mu both CDFs round to 1 and the bin gets log 1e-6; kept so logits equal tauLDR's).
     Args: x (N, C, H, W) in [-1, 1]; raw (N, 2C, H, W). Returns (N, C*H*W, S).
     """
     C = x.shape[1]
     mu = torch.tanh(x + raw[:, :C]).flatten(1)[..., None]                           # (N, D, 1)
-    inv_s = torch.exp(2 - raw[:, C:]).flatten(1)[..., None]
-    edges = torch.linspace(-1, 1, S + 1, device=x.device)
-    hi, lo = (edges[1:] - mu) * inv_s, (edges[:-1] - mu) * inv_s                   # (N, D, S)
-    flip = (hi + lo) > 0
-    a, b = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
-    la, lb = F.logsigmoid(a), F.logsigmoid(b)
-    return la + torch.log1p(1e-6 - torch.exp(lb - la))
+    inv_s = torch.exp(-(raw[:, C:] - 2)).flatten(1)[..., None]
+    w = 2.0 / S
+    centres = torch.linspace(-1 + w / 2, 1 - w / 2, S, device=x.device, dtype=raw.dtype)  # (S,)
+    lo = F.logsigmoid((centres - w / 2 - mu) * inv_s)                             # (N, D, S)
+    hi = F.logsigmoid((centres + w / 2 - mu) * inv_s)
+    return hi + torch.log1p(-torch.exp(lo - hi) + 1e-6)
 
 
 def build_unet(cfg: Config, C: int, H: int, lam: bool) -> UNet:
@@ -453,6 +483,98 @@ def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
     if extra or unexpected:
         raise SystemExit(f"error: teacher/student keys disagree: missing {extra}, unexpected {unexpected}")
     return student
+
+
+# tauLDR checkpoint <-> our UNet. tauLDR saves checkpoint["model"] = state dict of its EMA model
+# class: "net.<name>" ("net.module.<name>" after DDP) = raw training weights, "ema_shadow_params" =
+# the EMA weights as a list in the order of those parameters, plus "ema_decay", "ema_num_updates".
+_TL_TOP = {"temb_modules.0": "temb.0", "temb_modules.1": "temb.2", "input_conv": "conv_in",
+           "output_modules.0": "out.0", "output_modules.1": "out.2"}
+_TL_LISTS = {"downsampling_modules": "down", "middle_modules": "mid", "upsampling_modules": "up"}
+_TL_LEAF = {"groupnorm0": "n1", "conv0": "c1", "dense0": "t_proj", "groupnorm1": "n2", "conv1": "c2",
+            "GroupNorm_0": "n", "conv": "conv", "nin": "skip", "NIN_3": "out"}   # NIN_0..2 -> qkv
+_TL_NIN = {"W": "weight", "b": "bias"}        # NiN: y = x W + b, W (in, out) = 1x1 conv weight^T
+_TL_EMA = ("ema_decay", "ema_num_updates", "ema_shadow_params")
+
+
+def _tl_strip(k: str) -> str:
+    k = k[len("module."):] if k.startswith("module.") else k
+    return k.replace(".module.", ".")
+
+
+def tauldr_to_ours(sd: dict, ema: bool = True) -> dict:
+    """tauLDR checkpoint["model"] -> our UNet state dict (pure renaming and reshaping).
+
+    ema=True (default) takes the EMA weights `ema_shadow_params`, which is what tauLDR samples with
+    (its model.eval() copies them into the network); ema=False takes the raw `net.*` training weights.
+    Renames: temb_modules.{0,1} -> temb.{0,2}, input_conv -> conv_in, downsampling/middle/upsampling
+    _modules.i -> down/mid/up.i (same i), output_modules.{0,1} -> out.{0,2}; ResBlock groupnorm0,
+    conv0, dense0, groupnorm1, conv1, nin -> n1, c1, t_proj, n2, c2, skip; attention GroupNorm_0 ->
+    n, NIN_0..2 fused into qkv, NIN_3 -> out; NiN W (in, out) -> conv weight (out, in, 1, 1).
+    A key it does not recognise is kept under its own name, so a strict load names it.
+    """
+    sd = {_tl_strip(k): v for k, v in sd.items()}
+    names = [k for k in sd if k.startswith("net.")]
+    if ema:
+        shadow = sd.get("ema_shadow_params")
+        if shadow is None or len(shadow) != len(names) or any(
+                s.shape != sd[k].shape for s, k in zip(shadow, names)):
+            n = "absent" if shadow is None else f"{len(shadow)} tensors"
+            raise SystemExit(f"error: tauLDR checkpoint: ema_shadow_params ({n}) does not line up with its "
+                             f"{len(names)} net.* parameters (same order and shapes expected)")
+        sd.update(zip(names, shadow))
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        if k in _TL_EMA:
+            continue
+        p = k.split(".")
+        top = ".".join(p[1:-1])
+        if p[0] == "net" and top in _TL_TOP:
+            out[f"{_TL_TOP[top]}.{p[-1]}"] = v
+        elif p[0] == "net" and len(p) == 5 and p[1] in _TL_LISTS and p[3] in ("NIN_0", "NIN_1", "NIN_2") \
+                and p[4] in _TL_NIN:
+            qkv.setdefault((_TL_LISTS[p[1]], p[2], p[4]), {})[int(p[3][-1])] = (k, v)
+        elif p[0] == "net" and len(p) == 5 and p[1] in _TL_LISTS and p[3] in _TL_LEAF:
+            if p[3] in ("nin", "NIN_3") and p[4] in _TL_NIN:
+                out[f"{_TL_LISTS[p[1]]}.{p[2]}.{_TL_LEAF[p[3]]}.{_TL_NIN[p[4]]}"] = \
+                    v.t()[:, :, None, None].contiguous() if p[4] == "W" else v
+            else:
+                out[f"{_TL_LISTS[p[1]]}.{p[2]}.{_TL_LEAF[p[3]]}.{p[4]}"] = v
+        else:
+            out[k] = v                                                          # unrecognised
+    for (lst, i, param), parts in qkv.items():
+        if sorted(parts) != [0, 1, 2]:                                          # incomplete: keep names
+            out.update(dict(parts.values()))
+        elif param == "W":
+            out[f"{lst}.{i}.qkv.weight"] = torch.cat([parts[j][1].t() for j in range(3)])[:, :, None, None]
+        else:
+            out[f"{lst}.{i}.qkv.bias"] = torch.cat([parts[j][1] for j in range(3)])
+    return out
+
+
+def ours_to_tauldr(sd: dict) -> dict:
+    """Inverse of `tauldr_to_ours` for a teacher: our state dict -> tauLDR "net.*" keys (no EMA entries)."""
+    top = {v: k for k, v in _TL_TOP.items()}
+    lists, leaf, nin = ({v: k for k, v in d.items()} for d in (_TL_LISTS, _TL_LEAF, _TL_NIN))
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if ".".join(p[:-1]) in top:
+            out[f"net.{top['.'.join(p[:-1])]}.{p[-1]}"] = v
+        elif len(p) == 4 and p[0] in lists and p[2] == "qkv":                  # tauLDR order: W, b per NIN
+            if p[3] == "weight":
+                for j, (w, b) in enumerate(zip(v.chunk(3), sd[k[:-len("weight")] + "bias"].chunk(3))):
+                    out[f"net.{lists[p[0]]}.{p[1]}.NIN_{j}.W"], out[f"net.{lists[p[0]]}.{p[1]}.NIN_{j}.b"] = \
+                        w[:, :, 0, 0].t(), b
+        elif len(p) == 4 and p[0] in lists and p[2] in leaf:
+            name = leaf[p[2]]
+            if name in ("nin", "NIN_3"):
+                out[f"net.{lists[p[0]]}.{p[1]}.{name}.{nin[p[3]]}"] = v[:, :, 0, 0].t() if p[3] == "weight" else v
+            else:
+                out[f"net.{lists[p[0]]}.{p[1]}.{name}.{p[3]}"] = v
+        else:
+            out[k] = v
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -609,13 +731,46 @@ def export(cfg: Config, name: str, ema: nn.Module, extra: dict, rank: int):
         dist.barrier()                 # other ranks read the snapshot next
 
 
+def load_tauldr(net: UNet, model_sd: dict, path: str) -> dict:
+    """Check tauLDR's checkpoint["model"] key by key (in tauLDR's names) against `net`; map it."""
+    want = ours_to_tauldr(net.state_dict())
+    have = {_tl_strip(k): v for k, v in model_sd.items() if k not in _TL_EMA}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in have and getattr(have[k], "shape", None) != v.shape]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"error: tauLDR checkpoint {path!r} does not match this network (S {net.S}, C {net.C}, "
+                         f"ch {net.ch}; --ch/--ch_mult/--num_res_blocks/--attn_res; the released CIFAR-10 "
+                         f"checkpoint needs the paper preset): missing keys {missing[:10]}"
+                         f"{f' (+{len(missing) - 10})' if len(missing) > 10 else ''}, unexpected keys "
+                         f"{unexpected[:10]}{f' (+{len(unexpected) - 10})' if len(unexpected) > 10 else ''}, "
+                         f"shape mismatches (checkpoint vs network) {shapes[:10]}")
+    return tauldr_to_ours(model_sd)
+
+
+def _is_tauldr(st) -> bool:
+    """tauLDR's layout: checkpoint["model"] with net.* / ema_* keys and no "config" (ours has one)."""
+    m = st.get("model") if isinstance(st, dict) else None
+    return isinstance(m, dict) and "config" not in st and any(
+        _tl_strip(k).startswith("net.") or k in _TL_EMA for k in m)
+
+
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
+    """EMA network `{name}.pt` of this run, or the teacher from --teacher_ckpt: ours, or tauLDR's
+    (detected by its keys; EMA weights, see `tauldr_to_ours`). Every key must match (strict)."""
     path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else os.path.join(cfg.out_dir, f"{name}.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path!r} not found: run --stage {'teacher' if name == 'teacher' else 'distill'} "
                          f"first (same --out_dir), or pass --teacher_ckpt")
-    st = load_checkpoint(path, dataclasses.asdict(cfg), ("S", "ch", "ch_mult", "num_res_blocks", "attn_res"))
     net = build_unet(cfg, C, H, lam).to(dev)
+    st = torch.load(path, map_location="cpu", weights_only=True) if path == cfg.teacher_ckpt else None
+    if st is not None and _is_tauldr(st):
+        if lam:
+            raise SystemExit(f"error: {path!r} is a tauLDR checkpoint: it can only be the teacher")
+        st = {"model": load_tauldr(net, st["model"], path), "format": "tauLDR (EMA weights)"}
+    else:                              # ours: also refuse one written with another config
+        st = load_checkpoint(path, dataclasses.asdict(cfg), ("S", "ch", "ch_mult", "num_res_blocks", "attn_res"))
     try:
         net.load_state_dict(st["model"])
     except RuntimeError as e:
