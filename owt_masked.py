@@ -1,0 +1,969 @@
+"""
+Di4C on a masked diffusion language model (Sec. 5.3 of arXiv:2410.08709; teacher = MDLM/SDTT).
+
+An MDLM teacher (DiT-style bidirectional transformer, SUBS parameterisation, log-linear
+schedule) is trained from scratch with its NELBO, then distilled into a Di4C mixture student
+(the same network plus a lambda input) with the core's losses in the SDTT variant (SPEC §C.5).
+Samples come from the ancestral sampler (SPEC §D.3) with float64 categorical draws; they are
+scored by generative perplexity under a judge LM, unigram entropy and prefix-conditional
+self-BLEU (eval/text_metrics.py).
+
+1 GPU:          python owt_masked.py                      (paper preset: OpenWebText, GPT-2 BPE)
+8 GPUs:         torchrun --standalone --nproc_per_node=8 owt_masked.py
+CPU demo:       python owt_masked.py --preset demo --tokenizer_file gpt2.tiktoken
+CPU smoke test: python owt_masked.py --preset smoke --tokenizer_file gpt2.tiktoken
+2-proc CPU:     torchrun --standalone --nproc_per_node=2 owt_masked.py --preset smoke ...
+Stages:         --stage teacher | distill | sample | eval | all   (each reads what the
+                previous ones wrote in --out_dir); --resume true continues a stage exactly.
+"""
+import argparse
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import di4c_core as core
+from eval import text_metrics
+
+# -----------------------------------------------------------------------------
+# Config (defaults = the paper preset; STYLE §0, §3.4)
+
+
+@dataclass
+class Config:
+    preset: str = "paper"          # paper | demo | smoke
+    stage: str = "all"             # teacher | distill | sample | eval | all
+    out_dir: str = "runs/owt"
+    resume: bool = False           # continue every stage from its checkpoint in out_dir
+    # data
+    dataset: str = "Skylion007/openwebtext"  # HF hub dataset (parquet) or "pydoc" (offline)
+    data_files: str = ""           # comma-separated local .txt/.json(l)/.parquet globs
+    tokenizer_file: str = ""       # local GPT-2 BPE rank file; "" = tiktoken's own download
+    cache_dir: str = ""            # token cache (np.memmap); "" = out_dir/data
+    seq_len: int = 1024            # D, tokens per sequence (MDLM wraps documents in 1024)
+    val_docs: int = 100_000        # last documents held out (MDLM's openwebtext-split)
+    remap_vocab: bool = False      # ids seen in training + UNK instead of all 50257 (demo)
+    # model (MDLM-small DiT, SPEC §B.2)
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    cond_dim: int = 128            # adaLN condition width
+    dropout: float = 0.1
+    # teacher (MDLM NELBO) and the autoregressive judge
+    teacher_iters: int = 1_000_000
+    judge_iters: int = 100_000
+    batch_size: int = 512          # global sequences per teacher / judge / control step
+    teacher_lr: float = 3e-4
+    ema: float = 0.9999            # teacher EMA; the teacher samples with it (MDLM)
+    # di4c (SPEC §C.5)
+    distil_iters: int = 50_000
+    distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
+    lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
+    warmup: int = 2500
+    L: int = 16                    # lambda-samples per x_t
+    delta: float = 0.02            # distillation region t < delta
+    distil_prob: float = 0.3       # probability of drawing t in [0, delta)
+    T: int = 1024                  # SDTT time grid {k / T}
+    alpha_const: float = 0.1       # alpha(t) = 0.1 sigmoid(20 (t - 1/2))
+    teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round
+    control_iters: int = -1        # MDLM fine-tuning of the teacher: -1 = Di4C's wall time
+    # sampling and evaluation (SPEC §D.3, §F.1)
+    steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
+    student_steps: tuple = (8, 16, 32, 64)               # student and control step counts
+    n_samples: int = 1024
+    sample_batch: int = 16
+    prefix_len: int = 50
+    cont_len: int = 50             # prefix-conditional samples have prefix_len + cont_len
+    n_prefix: int = 256
+    n_cont: int = 5
+    eval_gpt2: bool = False        # also score with GPT-2 Large (needs transformers)
+    latency_runs: int = 5
+    # system
+    device: str = ""               # "" = cuda if available else cpu
+    dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+
+
+PRESETS = {
+    "paper": {},
+    # the whole story on 2 CPU cores: CPython's bundled docs, exact GPT-2 BPE, remapped ids;
+    # T = D = 64 so that one teacher step reveals about one token, as T = D = 1024 does in SDTT
+    "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", seq_len=64, val_docs=8,
+                 remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
+                 teacher_iters=2000, judge_iters=800, batch_size=32, teacher_lr=1e-3,
+                 ema=0.995, distil_iters=300, distil_batch=4, lr=1e-4, warmup=100, L=8, T=64,
+                 steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=128,
+                 sample_batch=64, prefix_len=16, cont_len=48, n_prefix=24, n_cont=5,
+                 latency_runs=5, dtype="float32", log_every=100, ckpt_every=500),
+    # seconds, for tests
+    "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", seq_len=32, val_docs=4,
+                  remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
+                  dropout=0.0, teacher_iters=4, judge_iters=4, batch_size=8,
+                  teacher_lr=1e-3, ema=0.9, distil_iters=3, distil_batch=2, lr=1e-4,
+                  warmup=2, L=4, control_iters=2, steps=(2, 4), student_steps=(2,),
+                  n_samples=4, sample_batch=4, prefix_len=8, cont_len=24, n_prefix=2,
+                  n_cont=2, latency_runs=1, dtype="float32", log_every=1, ckpt_every=2),
+}
+STAGES = ("teacher", "distill", "sample", "eval")
+ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset",
+             "data_files")
+RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
+                           "teacher_lr", "warmup", "seed")
+
+# -----------------------------------------------------------------------------
+# Infrastructure (identical in the three domain scripts; see STYLE §3.1)
+
+
+def parse_config(cls, argv=None):
+    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins (STYLE §0)."""
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(f.type, dict(type=f.type))
+        p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
+    return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes")
+
+
+def make_config(cls, **overrides):
+    """Config = dataclass defaults (the paper preset) <- PRESETS[preset] <- explicit overrides."""
+    preset = overrides.get("preset", "paper")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SystemExit(f"error: unknown config field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def setup_dist(device: str = ""):
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> world_size 1."""
+    if "RANK" not in os.environ:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 0, 1, dev
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, local_rank, world_size, dev
+
+
+def cleanup(world_size: int):
+    if world_size > 1:
+        dist.barrier()                 # without it gloo aborts intermittently at exit
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size
+    return x
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()):
+    """Load a checkpoint and refuse one from another config (names the mismatching fields)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}" for k in bad)
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
+    return state
+
+
+class Logger:
+    """print0 + tee into out_dir/log.txt on rank 0."""
+
+    def __init__(self, rank: int, out_dir: str):
+        self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
+
+    def __call__(self, *msg):
+        if self.rank == 0:
+            line = " ".join(str(m) for m in msg)
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
+@dataclass
+class Ctx:
+    """What every stage needs to know about this process."""
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+    dtype: str
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def step_rng(cfg: Config, ctx: Ctx, salt: str, step: int) -> torch.Generator:
+    """One generator per (stage, rank, step): training resumes exactly without saving RNG state.
+    Also seeds the global RNG, which dropout uses."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
+            + step) % (2 ** 63)
+    torch.manual_seed(seed)
+    return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+def update_metrics(cfg: Config, ctx: Ctx, new: dict):
+    """Merge `new` into out_dir/metrics.json (rank 0), one level deep."""
+    if ctx.rank != 0:
+        return
+    path = os.path.join(cfg.out_dir, "metrics.json")
+    metrics = json.load(open(path)) if os.path.exists(path) else {}
+    for k, v in new.items():
+        metrics[k] = {**metrics.get(k, {}), **v} if isinstance(v, dict) else v
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: GPT-2 BPE through tiktoken, offline from a local rank file
+
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = 50256                        # <|endoftext|>, joins documents
+N_GPT2 = 50257
+
+
+def gpt2_encoding(tokenizer_file: str = ""):
+    """The exact GPT-2 encoding: from a local 50257-line rank file (offline), else tiktoken's."""
+    import tiktoken
+    if not tokenizer_file:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise SystemExit(f"error: tiktoken could not fetch the GPT-2 encoding ({e}); "
+                             "pass --tokenizer_file path/to/gpt2.tiktoken") from e
+    if not os.path.isfile(tokenizer_file):
+        raise SystemExit(f"error: --tokenizer_file {tokenizer_file!r} not found")
+    from tiktoken.load import load_tiktoken_bpe
+    ranks = load_tiktoken_bpe(tokenizer_file)
+    if len(ranks) != EOT:
+        raise SystemExit(f"error: {tokenizer_file!r} has {len(ranks)} ranks, GPT-2 has {EOT}")
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
+
+
+# -----------------------------------------------------------------------------
+# Data: documents -> GPT-2 ids joined by <|endoftext|> -> cached memmap -> blocks of D
+
+
+def load_documents(cfg: Config):
+    """A `datasets.Dataset` with a "text" column, from local files, pydoc_data or the HF hub.
+
+    Paper preset: `Skylion007/openwebtext` read from its parquet files (datasets >= 4 runs no
+    loading scripts); a local copy of those parquet shards works through --data_files.
+    """
+    import datasets
+    if cfg.data_files:
+        files = sorted({f for pat in cfg.data_files.split(",") if pat.strip()
+                        for f in glob.glob(os.path.expanduser(pat.strip()))})
+        if not files:
+            raise SystemExit(f"error: --data_files {cfg.data_files!r} matched no file")
+        builders = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+        kinds = {builders.get(os.path.splitext(f)[1].lower()) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise SystemExit(f"error: --data_files must all be one of {sorted(builders)}")
+        kind = kinds.pop()
+        extra = {"sample_by": "document"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+    elif cfg.dataset == "pydoc":
+        import pydoc_data.topics
+        topics = pydoc_data.topics.topics
+        ds = datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.dataset, split="train")
+        except Exception as e:
+            raise SystemExit(f"error: could not load dataset {cfg.dataset!r}: {e}\n"
+                             "Download its parquet files and pass --data_files "
+                             "'path/*.parquet'.") from e
+    if "text" not in ds.column_names:
+        raise SystemExit(f"error: the corpus has no 'text' column (columns: {ds.column_names})")
+    if len(ds) <= cfg.val_docs:
+        raise SystemExit(f"error: the corpus has {len(ds)} documents, need more than "
+                         f"--val_docs {cfg.val_docs}")
+    return ds
+
+
+def token_cache(cfg: Config, ctx: Ctx, enc) -> dict:
+    """Tokenise once into out_dir/data (or --cache_dir): {split: np.memmap uint16}.
+
+    Documents [0, n - val_docs) form the training split, the last val_docs the validation
+    split; each document is followed by <|endoftext|>. Rank 0 writes, the others wait.
+    """
+    cache = cfg.cache_dir or os.path.join(cfg.out_dir, "data")
+    src = cfg.data_files or cfg.dataset
+    tag = "".join(c if c.isalnum() else "_" for c in src)[-60:] + f"_v{cfg.val_docs}"
+    paths = {s: os.path.join(cache, f"{tag}_{s}.bin") for s in ("train", "val")}
+    if ctx.rank == 0 and not all(os.path.exists(p) for p in paths.values()):
+        os.makedirs(cache, exist_ok=True)
+        ds = load_documents(cfg)
+        n = len(ds)
+        for split, (lo, hi) in (("train", (0, n - cfg.val_docs)), ("val", (n - cfg.val_docs, n))):
+            tmp = paths[split] + f".tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                for i in range(lo, hi, 4096):
+                    docs = enc.encode_ordinary_batch(ds[i:min(i + 4096, hi)]["text"])
+                    ids = np.fromiter((t for d in docs for t in d + [EOT]), dtype=np.uint16)
+                    f.write(ids.tobytes())
+            os.replace(tmp, paths[split])
+        ctx.log(f"tokenised {n} documents from {src!r} into {cache}")
+    if ctx.world_size > 1:
+        dist.barrier()
+    return {s: np.memmap(p, dtype=np.uint16, mode="r") for s, p in paths.items()}
+
+
+class Corpus:
+    """Blocks of D token ids (vocabulary ids of the model) plus encode/decode.
+
+    remap_vocab: model ids are the GPT-2 ids seen in the training split (sorted), then UNK,
+    then [MASK]; GPT-2 tokenisation is unchanged (CALIBRATION.md: the 50258-wide head is
+    ~25x slower on CPU). Otherwise model ids are GPT-2 ids and [MASK] = 50257. S counts [MASK].
+    """
+
+    def __init__(self, cfg: Config, ctx: Ctx):
+        self.enc = gpt2_encoding(cfg.tokenizer_file)
+        self.D, self.device = cfg.seq_len, ctx.device
+        ids = token_cache(cfg, ctx, self.enc)
+        if cfg.remap_vocab:
+            self.to_gpt2 = np.unique(ids["train"]).astype(np.int64)         # (V,)
+            self.unk = len(self.to_gpt2)
+            self.to_local = np.full(N_GPT2, self.unk, dtype=np.int64)
+            self.to_local[self.to_gpt2] = np.arange(self.unk)
+            self.S = self.unk + 2
+        else:
+            self.to_gpt2, self.unk, self.to_local = None, None, None
+            self.S = N_GPT2 + 1
+        self.mask_id = self.S - 1
+        self.blocks = {}
+        for split, arr in ids.items():
+            n = len(arr) // self.D
+            if n == 0:
+                raise SystemExit(f"error: the {split} split has {len(arr)} tokens, fewer than "
+                                 f"one block of --seq_len {self.D}")
+            self.blocks[split] = arr[:n * self.D].reshape(n, self.D)          # (n, D) memmap
+
+    def n_blocks(self, split: str) -> int:
+        return self.blocks[split].shape[0]
+
+    def get(self, split: str, idx) -> torch.Tensor:
+        """Blocks idx of a split as model ids: (len(idx), D) long on the device."""
+        x = self.blocks[split][np.sort(np.asarray(idx))].astype(np.int64)
+        if self.to_local is not None:
+            x = self.to_local[x]
+        return torch.from_numpy(x).to(self.device)
+
+    def batch(self, B: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(self.n_blocks("train"), (B,), generator=g, device=g.device)
+        return self.get("train", idx.cpu().numpy())                           # (B, D)
+
+    def gpt2_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Model ids -> GPT-2 ids (UNK -> <|endoftext|>) for GPT-2 Large scoring."""
+        if self.to_gpt2 is None:
+            return x
+        table = torch.from_numpy(np.append(self.to_gpt2, EOT))
+        return table[x.cpu().clamp_max(self.unk)]
+
+    def decode(self, row) -> str:
+        out, run = [], []
+        for i in row:
+            if self.to_gpt2 is not None and i >= self.unk:
+                out.append(self.enc.decode(run) + ("<unk>" if i == self.unk else "<mask>"))
+                run = []
+            else:
+                run.append(int(self.to_gpt2[i]) if self.to_gpt2 is not None else int(i))
+        return "".join(out) + self.enc.decode([i for i in run if i < N_GPT2])
+
+
+# -----------------------------------------------------------------------------
+# Model: DiT-style transformer, rotary attention, adaLN, SUBS output (SPEC §A.4, §B.2)
+
+NEG = -1e6                                 # SUBS "impossible" logit
+
+
+def rotary(D: int, head_dim: int, device) -> tuple:
+    """cos, sin tables (D, head_dim / 2) of rotary position embeddings."""
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    ang = torch.arange(D, device=device).float()[:, None] * inv[None]       # (D, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)                                              # (N, H, D, hd/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+def sinusoid(v: torch.Tensor, dim: int = 128) -> torch.Tensor:
+    """Transformer timestep embedding of 1000 v: half sin, half cos. v (N, k) -> (N, k dim)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=v.device) / (dim // 2 - 1))
+    ang = 1000 * v[..., None].float() * freqs                                # (N, k, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], -1).flatten(1)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block whose LayerNorms are modulated and gated by c (adaLN-Zero)."""
+
+    def __init__(self, E: int, H: int, cond_dim: int, dropout: float, causal: bool):
+        super().__init__()
+        self.H, self.causal, self.p = H, causal, dropout
+        self.ln1 = nn.LayerNorm(E, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(E, elementwise_affine=False)
+        self.qkv = nn.Linear(E, 3 * E, bias=False)
+        self.proj = nn.Linear(E, E, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * E, E))
+        self.ada = nn.Linear(cond_dim, 6 * E)
+        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h, c, cos, sin):
+        N, D, E = h.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)        # 6 x (N, 1, E)
+        a = self.ln1(h) * (1 + sc1) + sh1                                     # (N, D, E)
+        q, k, v = self.qkv(a).view(N, D, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)          # (N, H, D, hd)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.p if self.training else 0.0)
+        h = h + g1 * self.drop(self.proj(a.transpose(1, 2).reshape(N, D, E)))
+        return h + g2 * self.drop(self.mlp(self.ln2(h) * (1 + sc2) + sh2))   # (N, D, E)
+
+
+class DiT(nn.Module):
+    """denoiser(x_t (N, D) long, t (N,), lam (N, k) | None) -> SUBS logits (N, D, S).
+
+    No time input: as in SDTT (time_conditioning False), the adaLN condition c is a learned
+    constant (MDLM's embedding of sigma = 0), so the sampler may reuse an unchanged input's
+    output. The student (lam_dim > 0) adds sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU
+    -> Linear(512, cond_dim) to c, last layer zero-initialised: at init the student is the
+    teacher exactly (SPEC §G.21). SDTT appends lambda as an extra token instead; a token with a
+    zero embedding still changes every attention normaliser, so it cannot start equal to the
+    teacher, which is why lambda enters through adaLN here.
+    SUBS (SPEC §A.4): revealed tokens are copied (log-prob 0), [MASK] is never predicted, and
+    the output layer runs only at masked positions. causal=True gives the autoregressive judge
+    (plain next-token logits, no SUBS).
+    """
+
+    def __init__(self, S: int, n_layer: int, E: int, H: int, cond_dim: int, dropout: float,
+                 lam_dim: int = 0, causal: bool = False):
+        super().__init__()
+        self.S, self.mask_id, self.lam_dim, self.causal, self.hd = S, S - 1, lam_dim, causal, E // H
+        self.embed = nn.Embedding(S, E)
+        self.c0 = nn.Parameter(torch.randn(cond_dim))
+        self.blocks = nn.ModuleList(Block(E, H, cond_dim, dropout, causal) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(E, elementwise_affine=False)
+        self.ada_f = nn.Linear(cond_dim, 2 * E)
+        self.head = nn.Linear(E, S)
+        for lin in (self.ada_f, self.head):
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        if lam_dim:
+            self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+                                         nn.Linear(512, cond_dim))
+            nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
+
+    def trunk(self, x, lam):
+        N, D = x.shape
+        c = self.c0.expand(N, -1)                                             # (N, C)
+        if self.lam_dim:
+            c = c + self.lam_mlp(sinusoid(lam))
+        c = F.silu(c)
+        cos, sin = rotary(D, self.hd, x.device)
+        h = self.embed(x)                                                     # (N, D, E)
+        for block in self.blocks:
+            h = block(h, c, cos, sin)
+        sh, sc = self.ada_f(c)[:, None].chunk(2, -1)
+        return self.ln_f(h) * (1 + sc) + sh                                   # (N, D, E)
+
+    def forward(self, x_t, t=None, lam=None, masked_only: bool = False):
+        h = self.trunk(x_t, lam)
+        if self.causal:
+            return self.head(h)                                               # (N, D, S)
+        masked = x_t == self.mask_id                                          # (N, D)
+        out = self.head(h[masked]).float()                                    # (M, S)
+        out[:, self.mask_id] = NEG
+        if masked_only:                                # the MDLM loss needs only these rows
+            return out, masked
+        logits = torch.full((*x_t.shape, self.S), NEG, device=x_t.device)     # (N, D, S)
+        logits.scatter_(-1, x_t[..., None], 0.0)
+        logits[masked] = out
+        return logits
+
+
+def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False) -> DiT:
+    return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal)
+
+
+def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool) -> tuple:
+    """Frozen model from a checkpoint of this script -> (model in eval mode, lam_dim)."""
+    state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
+    net = build_model(cfg, corpus.S, state["lam_dim"]).to(corpus.device)
+    net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None else state["model"])
+    return net.eval().requires_grad_(False), state["lam_dim"]
+
+
+# -----------------------------------------------------------------------------
+# Masked diffusion: log-linear schedule and the MDLM NELBO (SPEC §A.4)
+
+EPS = 1e-3                                 # m(t) = (1 - EPS) t, MDLM's log-linear schedule
+T_MIN_TRAIN, T_MIN_SAMPLE = 1e-3, 1e-5     # MDLM's sampling_eps and the sampler's last time
+
+
+def mask_rate(t: torch.Tensor) -> torch.Tensor:
+    """m(t) = 1 - exp(-sigma(t)) with sigma(t) = -log(1 - (1 - EPS) t)."""
+    return (1 - EPS) * t
+
+
+def make_process(S: int) -> core.MaskedProcess:
+    return core.MaskedProcess(S, mask_rate)
+
+
+def mdlm_loss(model, x0: torch.Tensor, process, g: torch.Generator) -> tuple:
+    """Continuous-time NELBO per token: E_t[(m'(t) / m(t)) sum_{d masked} -log p(x0^d | x_t)] / D.
+
+    Stratified t over the batch (MDLM's antithetic sampling); unmasked positions carry no loss
+    (SUBS). Args: x0 (B, D). Returns (loss (B,) nats/token, terms).
+    """
+    B, D = x0.shape
+    t = (torch.rand(1, generator=g, device=x0.device) + torch.arange(B, device=x0.device) / B) % 1
+    t = T_MIN_TRAIN + (1 - T_MIN_TRAIN) * t                                   # (B,)
+    x_t = process.add_noise(x0, t, g)                                         # (B, D)
+    logits, masked = model(x_t, t, None, masked_only=True)                    # (M, S), (B, D)
+    nll = torch.zeros(B, D, device=x0.device)
+    nll[masked] = F.cross_entropy(logits, x0[masked], reduction="none")
+    loss = (1 - EPS) / mask_rate(t) * nll.sum(1) / D                          # (B,)
+    return loss, {}
+
+
+@torch.no_grad()
+def val_nelbo(cfg: Config, ctx: Ctx, corpus: Corpus, net, n_blocks: int = 256,
+              n_t: int = 8) -> float:
+    """Validation NELBO (nats/token), n_t stratified times per block; exp() bounds the PPL."""
+    process, total = make_process(corpus.S), torch.zeros(2, device=ctx.device)
+    idx = np.arange(min(n_blocks, corpus.n_blocks("val")))[ctx.rank::ctx.world_size]
+    g = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 17)
+    for i in range(0, len(idx), 16):
+        x0 = corpus.get("val", idx[i:i + 16]).repeat_interleave(n_t, 0)     # (b n_t, D)
+        with ctx.autocast():
+            loss, _ = mdlm_loss(net, x0, process, g)
+        total += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=ctx.device)])
+    if ctx.world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# Training loop shared by teacher, judge, Di4C student and control
+
+
+def ckpt_path(cfg: Config, name: str) -> str:
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, lr: float,
+        ema_decay: float = 0.0, seconds: float = 0.0, resume: bool = False) -> dict:
+    """AdamW (betas 0.9/0.999, no weight decay), linear warm-up then constant LR, grad clip 1,
+    DDP when world_size > 1, optional EMA; atomic checkpoint out_dir/<name>.pt every ckpt_every
+    steps and at the end; `resume` continues it exactly (per-step seeded RNG, step_rng).
+    seconds > 0 stops at that training wall time instead of at `iters` (the control).
+    loss_fn(model, step, g) -> (loss (B,), terms). Returns the final checkpoint dict.
+    """
+    path = ckpt_path(cfg, name)
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0)
+    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
+    step, wall = 0, 0.0
+    if resume and os.path.exists(path):
+        state = load_checkpoint(path, asdict(cfg), RESUME_KEYS)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, wall = state["step"], state["wall"]
+        ctx.log(f"{name}: resumed from {path} at step {step}")
+    model = DDP(raw) if ctx.world_size > 1 else raw
+    raw.train()
+    while True:
+        over = torch.tensor(float(wall >= seconds if seconds else step >= iters))
+        done = bool(all_reduce_mean(over, ctx.world_size) > 0)
+        if ctx.rank == 0 and (done or (step % cfg.ckpt_every == 0 and step > 0)):
+            state = dict(model=raw.state_dict(), ema=ema.state_dict() if ema else None,
+                         optimizer=opt.state_dict(), step=step, wall=wall, config=asdict(cfg),
+                         kind=name, lam_dim=getattr(raw, "lam_dim", 0))
+            save_checkpoint(path, state)
+        if done:
+            break
+        t0 = time.perf_counter()
+        g = step_rng(cfg, ctx, name, step)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
+        with ctx.autocast():
+            loss, terms = loss_fn(model, step, g)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        if ema is not None:
+            update_ema(ema, raw, ema_decay)
+        step, wall = step + 1, wall + time.perf_counter() - t0
+        if step % cfg.log_every == 0 or step == iters:
+            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
+            vals = all_reduce_mean(torch.stack(list(logged.values())), ctx.world_size).tolist()
+            ctx.log(f"{name} step {step:06d} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in zip(logged, vals))
+                + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+    if ctx.world_size > 1:
+        dist.barrier()
+    return {"model": raw, "ema": ema, "step": step, "wall": wall}
+
+
+def per_rank(cfg: Config, ctx: Ctx, global_batch: int) -> int:
+    if global_batch % ctx.world_size:
+        raise SystemExit(f"error: batch {global_batch} is not divisible by world size "
+                         f"{ctx.world_size}")
+    return global_batch // ctx.world_size
+
+
+# -----------------------------------------------------------------------------
+# Stages: teacher (MDLM), distill (Di4C + control), sample, eval
+
+
+def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
+    """Train the MDLM teacher from scratch; report its validation NELBO (EMA weights)."""
+    torch.manual_seed(cfg.seed)
+    raw = build_model(cfg, corpus.S).to(ctx.device)
+    process, B = make_process(corpus.S), per_rank(cfg, ctx, cfg.batch_size)
+    ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
+            f"S = {corpus.S}, D = {cfg.seq_len}, {corpus.n_blocks('train')} train blocks")
+    out = fit(cfg, ctx, "teacher", raw,
+              lambda model, step, g: mdlm_loss(model, corpus.batch(B, g), process, g),
+              cfg.teacher_iters, cfg.teacher_lr, cfg.ema, resume=cfg.resume)
+    nelbo = val_nelbo(cfg, ctx, corpus, out["ema"].eval())
+    ctx.log(f"teacher: val NELBO {nelbo:.4f} nats/token, PPL <= {math.exp(nelbo):.1f}")
+    update_metrics(cfg, ctx, {"teacher": dict(val_nelbo=nelbo, val_ppl_bound=math.exp(nelbo),
+                                              iters=out["step"], train_seconds=out["wall"])})
+
+
+def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
+    """Per-sample t (SPEC §C.5; SDTT draws one t per batch, §G.16): t ~ U[0, delta) with
+    prob distil_prob, else U[delta, 1]; snapped once to {k / T, k = 1..T} (§G.15); the teacher
+    step goes to u = t - min(1/T, t/2). Returns t, u (B,) float32."""
+    dev = g.device
+    U = torch.rand(B, generator=g, device=dev)
+    distil = torch.rand(B, generator=g, device=dev) < cfg.distil_prob
+    t = torch.where(distil, cfg.delta * U, cfg.delta + (1 - cfg.delta) * U)
+    t = ((t * cfg.T).floor().clamp_max(cfg.T - 1) + 1) / cfg.T
+    return t, t - torch.minimum(torch.full_like(t, 1 / cfg.T), t / 2)
+
+
+def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
+    """Di4C (SPEC §C.5) from the teacher, then the control: the teacher fine-tuned with its own
+    MDLM loss for the same wall time (so a gain is Di4C's, not extra training's)."""
+    t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
+    teacher, lam_T = load_model(cfg, corpus, t_path, use_ema=True)
+    init = teacher.state_dict()
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg, corpus.S, lam_dim=1).to(ctx.device)
+    missing, unexpected = student.load_state_dict(init, strict=False)
+    if unexpected or any(not k.startswith("lam_mlp.") for k in missing):
+        raise SystemExit(f"error: {t_path} does not fit the student ({missing}, {unexpected})")
+    process = make_process(corpus.S)
+    marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
+    B = per_rank(cfg, ctx, cfg.distil_batch)
+    ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
+            f"{B} x L = {cfg.L} rows per rank")
+
+    def target(x, t, lam):             # the current student, eval mode, no grad (SPEC §G.3-G.4)
+        student.eval()
+        out = student(x, t, lam)
+        student.train()
+        return out
+
+    def loss_fn(model, step, g):
+        x0 = corpus.batch(B, g)                                               # (B, D)
+        t, u = di4c_times(cfg, B, g)
+        x_t = process.add_noise(x0, t, g)                                     # (B, D)
+        return core.di4c_loss(model, x0, x_t, t, u, teacher_marginal=marginal,
+                              teacher_step=teacher_step, L=cfg.L, lam_dim=1,
+                              student_target=target,
+                              alpha=core.alpha_t(t, "sigmoid", cfg.alpha_const),
+                              distil_weight=(t < cfg.delta).float(),
+                              consis_weight=(t >= cfg.delta).float(), generator=g)
+
+    out = fit(cfg, ctx, "student", student, loss_fn, cfg.distil_iters, cfg.lr, resume=cfg.resume)
+    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
+    if cfg.control_iters == 0:
+        return
+    control = build_model(cfg, corpus.S).to(ctx.device)
+    control.load_state_dict(init)
+    Bc = per_rank(cfg, ctx, cfg.batch_size)
+    seconds = out["wall"] if cfg.control_iters < 0 else 0.0
+    cout = fit(cfg, ctx, "control", control,
+               lambda model, step, g: mdlm_loss(model, corpus.batch(Bc, g), process, g),
+               max(cfg.control_iters, 0), cfg.lr, seconds=seconds, resume=cfg.resume)
+    nelbo = val_nelbo(cfg, ctx, corpus, control.eval())
+    update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
+                                              val_nelbo=nelbo)})
+
+
+@torch.no_grad()
+def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: int,
+             x_T: torch.Tensor, salt: str) -> tuple:
+    """Ancestral sampling (SPEC §D.3) of the rows of x_T, split over ranks and gathered.
+
+    times = linspace(1, 1e-5, N + 1) in float64, one extra NFE at the end if a [MASK] is left;
+    a product model reuses its output when its input did not change (the caching trick); a
+    mixture model gets a fresh lambda per sample per step. Prefix-conditional generation is
+    x_T with the prefix revealed (SUBS keeps it). Returns (x0 (N, D) long on CPU, mean NFE).
+    """
+    process = make_process(corpus.S)
+    times = torch.linspace(1, T_MIN_SAMPLE, n_steps + 1, dtype=torch.float64, device=ctx.device)
+    g = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1000 * ctx.rank
+                                                        + sum(map(ord, salt)))
+    rows, nfes = [], []
+    mine = x_T[ctx.rank::ctx.world_size]
+    for i in range(0, mine.shape[0], cfg.sample_batch):
+        with ctx.autocast():
+            x0, nfe = core.ancestral_sample(process, mine[i:i + cfg.sample_batch].to(ctx.device),
+                                            times, net, lam_dim=lam_dim, final_nfe=True,
+                                            reuse_unchanged=lam_dim == 0, generator=g)
+        rows.append(x0.cpu())
+        nfes += [nfe] * x0.shape[0]
+    mine_out = (torch.cat(rows) if rows else torch.zeros(0, x_T.shape[1], dtype=torch.long), nfes)
+    parts = [mine_out]
+    if ctx.world_size > 1:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, mine_out)
+    x0 = torch.empty_like(x_T)
+    for r, (xr, _) in enumerate(parts):
+        x0[r::ctx.world_size] = xr
+    nfes = [n for _, nr in parts for n in nr]
+    return x0, sum(nfes) / len(nfes)
+
+
+@torch.no_grad()
+def latency(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: int) -> list:
+    """Seconds per sampler call on one batch, after one warm-up call (SPEC §D.4); no caching,
+    so teacher and student do the same number of network calls."""
+    process = make_process(corpus.S)
+    times = torch.linspace(1, T_MIN_SAMPLE, n_steps + 1, dtype=torch.float64, device=ctx.device)
+    x_T = process.prior(cfg.sample_batch, cfg.seq_len, device=ctx.device)
+    g = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    out = []
+    for _ in range(cfg.latency_runs + 1):
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx.autocast():
+            core.ancestral_sample(process, x_T, times, net, lam_dim=lam_dim, generator=g)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
+    """Unconditional and prefix-conditional samples of teacher, student and control at their
+    step counts -> out_dir/samples/<model>_<uncond|cond>_<N>.{pt,txt}; latency per step count."""
+    sample_dir = os.path.join(cfg.out_dir, "samples")
+    os.makedirs(sample_dir, exist_ok=True)
+    models = {"teacher": ("teacher", True, cfg.steps),
+              "student": ("student", False, cfg.student_steps),
+              "control": ("control", False, cfg.student_steps)}
+    process = make_process(corpus.S)
+    n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
+    prefix = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].cpu()  # (P, prefix_len)
+    x_cond = process.prior(n_prefix * cfg.n_cont, cfg.prefix_len + cfg.cont_len)
+    x_cond[:, :cfg.prefix_len] = prefix.repeat_interleave(cfg.n_cont, 0)      # (P C, D')
+    x_uncond = process.prior(cfg.n_samples, cfg.seq_len)                      # (N, D)
+    nets = {}
+    for name, (ck, use_ema, steps) in models.items():
+        if not os.path.exists(ckpt_path(cfg, ck)):
+            ctx.log(f"sample: no {ckpt_path(cfg, ck)}, skipping the {name}")
+            continue
+        net, lam_dim = nets[name] = load_model(cfg, corpus, ckpt_path(cfg, ck), use_ema)
+        for N in steps:
+            for kind, x_T in (("uncond", x_uncond), ("cond", x_cond)):
+                if kind == "cond" and N not in cfg.student_steps:
+                    continue
+                t0 = time.time()
+                x0, nfe = generate(cfg, ctx, corpus, net, lam_dim, N, x_T, f"{kind}{N}")
+                if ctx.rank == 0:
+                    stem = os.path.join(sample_dir, f"{name}_{kind}_{N}")
+                    torch.save({"tokens": x0, "nfe": nfe, "steps": N}, stem + ".pt")
+                    with open(stem + ".txt", "w") as f:
+                        f.write("\n\n=====\n\n".join(corpus.decode(r) for r in x0.tolist()))
+                ctx.log(f"sample: {name} {kind} N={N}: {x0.shape[0]} x {x0.shape[1]} tokens, "
+                        f"NFE {nfe:.1f}, {time.time() - t0:.1f} s")
+    if "teacher" in nets and "student" in nets:
+        lat = {}
+        for N in cfg.student_steps:
+            t_s, s_s = (latency(cfg, ctx, corpus, *nets[k], N) for k in ("teacher", "student"))
+            lat[str(N)] = dict(teacher_s=float(np.mean(t_s)), teacher_std=float(np.std(t_s)),
+                               student_s=float(np.mean(s_s)), student_std=float(np.std(s_s)),
+                               overhead_pct=100 * (np.mean(s_s) / np.mean(t_s) - 1))
+            ctx.log(f"latency N={N}: teacher {lat[str(N)]['teacher_s']:.3f} s, student "
+                    f"{lat[str(N)]['student_s']:.3f} s ({lat[str(N)]['overhead_pct']:+.1f}%)")
+        update_metrics(cfg, ctx, {"latency": lat})
+
+
+def judge_nll_fn(judge, ctx: Ctx):
+    """nll_fn for eval/text_metrics.py: -log p_judge(x^{i+1} | x^{<=i}), (N, D - 1)."""
+    @torch.no_grad()
+    def nll_fn(x):
+        x = x.to(ctx.device)
+        with ctx.autocast():
+            logits = judge(x)[:, :-1].float()                                # (N, D - 1, S)
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
+    return nll_fn
+
+
+def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
+    """Train (or reuse) the autoregressive judge, then score every sample file: gen-PPL under
+    the judge (and GPT-2 Large if --eval_gpt2), unigram entropy, prefix-conditional self-BLEU."""
+    torch.manual_seed(cfg.seed + 1)
+    judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
+    B = per_rank(cfg, ctx, cfg.batch_size)
+
+    def ar_loss(model, step, g):
+        x = corpus.batch(B, g)                                                # (B, D)
+        logits = model(x)[:, :-1].float()                                     # (B, D - 1, S)
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1), {}
+
+    fit(cfg, ctx, "judge", judge, ar_loss, cfg.judge_iters, cfg.teacher_lr, resume=True)
+    if ctx.rank != 0:
+        return
+    judge.eval()
+    scorers = {"judge": judge_nll_fn(judge, ctx)}
+    if cfg.eval_gpt2:
+        gpt2 = text_metrics.gpt2_large_nll(ctx.device)
+        scorers["gpt2_large"] = lambda x: gpt2(corpus.gpt2_ids(x))
+    val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val")))).cpu()
+    res = {"data": {k: text_metrics.gen_ppl(f, val) for k, f in scorers.items()}}
+    res["data"]["entropy"] = text_metrics.unigram_entropy(val)
+    sample_dir = os.path.join(cfg.out_dir, "samples")
+    files = sorted(glob.glob(os.path.join(sample_dir, "*.pt")))
+    for path in files:
+        name, kind, N = os.path.basename(path)[:-3].rsplit("_", 2)
+        s = torch.load(path, weights_only=True)
+        start = 1 if kind == "uncond" else cfg.prefix_len
+        row = {f"gen_ppl_{k}": text_metrics.gen_ppl(f, s["tokens"], start)
+               for k, f in scorers.items()}
+        first = 0 if kind == "uncond" else cfg.prefix_len                   # continuation only
+        row.update(entropy=text_metrics.unigram_entropy(s["tokens"][:, first:]), nfe=s["nfe"])
+        if kind == "cond":
+            groups = text_metrics.decode_groups(corpus.gpt2_ids(s["tokens"]), cfg.n_cont)
+            row["self_bleu"] = text_metrics.self_bleu(groups)
+        res[f"{name}_{kind}_{N}"] = row
+    update_metrics(cfg, ctx, {"eval": res})
+    print_table(res)
+
+
+def print_table(res: dict):
+    """The eval table (judge gen-PPL) and a RESULT line for student vs teacher at 8 steps."""
+    keys = [k for k in res if k != "data"]
+    print(f"\n{'model':<9}{'kind':<8}{'steps':>6}{'NFE':>7}{'gen-PPL':>10}{'entropy':>9}"
+          f"{'self-BLEU':>11}")
+    print(f"{'data':<9}{'val':<8}{'-':>6}{'-':>7}{res['data']['judge']:>10.1f}"
+          f"{res['data']['entropy']:>9.3f}")
+    order = sorted(keys, key=lambda k: (k.split("_")[1], k.split("_")[0],
+                                           int(k.split("_")[2])))
+    for k in order:
+        name, kind, N = k.split("_")
+        r = res[k]
+        bleu = f"{r['self_bleu']:>11.1f}" if "self_bleu" in r else ""
+        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{r['gen_ppl_judge']:>10.1f}"
+              f"{r['entropy']:>9.3f}{bleu}")
+    for N in ("8", "4"):
+        if f"student_uncond_{N}" in res and f"teacher_uncond_{N}" in res:
+            s, t = res[f"student_uncond_{N}"], res[f"teacher_uncond_{N}"]
+            print(f"RESULT student_gen_ppl@{N}={s['gen_ppl_judge']:.2f} "
+                  f"teacher_gen_ppl@{N}={t['gen_ppl_judge']:.2f} "
+                  f"student_entropy@{N}={s['entropy']:.3f} teacher_entropy@{N}={t['entropy']:.3f}")
+            break
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(cfg: Config):
+    if cfg.stage not in STAGES + ("all",):
+        raise SystemExit(f"error: --stage must be one of {STAGES + ('all',)}, got {cfg.stage!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.prefix_len < 1 or cfg.cont_len < 1 or cfg.n_cont < 2 \
+            or min(cfg.steps + cfg.student_steps) < 1:
+        raise SystemExit("error: need prefix_len, cont_len >= 1, n_cont >= 2 and steps >= 1")
+    rank, _, world_size, device = setup_dist(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
+    ctx.log(f"owt_masked.py | torch {torch.__version__} | python {platform.python_version()} | "
+            f"device {device} | world size {world_size}")
+    ctx.log("config " + json.dumps(asdict(cfg)))
+    t_start = time.time()
+    corpus = Corpus(cfg, ctx)
+    ctx.log(f"data: {corpus.n_blocks('train')} train / {corpus.n_blocks('val')} val blocks "
+            f"of {cfg.seq_len} tokens, S = {corpus.S} (with [MASK])")
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    run = {"teacher": stage_teacher, "distill": stage_distill,
+           "sample": stage_sample, "eval": stage_eval}
+    walls = {}
+    for name in stages:
+        t0 = time.time()
+        run[name](cfg, ctx, corpus)
+        walls[name] = time.time() - t0
+        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
+    walls["total"] = time.time() - t_start
+    update_metrics(cfg, ctx, {"wall_seconds": walls})
+    cleanup(world_size)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,184 @@
+"""owt_masked.py: tokenizer ids, data pipeline, student == teacher at init, smoke end to end,
+exact resume, 2-process torchrun on CPU, clear errors. CPU, offline."""
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import owt_masked as m
+from eval import text_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANKS = os.path.join(ROOT, "..", "shared", "data", "gpt2.tiktoken")
+needs_ranks = pytest.mark.skipif(not os.path.exists(RANKS), reason="no local GPT-2 rank file")
+WORDS = ("the cat sat on a mat and dog ran to red blue house tree river stone "
+         "light dark small big old new").split()
+
+
+def write_corpus(tmp_path, n_docs=40, kind="jsonl"):
+    """A tiny corpus with a ~100-id vocabulary, so the tests run in seconds."""
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(n_docs)]
+    if kind == "jsonl":
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif kind == "txt":                                  # one document per file
+        for i, d in enumerate(docs):
+            (tmp_path / f"doc_{i:03d}.txt").write_text(d)
+        path = tmp_path / "doc_*.txt"
+    else:
+        import datasets
+        path = tmp_path / "corpus.parquet"
+        datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
+    return str(path), docs
+
+
+def smoke_cfg(tmp_path, name="run", **kw):
+    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / name),
+                         tokenizer_file=RANKS, **kw)
+
+
+def ctx_for(cfg):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32")
+
+
+@needs_ranks
+def test_tokenizer_matches_gpt2():
+    enc = m.gpt2_encoding(RANKS)
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode(" the") == [262]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert enc.n_vocab == 50257
+
+
+@needs_ranks
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
+def test_local_files_pipeline(tmp_path, kind):
+    path, docs = write_corpus(tmp_path, kind=kind)
+    cfg = smoke_cfg(tmp_path, data_files=path, val_docs=4, seq_len=16)
+    corpus = m.Corpus(cfg, ctx_for(cfg))
+    enc = corpus.enc
+    train_docs = docs[:len(docs) - cfg.val_docs]
+    expected = [t for d in train_docs for t in enc.encode_ordinary(d) + [m.EOT]]
+    n = len(expected) // 16
+    got = corpus.gpt2_ids(corpus.get("train", np.arange(n))).flatten().tolist()
+    assert got == expected[:n * 16]
+    assert corpus.mask_id == corpus.S - 1 and corpus.unk == corpus.S - 2
+    assert corpus.decode(corpus.get("train", [0])[0].tolist()).startswith(train_docs[0][:20])
+
+
+@needs_ranks
+def test_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="matched no file"):
+        m.Corpus(*(lambda c: (c, ctx_for(c)))(smoke_cfg(tmp_path, data_files="/nonexistent/*.txt")))
+    path, _ = write_corpus(tmp_path, n_docs=3)
+    with pytest.raises(SystemExit, match="documents"):
+        m.Corpus(*(lambda c: (c, ctx_for(c)))(smoke_cfg(tmp_path, data_files=path, val_docs=5)))
+    with pytest.raises(SystemExit, match="not found"):
+        m.gpt2_encoding("/nonexistent/gpt2.tiktoken")
+    with pytest.raises(SystemExit, match="preset"):
+        m.make_config(m.Config, preset="huge")
+    with pytest.raises(SystemExit, match="unknown"):
+        m.make_config(m.Config, steps_typo=3)
+    with pytest.raises(SystemExit, match="stage"):
+        m.main(smoke_cfg(tmp_path, stage="train"))
+    for argv, msg in ((["--seq_len", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
+                      (["--resume", "maybe"], "true or false")):
+        r = subprocess.run([sys.executable, "owt_masked.py", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
+def test_student_equals_teacher_at_init(lam):
+    cfg = m.make_config(m.Config, preset="smoke", dropout=0.1)
+    torch.manual_seed(0)
+    teacher = m.build_model(cfg, 50).eval()
+    student = m.build_model(cfg, 50, lam_dim=1).eval()
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("lam_mlp.") for k in missing)
+    for p in teacher.parameters():                       # a non-trivial teacher
+        p.data.normal_(0, 0.2)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    x = torch.randint(0, 50, (3, 12))
+    x[:, ::2] = 49                                       # [MASK]
+    with torch.no_grad():
+        a = student(x, None, torch.full((3, 1), lam))
+        b = teacher(x, None, None)
+    assert torch.equal(a, b)
+    lp = torch.log_softmax(a, -1)
+    assert (lp[x != 49].max(-1).values == 0).all()       # SUBS: revealed tokens are copied
+    assert (lp[x == 49][:, 49] < -1e5).all()             # never predict [MASK]
+
+
+def test_text_metrics():
+    x = torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4]])
+    assert text_metrics.unigram_entropy(x) == pytest.approx(0.5 * np.log(4))
+    uniform = lambda x: torch.full((x.shape[0], x.shape[1] - 1), np.log(7.0))
+    assert text_metrics.gen_ppl(uniform, x) == pytest.approx(7.0)
+    same = [[[1, 2, 3, 4, 5]] * 3]
+    assert text_metrics.self_bleu(same) == pytest.approx(100.0)
+
+
+@needs_ranks
+def test_smoke_end_to_end_pydoc(tmp_path):
+    """The smoke preset as shipped: CPython's bundled docs, exact GPT-2 BPE, all stages."""
+    cfg = smoke_cfg(tmp_path)
+    m.main(cfg)
+    metrics = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))
+    assert np.isfinite(metrics["teacher"]["val_nelbo"])
+    ev = metrics["eval"]
+    for key in ("teacher_uncond_2", "teacher_uncond_4", "student_uncond_2", "control_uncond_2",
+                "student_cond_2"):
+        assert np.isfinite(ev[key]["gen_ppl_judge"]) and ev[key]["entropy"] > 0
+    assert "self_bleu" in ev["student_cond_2"] and "2" in metrics["latency"]
+    assert ev["teacher_uncond_4"]["nfe"] <= 5
+    text = open(os.path.join(cfg.out_dir, "samples", "student_uncond_2.txt")).read()
+    assert len(text) > 0
+
+
+@needs_ranks
+def test_resume_is_exact(tmp_path):
+    path, _ = write_corpus(tmp_path)
+    common = dict(data_files=path, control_iters=0, ckpt_every=1)
+    full = smoke_cfg(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
+    for stage in ("teacher", "distill"):
+        m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
+    cut = smoke_cfg(tmp_path, "cut", **common)
+    for stage, resume, iters in (("teacher", False, dict(teacher_iters=2)),
+                                 ("teacher", True, dict(teacher_iters=4)),
+                                 ("distill", False, dict(distil_iters=1)),
+                                 ("distill", True, dict(distil_iters=3))):
+        m.main(m.make_config(m.Config, **{**asdict(cut), "stage": stage,
+                                          "resume": resume, **iters}))
+    for name in ("teacher", "student"):
+        a = torch.load(os.path.join(full.out_dir, f"{name}.pt"), weights_only=True)
+        b = torch.load(os.path.join(cut.out_dir, f"{name}.pt"), weights_only=True)
+        assert a["step"] == b["step"]
+        for key in ("model", "ema") if name == "teacher" else ("model",):
+            for k in a[key]:
+                assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+
+
+@needs_ranks
+def test_torchrun_two_processes_cpu(tmp_path):
+    path, _ = write_corpus(tmp_path)
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "owt_masked.py", "--preset", "smoke",
+                        "--out_dir", str(out), "--tokenizer_file", RANKS, "--data_files", path],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.load(open(out / "metrics.json"))
+    assert np.isfinite(metrics["eval"]["student_uncond_2"]["gen_ppl_judge"])
+    s = torch.load(out / "samples" / "teacher_uncond_2.pt", weights_only=True)
+    assert s["tokens"].shape == (4, 32)
