@@ -1,0 +1,1394 @@
+"""
+Di4C on class-conditional masked image generation (Sec. 5.2 of arXiv:2410.08709; teacher =
+MaskGIT). Paper claim: a 4-step Di4C student matches or beats the 8-step MaskGIT teacher in
+FID-IS on ImageNet 256 (SPEC §F.2).
+
+Images become tokens once (stage `tokenize`: the taming-transformers f16 VQGAN released with
+MaskGIT-pytorch, a small VQ-VAE trained here on your images, or raw 17-level pixels of the 8x8
+digits). A bidirectional transformer with a class token is trained as the MaskGIT teacher
+(arccos schedule, masked cross-entropy, label dropout for classifier-free guidance), then a
+Di4C mixture student (the same network plus a lambda path that starts at zero) is distilled from
+it with the core's losses in the MaskGIT variant (SPEC §C.4). Samples come from MaskGIT's
+confidence sampler with CFG (SPEC §A.4, §D.2); eval/ scores them.
+
+ImageNet, paper settings:  python imagenet_masked.py --data_dir data/imagenet \\
+                             --vqgan_ckpt pretrained_maskgit/VQGAN/last.ckpt \\
+                             --teacher_ckpt pretrained_maskgit/MaskGIT/MaskGIT_ImageNet_256.pth
+8 GPUs:                    torchrun --standalone --nproc_per_node=8 imagenet_masked.py ...
+Your images (VQ-VAE):      python imagenet_masked.py --dataset folder --data_dir my_images \\
+                             --tokenizer vqvae --img_size 64 --vq_ch_mult 1 2 2 4 ...
+CPU demo (8x8 digits):     python imagenet_masked.py --preset demo
+CPU smoke test:            python imagenet_masked.py --preset smoke --out_dir /tmp/smoke
+2-proc CPU:                torchrun --standalone --nproc_per_node=2 imagenet_masked.py \\
+                             --preset smoke
+Stages:                    --stage tokenize | teacher | distill | sample | eval | all (each reads
+                           what the earlier ones wrote in --out_dir); --resume true continues a
+                           stage exactly.
+"""
+import argparse
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
+
+import di4c_core as core
+
+# -----------------------------------------------------------------------------
+# Config (defaults = the paper preset; STYLE §0, §3.4)
+
+
+@dataclass
+class Config:
+    preset: str = "paper"          # paper | demo | smoke
+    stage: str = "all"             # tokenize | teacher | distill | sample | eval | all
+    out_dir: str = "runs/imagenet"
+    resume: bool = False           # continue every training stage from its checkpoint
+    # data and tokens
+    dataset: str = "imagenet"      # imagenet (data_dir/{train,val}/<class>/) | folder | digits
+    data_dir: str = "data/imagenet"
+    img_size: int = 256            # Resize(img_size) + CenterCrop(img_size), as MaskGIT-pytorch
+    flip: bool = True              # also cache the codes of every mirrored image
+    tokenizer: str = "vqgan"       # vqgan (MaskGIT-pytorch's taming f16) | vqvae | pixels
+    vqgan_ckpt: str = "pretrained_maskgit/VQGAN/last.ckpt"
+    vq_codes: int = 1024           # K, codebook size
+    vq_dim: int = 256              # codebook dimension = z channels
+    vq_ch: int = 128
+    vq_ch_mult: tuple = (1, 1, 2, 2, 4)   # downsampling factor f = 2^(len - 1) = 16
+    vq_res_blocks: int = 2
+    vq_attn_res: tuple = (16,)
+    vqvae_iters: int = 100_000
+    vqvae_lr: float = 2e-4
+    num_workers: int = 8
+    # model (MaskGIT-pytorch's transformer, SPEC §B.2)
+    n_layer: int = 24
+    n_embd: int = 768
+    n_head: int = 16
+    mlp_dim: int = 3072
+    dropout: float = 0.1
+    label_drop: float = 0.1        # class index n_classes means "dropped" (CFG)
+    # teacher (MaskGIT)
+    teacher_ckpt: str = ""         # ours or MaskGIT-pytorch's .pth; "" = out_dir/teacher.pt
+    teacher_iters: int = 755_200
+    batch_size: int = 512          # global images per teacher / control / VQ-VAE step
+    teacher_lr: float = 1e-4
+    warmup: int = 2500
+    label_smoothing: float = 0.1
+    teacher_ema: float = 0.0       # MaskGIT-pytorch keeps no EMA
+    # di4c (SPEC §C.4, the "di4c-d" defaults)
+    distil_iters: int = 100_000
+    distil_batch: int = 4          # global x_t per step (2 per GPU x 2 GPUs), L lambdas each
+    lr: float = 1e-5               # Di4C and control; AdamW betas (0.9, 0.96), constant
+    weight_decay: float = 1e-5
+    L: int = 32
+    r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
+    teacher_steps: int = 8         # K_T of the Gumbel ramp of that step
+    alpha_const: float = 0.1       # alpha(t) = alpha_const sigmoid(20 (t - 1/2)), t = 1 - r
+    data_term: bool = True         # "di4c-d"; false gives "di4c" (no data correlation term)
+    student_ema: float = 0.0
+    control: bool = True           # teacher fine-tuned with its own loss for Di4C's wall time
+    # sampling and evaluation (SPEC §A.4, §D.2, §F.1)
+    steps: tuple = (4, 8)          # teacher step counts
+    student_steps: tuple = (4,)    # student and control step counts
+    cfg_w: float = 3.0             # every model is sampled with w = 0 and w = cfg_w
+    sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
+    r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
+    lfg: bool = False              # the teacher gives the unconditional CFG branch
+    n_per_class: int = 50          # 50 x 1000 classes = the 50k FID samples
+    sample_batch: int = 64
+    grid_classes: int = 10         # PNG grids for the first classes
+    latency_runs: int = 10
+    # system
+    device: str = ""               # "" = cuda if available else cpu
+    dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10_000
+
+
+PRESETS = {
+    "paper": {},
+    # 8x8 digits bundled with scikit-learn, 17 grey levels as tokens (D = 64, S = 18), 10 labels
+    "demo": dict(out_dir="runs/imagenet_demo", dataset="digits", img_size=8, tokenizer="pixels",
+                 n_layer=3, n_embd=64, n_head=4, mlp_dim=256, dropout=0.1,
+                 teacher_iters=3000, batch_size=64, teacher_lr=1e-3, warmup=200,
+                 label_smoothing=0.0, teacher_ema=0.999, distil_iters=600, distil_batch=8,
+                 lr=1e-4, L=16, student_ema=0.99, steps=(2, 4, 8, 16), student_steps=(2, 4),
+                 cfg_w=1.0, n_per_class=200, sample_batch=500, latency_runs=5,
+                 dtype="float32", log_every=100, ckpt_every=500),
+    # seconds, for tests
+    "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=8,
+                  tokenizer="pixels", vq_ch=32, vq_ch_mult=(1, 2), vq_res_blocks=1,
+                  vq_attn_res=(4,), vq_codes=16, vq_dim=8, vqvae_iters=3, num_workers=0,
+                  n_layer=1, n_embd=32, n_head=2, mlp_dim=64, dropout=0.0, teacher_iters=4,
+                  batch_size=8, teacher_lr=1e-3, warmup=2, distil_iters=3, distil_batch=2,
+                  lr=1e-4, L=4, steps=(2, 4), student_steps=(2,), cfg_w=1.0, n_per_class=2,
+                  sample_batch=10, grid_classes=2, latency_runs=1, dtype="float32",
+                  log_every=1, ckpt_every=2),
+}
+STAGES = ("tokenize", "teacher", "distill", "sample", "eval")
+TOKEN_KEYS = ("dataset", "data_dir", "img_size", "flip", "tokenizer", "vqgan_ckpt", "vq_codes",
+              "vq_dim", "vq_ch", "vq_ch_mult", "vq_res_blocks", "vq_attn_res")
+ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd", "n_head",
+             "mlp_dim")
+RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",
+                           "r_delta", "data_term", "seed", "vqvae_lr")
+
+# -----------------------------------------------------------------------------
+# Infrastructure (identical in the three domain scripts; see STYLE §3.1)
+
+
+def parse_config(cls, argv=None):
+    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins (STYLE §0)."""
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(f.type, dict(type=f.type))
+        p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
+    return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes")
+
+
+def make_config(cls, **overrides):
+    """Config = dataclass defaults (the paper preset) <- PRESETS[preset] <- explicit overrides."""
+    preset = overrides.get("preset", "paper")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SystemExit(f"error: unknown config field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def setup_dist(device: str = ""):
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> world_size 1."""
+    if "RANK" not in os.environ:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 0, 1, dev
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, local_rank, world_size, dev
+
+
+def cleanup(world_size: int):
+    if world_size > 1:
+        dist.barrier()                 # without it gloo aborts intermittently at exit
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= world_size
+    return x
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()):
+    """Load a checkpoint and refuse one from another config (names the mismatching fields)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}" for k in bad)
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
+    return state
+
+
+class Logger:
+    """print0 + tee into out_dir/log.txt on rank 0."""
+
+    def __init__(self, rank: int, out_dir: str):
+        self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
+
+    def __call__(self, *msg):
+        if self.rank == 0:
+            line = " ".join(str(m) for m in msg)
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
+@dataclass
+class Ctx:
+    """What every stage needs to know about this process."""
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+    dtype: str
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def step_rng(cfg: Config, ctx: Ctx, salt: str, step: int) -> torch.Generator:
+    """One generator per (stage, rank, step), so training resumes exactly without saving RNG
+    state; it also seeds the global RNG, which dropout uses."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
+            + step) % (2 ** 63)
+    torch.manual_seed(seed)
+    return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+def update_metrics(cfg: Config, ctx: Ctx, new: dict):
+    """Merge `new` into out_dir/metrics.json (rank 0), one level deep."""
+    if ctx.rank != 0:
+        return
+    path = os.path.join(cfg.out_dir, "metrics.json")
+    metrics = json.load(open(path)) if os.path.exists(path) else {}
+    for k, v in new.items():
+        metrics[k] = {**metrics.get(k, {}), **v} if isinstance(v, dict) else v
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def ckpt_path(cfg: Config, name: str) -> str:
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+# -----------------------------------------------------------------------------
+# Data: labelled images with MaskGIT-pytorch's resize / crop, or the embedded digits
+
+
+def image_folder(cfg: Config, split: str):
+    """A torchvision ImageFolder of (3, img_size, img_size) uint8 images and class indices.
+
+    dataset=imagenet reads data_dir/<split>/<class>/ (the ImageNet layout), dataset=folder reads
+    data_dir/<class>/ for every split. Transform: Resize(img_size) of the short side, then
+    CenterCrop(img_size) (MaskGIT-pytorch's evaluation transform; its training RandomCrop +
+    flip becomes the centre crop + the cached mirror, see `flip`).
+    """
+    import torchvision
+    from torchvision import transforms
+    root = os.path.join(cfg.data_dir, split) if cfg.dataset == "imagenet" else cfg.data_dir
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: {root!r} is not a folder of class sub-folders (--data_dir "
+                         f"{cfg.data_dir!r}, --dataset {cfg.dataset})")
+    tf = transforms.Compose([transforms.Resize(cfg.img_size), transforms.CenterCrop(cfg.img_size),
+                             transforms.PILToTensor()])
+    try:
+        return torchvision.datasets.ImageFolder(root, transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: no images under {root!r} ({e})") from None
+
+
+def load_images(ds, ctx: Ctx, idx=None, workers: int = 0) -> tuple:
+    """Decode the items idx of an ImageFolder: (images (N, 3, H, W) uint8, labels (N,) long)."""
+    idx = range(len(ds)) if idx is None else idx
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(idx)), batch_size=64,
+                                         num_workers=workers)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x[:, :3])
+        ys.append(y)
+    if not xs:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ys)
+
+
+class Batches:
+    """The rank's batch at a given step, a pure function of (seed, step): resume is exact.
+
+    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
+    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
+    """
+
+    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
+        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
+        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
+                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler) // per_rank
+        if self.per_epoch == 0:
+            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
+                             f"{per_rank} per rank x {ctx.world_size} ranks")
+        self.epoch, self.order = -1, None
+
+    def batch(self, step: int) -> tuple:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
+        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
+        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(self.device) for t in self.tensors)
+
+
+def per_rank(ctx: Ctx, global_batch: int) -> int:
+    if global_batch % ctx.world_size:
+        raise SystemExit(f"error: batch {global_batch} is not divisible by world size "
+                         f"{ctx.world_size}")
+    return global_batch // ctx.world_size
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers. VQ: the taming-transformers VQGAN architecture (Esser et al. 2021) with its
+# state-dict names, so MaskGIT-pytorch's released f16 checkpoint loads key by key; a smaller
+# configuration of it is the VQ-VAE trained here. Pixels: a grey level is a token.
+
+
+def group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), 1x1 `nin_shortcut` when widths differ."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H W positions, 1x1 convs q, k, v, proj_out."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
+        a = F.scaled_dot_product_attention(q, k, v)                                  # (B, HW, C)
+        return x + self.proj_out(a.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Resample(nn.Module):
+    """Down: pad right/bottom by 1, 3x3 conv stride 2. Up: nearest x2, 3x3 conv."""
+
+    def __init__(self, c: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, stride=2) if down else nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks, attns) -> nn.Module:
+    m = nn.Module()
+    m.block, m.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
+    return m
+
+
+def _middle(c: int) -> nn.Module:
+    m = nn.Module()
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return m
+
+
+class Encoder(nn.Module):
+    """Image (N, 3, R, R) in [-1, 1] -> z (N, z_ch, R/f, R/f), f = 2^(len(ch_mult) - 1)."""
+
+    def __init__(self, ch, ch_mult, n_res, attn_res, resolution, z_ch):
+        super().__init__()
+        self.conv_in, self.down = nn.Conv2d(3, ch, 3, padding=1), nn.ModuleList()
+        c, res = ch, resolution
+        for i, m in enumerate(ch_mult):
+            blocks, attns = [], []
+            for _ in range(n_res):
+                blocks.append(ResnetBlock(c, ch * m))
+                c = ch * m
+                if res in attn_res:
+                    attns.append(AttnBlock(c))
+            level = _level(blocks, attns)
+            if i < len(ch_mult) - 1:
+                level.downsample = Resample(c, down=True)
+                res //= 2
+            self.down.append(level)
+        self.mid = _middle(c)
+        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, z_ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z (N, z_ch, R/f, R/f) -> image (N, 3, R, R); `up[i]` mirrors the encoder's level i."""
+
+    def __init__(self, ch, ch_mult, n_res, attn_res, resolution, z_ch):
+        super().__init__()
+        c, res = ch * ch_mult[-1], resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in, self.mid = nn.Conv2d(z_ch, c, 3, padding=1), _middle(c)
+        levels = []
+        for i in reversed(range(len(ch_mult))):
+            blocks, attns = [], []
+            for _ in range(n_res + 1):
+                blocks.append(ResnetBlock(c, ch * ch_mult[i]))
+                c = ch * ch_mult[i]
+                if res in attn_res:
+                    attns.append(AttnBlock(c))
+            level = _level(blocks, attns)
+            if i > 0:
+                level.upsample = Resample(c, down=False)
+                res *= 2
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQModel(nn.Module):
+    """VQGAN / VQ-VAE: encoder -> quant_conv -> nearest code -> post_quant_conv -> decoder.
+
+    Codes are argmin_k |z - e_k|^2 over `quantize.embedding` (K, dim). Training returns the
+    VQ-VAE loss per image: mean squared reconstruction error + codebook term
+    |sg[z] - e|^2 + 0.25 commitment |z - sg[e]|^2, straight-through gradients.
+    """
+
+    def __init__(self, K, dim, ch, ch_mult, n_res, attn_res, resolution):
+        super().__init__()
+        self.K, self.f = K, 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, n_res, attn_res, resolution, dim)
+        self.decoder = Decoder(ch, ch_mult, n_res, attn_res, resolution, dim)
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(K, dim)
+        nn.init.uniform_(self.quantize.embedding.weight, -1.0 / K, 1.0 / K)
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+
+    def _nearest(self, z):
+        e = self.quantize.embedding.weight                                      # (K, dim)
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()              # (N h w, dim)
+        d = zf.pow(2).sum(1, keepdim=True) + e.float().pow(2).sum(1) - 2 * zf @ e.float().T
+        return d.argmin(1).view(z.shape[0], -1)                                 # (N, h w)
+
+    def _embed(self, codes, h):
+        e = self.quantize.embedding(codes)                                      # (N, h w, dim)
+        return e.view(codes.shape[0], h, -1, e.shape[-1]).permute(0, 3, 1, 2)   # (N, dim, h, w)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """x (N, 3, R, R) in [-1, 1] -> codes (N, h w) long."""
+        return self._nearest(self.quant_conv(self.encoder(x)))
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """codes (N, h w) long -> images (N, 3, R, R), about [-1, 1]."""
+        h = math.isqrt(codes.shape[1])
+        return self.decoder(self.post_quant_conv(self._embed(codes, h)))
+
+    def forward(self, x):
+        z = self.quant_conv(self.encoder(x))                                    # (N, dim, h, w)
+        codes = self._nearest(z.detach())
+        e = self._embed(codes, z.shape[2])
+        vq = ((z.detach() - e) ** 2 + 0.25 * (z - e.detach()) ** 2).flatten(1).mean(1)  # (N,)
+        rec = self.decoder(self.post_quant_conv(z + (e - z).detach()))
+        return ((rec - x) ** 2).flatten(1).mean(1) + vq, codes
+
+
+def build_vq(cfg: Config) -> VQModel:
+    return VQModel(cfg.vq_codes, cfg.vq_dim, cfg.vq_ch, cfg.vq_ch_mult, cfg.vq_res_blocks,
+                   cfg.vq_attn_res, cfg.img_size)
+
+
+def load_vqgan(cfg: Config, path: str) -> VQModel:
+    """MaskGIT-pytorch's VQGAN (`pretrained_maskgit/VQGAN/last.ckpt`, a Lightning checkpoint
+    {"state_dict": ...}) into the taming f16 architecture, strictly. Keys under `loss.` (the
+    LPIPS / discriminator of VQGAN training) are not part of the tokenizer and are skipped."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --vqgan_ckpt {path!r} not found (MaskGIT-pytorch's "
+                         "download_models.py fetches pretrained_maskgit/VQGAN/last.ckpt)")
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    sd = st.get("state_dict", st) if isinstance(st, dict) else None
+    if not isinstance(sd, dict):
+        raise SystemExit(f"error: {path!r} holds no state dict")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()
+          if not k.startswith("loss.")}
+    vq = build_vq(cfg)
+    want = vq.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"error: VQGAN checkpoint {path!r} does not fit the taming "
+                         f"architecture of --vq_codes/--vq_dim/--vq_ch/--vq_ch_mult/"
+                         f"--vq_res_blocks/--vq_attn_res/--img_size (the released f16 model "
+                         f"needs the paper preset): missing {missing[:8]} ({len(missing)}), "
+                         f"unexpected {unexpected[:8]} ({len(unexpected)}), shape mismatches "
+                         f"(checkpoint vs model) {shapes[:8]}")
+    vq.load_state_dict(sd)
+    return vq
+
+
+class Tokens:
+    """Tokenizer + token geometry: K codes ([MASK] = K, S = K + 1), D = h w tokens."""
+
+    def __init__(self, cfg: Config, K: int, grid: int, vq=None):
+        self.cfg, self.K, self.grid, self.D, self.vq = cfg, K, grid, grid * grid, vq
+
+    @torch.no_grad()
+    def to_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, D) -> float images (N, C, H, W) in [0, 1] (pixels: C = 1, 16 levels)."""
+        if self.vq is None:
+            return codes.view(-1, 1, self.grid, self.grid).float() / (self.K - 1)
+        dev = next(self.vq.parameters()).device
+        out = [self.vq.decode(c.to(dev)).cpu() for c in codes.split(64)]
+        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+
+def load_tokens(cfg: Config, ctx: Ctx, meta: dict) -> Tokens:
+    """The tokenizer that made codes.pt (the VQ model only where images must be decoded)."""
+    vq = None
+    if cfg.tokenizer == "vqgan":
+        vq = load_vqgan(cfg, cfg.vqgan_ckpt)
+    elif cfg.tokenizer == "vqvae":
+        state = load_checkpoint(ckpt_path(cfg, "vqvae"), asdict(cfg), TOKEN_KEYS)
+        vq = build_vq(cfg)
+        vq.load_state_dict(state["model"])
+    if vq is not None:
+        vq = vq.to(ctx.device).eval().requires_grad_(False)
+    return Tokens(cfg, meta["K"], meta["grid"], vq)
+
+
+def codes_meta(cfg: Config) -> dict:
+    """codes.pt -> {"codes" (N, D) int16, "labels" (N,), "K", "grid", "n_classes", "classes"}."""
+    path = ckpt_path(cfg, "codes")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path!r} not found: run --stage tokenize first (same --out_dir)")
+    return load_checkpoint(path, asdict(cfg), TOKEN_KEYS)
+
+
+def stage_tokenize(cfg: Config, ctx: Ctx):
+    """Images -> token ids, once, into out_dir/codes.pt (training never runs the encoder).
+
+    pixels: the digits' 17 grey levels are the tokens (K = 17, D = 64). vqgan / vqvae: every
+    image of the training split (and its mirror if --flip) through the VQ encoder; rank r
+    encodes items r, r + W, ... and rank 0 merges them.
+    """
+    path = ckpt_path(cfg, "codes")
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if all(state["config"].get(k) == asdict(cfg).get(k) for k in TOKEN_KEYS):
+            ctx.log(f"tokenize: reusing {path} ({len(state['codes'])} items)")
+            return
+    if cfg.tokenizer == "pixels":
+        if cfg.dataset != "digits":
+            raise SystemExit("error: --tokenizer pixels is for --dataset digits (8x8, 17 levels)")
+        from eval import digits
+        images, labels = digits.load_digits_uint()                              # (N, 8, 8)
+        codes, K, grid, classes = images.flatten(1), digits.LEVELS, 8, [str(c) for c in range(10)]
+    else:
+        if cfg.dataset == "digits":
+            raise SystemExit("error: --dataset digits needs --tokenizer pixels")
+        ds = image_folder(cfg, "train")
+        vq = (load_vqgan(cfg, cfg.vqgan_ckpt) if cfg.tokenizer == "vqgan"
+              else train_vqvae(cfg, ctx, ds)).to(ctx.device).eval()
+        codes, labels = encode_split(cfg, ctx, ds, vq)
+        K, grid, classes = vq.K, cfg.img_size // vq.f, ds.classes
+    if ctx.rank == 0:
+        small = torch.int16 if K < 2 ** 15 else torch.int32
+        save_checkpoint(path, {"codes": codes.to(small), "labels": labels.long(), "K": K,
+                               "grid": grid, "n_classes": len(classes), "classes": classes,
+                               "config": asdict(cfg)})
+    ctx.barrier()
+    ctx.log(f"tokenize: {len(codes)} items of {grid}x{grid} tokens, K = {K}, "
+            f"{len(classes)} classes -> {path}")
+
+
+@torch.no_grad()
+def encode_split(cfg: Config, ctx: Ctx, ds, vq: VQModel) -> tuple:
+    """Codes (N (x2 with flips), D) int and labels of an ImageFolder, sharded over ranks."""
+    mine = range(ctx.rank, len(ds), ctx.world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(mine)),
+                                         batch_size=cfg.sample_batch, num_workers=cfg.num_workers)
+    codes, labels = [], []
+    for x, y in loader:
+        x = x[:, :3].to(ctx.device).float() / 127.5 - 1                       # (B, 3, R, R)
+        views = (x, x.flip(-1)) if cfg.flip else (x,)                          # float32 codes
+        codes.append(torch.stack([vq.encode(v) for v in views], 1).int().cpu())  # (B, V, D)
+        labels.append(y)
+    part = (torch.cat(codes), torch.cat(labels)) if codes else None
+    parts = [part]
+    if ctx.world_size > 1:
+        tmp = os.path.join(cfg.out_dir, f"codes_part{ctx.rank}.pt")
+        torch.save(part, tmp)
+        ctx.barrier()
+        parts = [torch.load(os.path.join(cfg.out_dir, f"codes_part{r}.pt"), weights_only=True)
+                 for r in range(ctx.world_size)]
+        ctx.barrier()
+        os.remove(tmp)
+    V = 2 if cfg.flip else 1
+    D = (cfg.img_size // vq.f) ** 2
+    out, lab = torch.zeros(len(ds), V, D, dtype=torch.int), torch.zeros(len(ds), dtype=torch.long)
+    for r, p in enumerate(parts):
+        if p is not None:
+            out[r::ctx.world_size], lab[r::ctx.world_size] = p
+    return out.flatten(0, 1), lab.repeat_interleave(V)
+
+
+def train_vqvae(cfg: Config, ctx: Ctx, ds) -> VQModel:
+    """The small VQ-VAE for your own images (MSE + VQ losses, no GAN / LPIPS): images are
+    held in memory at img_size; out_dir/vqvae.pt, resumable like every training stage."""
+    images, labels = load_images(ds, ctx, workers=cfg.num_workers)
+    ctx.log(f"vqvae: {len(images)} images {tuple(images.shape[1:])}, K = {cfg.vq_codes}")
+    torch.manual_seed(cfg.seed)
+    vq = build_vq(cfg).to(ctx.device)
+    data = Batches((images, labels), cfg, ctx, per_rank(ctx, cfg.batch_size))
+
+    def loss_fn(model, batch, g):
+        x = batch[0].float() / 127.5 - 1                                        # (B, 3, R, R)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g, device=x.device) < 0.5,
+                        x.flip(-1), x)
+        loss, codes = model(x)
+        used = torch.zeros(cfg.vq_codes, device=x.device).index_fill_(0, codes.flatten(), 1)
+        return loss, {"codes_used": used.sum().expand(len(x))}
+
+    fit(cfg, ctx, "vqvae", vq, loss_fn, data, cfg.vqvae_iters, cfg.vqvae_lr, warmup=0,
+        betas=(0.5, 0.9))
+    return vq
+
+
+# -----------------------------------------------------------------------------
+# Model: MaskGIT-pytorch's bidirectional transformer (SPEC §A.4, §B.2) + the lambda path
+
+NEG = -1e6                                 # logit of an impossible state
+
+
+def sinusoid(v: torch.Tensor, dim: int = 128) -> torch.Tensor:
+    """Timestep embedding of 1000 v, half sin, half cos (SPEC §B.2): (N, k) -> (N, k dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=v.device) / (half - 1))
+    ang = 1000 * v.float()[..., None] * freqs                                   # (N, k, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], -1).flatten(1)
+
+
+class Block(nn.Module):
+    """Pre-LN block: h + MHA(LN(h)), then h + MLP(LN(h)); dropout on attention weights and MLP."""
+
+    def __init__(self, E: int, H: int, mlp: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(E), nn.LayerNorm(E)
+        self.attn = nn.MultiheadAttention(E, H, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(E, mlp), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp, E), nn.Dropout(dropout))
+
+    def forward(self, h):
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        return h + self.mlp(self.ln2(h))
+
+
+class MaskTransformer(nn.Module):
+    """denoiser(x_t (N, D) long, y (N,) long, lam (N, k) | None) -> logits (N, D, S), S = K + 1.
+
+    MaskGIT-pytorch's network (SPEC §B.2): D image tokens + 1 class token (index n_classes =
+    "dropped", for CFG) embedded in one table of K + 1 + n_classes + 1 rows, learned positions,
+    an input MLP, pre-LN blocks, an output MLP, logits tied to the embedding plus a bias. No
+    time input: the mask pattern tells the network where it is.
+    Two output rules (SPEC §G.11, where we differ from MaskGIT-pytorch): [MASK] is never
+    predicted, and revealed tokens are copied (log-prob 0), so revealed positions add exactly
+    zero to every Di4C term; the sampler never changes them either way.
+    Student (lam_dim > 0): sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU -> Linear(512, E)
+    is added to every token's input embedding. Its last layer starts at zero, so at init the
+    student is the teacher exactly, for every lambda (SPEC §G.21). The official code appends
+    lambda as an extra token instead; a token changes every attention normaliser even with a
+    zero embedding, so it cannot start equal to the teacher.
+    """
+
+    def __init__(self, K: int, D: int, n_classes: int, n_layer: int, E: int, H: int, mlp: int,
+                 dropout: float, lam_dim: int = 0):
+        super().__init__()
+        self.K, self.D, self.n_classes, self.lam_dim = K, D, n_classes, lam_dim
+        V = K + 1 + n_classes + 1
+        self.embed = nn.Embedding(V, E)
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, D + 1, E), 0.0, 0.02))
+        self.first = nn.Sequential(nn.LayerNorm(E, eps=1e-12), nn.Dropout(dropout),
+                                   nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12),
+                                   nn.Dropout(dropout), nn.Linear(E, E))
+        self.blocks = nn.ModuleList(Block(E, H, mlp, dropout) for _ in range(n_layer))
+        self.last = nn.Sequential(nn.LayerNorm(E, eps=1e-12), nn.Dropout(dropout),
+                                  nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12))
+        self.out_bias = nn.Parameter(torch.zeros(D + 1, V))
+        if lam_dim:
+            self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+                                         nn.Linear(512, E))
+            nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
+
+    def forward(self, x_t, y, lam=None):
+        N, D = x_t.shape
+        tokens = torch.cat([x_t, y[:, None] + self.K + 1], 1)                   # (N, D + 1)
+        h = self.embed(tokens) + self.pos                                       # (N, D + 1, E)
+        if self.lam_dim:
+            h = h + self.lam_mlp(sinusoid(lam))[:, None]
+        h = self.first(h)
+        for block in self.blocks:
+            h = block(h)
+        h = self.last(h)[:, :D]                                                 # (N, D, E)
+        logits = (h @ self.embed.weight[:self.K + 1].T).float() + self.out_bias[:D, :self.K + 1]
+        logits[..., self.K] = NEG                                               # never [MASK]
+        revealed = (x_t != self.K)[..., None]                                   # (N, D, 1)
+        copy = torch.full_like(logits, NEG).scatter_(-1, x_t[..., None].clamp_max(self.K), 0.0)
+        return torch.where(revealed, copy, logits)                              # (N, D, S)
+
+
+def build_model(cfg: Config, meta: dict, lam_dim: int = 0) -> MaskTransformer:
+    return MaskTransformer(meta["K"], meta["grid"] ** 2, meta["n_classes"], cfg.n_layer,
+                           cfg.n_embd, cfg.n_head, cfg.mlp_dim, cfg.dropout, lam_dim)
+
+
+def maskgit_to_ours(sd: dict) -> dict:
+    """MaskGIT-pytorch's MaskTransformer state dict -> ours (pure renaming; "module." stripped).
+
+    tok_emb -> embed, pos_emb -> pos, first_layer.i -> first.i, last_layer.i -> last.i,
+    bias -> out_bias, transformer.layers.l.0.norm -> blocks.l.ln1, .0.fn.mha.* -> .attn.*,
+    .1.norm -> .ln2, .1.fn.net.i -> .mlp.i. Unknown keys keep their names (a strict load then
+    names them, e.g. the official Di4C student's latent_projection.*).
+    """
+    top = {"tok_emb.weight": "embed.weight", "pos_emb": "pos", "bias": "out_bias"}
+    out = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        p = k.split(".")
+        if k in top:
+            out[top[k]] = v
+        elif p[0] in ("first_layer", "last_layer"):
+            out[".".join([p[0].split("_")[0]] + p[1:])] = v
+        elif p[:2] == ["transformer", "layers"] and len(p) >= 6:
+            sub = {("0", "norm"): "ln1", ("1", "norm"): "ln2"}.get((p[3], p[4]))
+            if sub:
+                out[".".join(["blocks", p[2], sub] + p[5:])] = v
+            elif p[3:6] == ["0", "fn", "mha"]:
+                out[".".join(["blocks", p[2], "attn"] + p[6:])] = v
+            elif p[3:6] == ["1", "fn", "net"]:
+                out[".".join(["blocks", p[2], "mlp"] + p[6:])] = v
+            else:
+                out[k] = v
+        else:
+            out[k] = v
+    return out
+
+
+def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True) -> tuple:
+    """Frozen network -> (model in eval mode, lam_dim): a checkpoint of this script (EMA
+    weights if it has them) or MaskGIT-pytorch's transformer (`model_state_dict`, strict)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found: run the stage that writes it "
+                         "first (same --out_dir), or pass --teacher_ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path!r} as a checkpoint ({e})") from None
+    if isinstance(state, dict) and "model_state_dict" in state and "config" not in state:
+        sd, lam_dim = maskgit_to_ours(state["model_state_dict"]), 0
+    else:
+        state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
+        lam_dim = state["lam_dim"]
+        sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    net = build_model(cfg, meta, lam_dim)
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"error: {path!r} does not fit this transformer (K = {meta['K']}, "
+                         f"D = {meta['grid'] ** 2}, {meta['n_classes']} classes, "
+                         f"--n_layer/--n_embd/--n_head/--mlp_dim): missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, shape mismatches (checkpoint vs model) "
+                         f"{shapes[:8]}")
+    net.load_state_dict(sd)
+    return net.to(device).eval().requires_grad_(False), lam_dim
+
+
+# -----------------------------------------------------------------------------
+# MaskGIT schedule, confidence-based reveal, sampler (SPEC §A.4, §D.2)
+
+
+def gamma(r: torch.Tensor) -> torch.Tensor:
+    """Mask ratio at progress r in [0, 1]: arccos(r) / (pi / 2) (1 = all masked)."""
+    return torch.arccos(r.clamp(0, 1)) / (math.pi / 2)
+
+
+def mask_rate(t: torch.Tensor) -> torch.Tensor:
+    """The same schedule in diffusion time t = 1 - r: m(t) = arccos(1 - t) / (pi / 2)."""
+    return gamma(1 - t)
+
+
+def reveal_counts(K_steps: int, D: int) -> list:
+    """Tokens revealed at each of K steps (SPEC §A.4): n_k = round(D gamma(k / K)), count_k =
+    n_k - n_{k+1}, zeros raised to 1, the last count absorbs the remainder (sum = D)."""
+    n = (gamma(torch.linspace(0, 1, K_steps + 1, dtype=torch.float64)) * D).round().long()
+    counts = n[:-1] - n[1:]
+    counts[counts == 0] = 1
+    counts[-1] += D - counts.sum()
+    if K_steps < 1 or counts[-1] < 1:
+        raise SystemExit(f"error: {K_steps} steps cannot reveal {D} tokens with MaskGIT's schedule")
+    return counts.tolist()
+
+
+def confidence_reveal(x: torch.Tensor, log_p: torch.Tensor, n: torch.Tensor,
+                      noise: torch.Tensor, mask_id: int, generator=None) -> torch.Tensor:
+    """One MaskGIT step: sample every token, reveal the n most confident masked ones.
+
+    x_hat^d ~ p^d (float64 Gumbel-max), confidence c^d = log p^d(x_hat^d) + noise * Gumbel,
+    c^d = -inf where x^d is revealed; exactly min(n, #masked) tokens are revealed (ties broken
+    by position, where MaskGIT-pytorch's `>= threshold` may reveal more, SPEC §G.13) and
+    revealed tokens never change.
+    Args: x (N, D) long; log_p (N, D, S) log-probs; n (N,) long; noise (N,) >= 0.
+    Returns x (N, D) long.
+    """
+    N, D = x.shape
+    x_hat = core.sample_categorical(log_p, generator)                          # (N, D)
+    conf = log_p.gather(-1, x_hat[..., None])[..., 0].double()                  # (N, D)
+    u = torch.rand(N, D, generator=generator, dtype=torch.float64, device=x.device)
+    conf = conf + noise.double()[:, None] * -torch.log(-torch.log(u.clamp_min(1e-300)))
+    masked = x == mask_id
+    conf = conf.masked_fill(~masked, -math.inf)
+    order = conf.sort(dim=1, descending=True, stable=True).indices               # (N, D)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(D, device=x.device).expand(N, D))
+    reveal = masked & (rank < n[:, None])
+    return torch.where(reveal, x_hat, x)
+
+
+def teacher_noise(r: torch.Tensor, K_T: int) -> torch.Tensor:
+    """Gumbel ramp of the training-time teacher step: 1 - r K_T / (K_T - 1), mimicking step
+    r K_T of a K_T-step sampler, clamped at 0 (MaskGIT's ramp turns negative for r > 1 - 1/K_T,
+    flipping the noise's sign; SPEC §G.12)."""
+    return (1 - r * K_T / (K_T - 1)).clamp_min(0)
+
+
+def make_teacher_step(cfg: Config, D: int, mask_id: int):
+    """teacher_step for core.di4c_loss: ONE MaskGIT confidence step r -> r' = r + delta on
+    x_t (SPEC §C.4 step 3), reusing the teacher's log-probs at x_t (no CFG in training).
+
+    Reveal n = floor((1 - gamma(r')) D - #revealed), clamped to [0, #masked]; tokens from
+    softmax(sm_temp logits); Gumbel scale r_temp * teacher_noise(r). t = 1 - r, u = 1 - r'.
+    """
+    @torch.no_grad()
+    def teacher_step(x_t, t, u, log_p, generator=None):
+        r, r_next = 1 - t.double(), 1 - u.double()                               # (B L,)
+        masked = (x_t == mask_id).sum(1)                                        # (B L,)
+        n = ((1 - gamma(r_next)) * D - (D - masked)).floor().long()
+        n = torch.minimum(n.clamp_min(0), masked)
+        noise = cfg.r_temp * teacher_noise(r, cfg.teacher_steps)
+        return confidence_reveal(x_t, core.log_probs(cfg.sm_temp * log_p), n, noise, mask_id,
+                                 generator)
+    return teacher_step
+
+
+@torch.no_grad()
+def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int, w: float,
+                   generator=None, uncond=None) -> torch.Tensor:
+    """MaskGIT's confidence sampler with classifier-free guidance (SPEC §A.4, §D.2).
+
+    Start all [MASK]; at step k (ratio k / (K - 1)): a fresh lambda per image for a student
+    (shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
+    uncond = the same net with the class dropped, or `uncond` (the teacher, --lfg); tokens
+    from softmax(sm_temp logits), Gumbel scale r_temp (1 - ratio), reveal_counts[k] revealed.
+    Args: y (N,) class ids. Returns x_0 (N, D) long, no [MASK] left.
+    """
+    D, K = net.D, net.K
+    N, dev = y.shape[0], y.device
+    x = torch.full((N, D), K, dtype=torch.long, device=dev)
+    dropped = torch.full_like(y, net.n_classes)
+    for k, n_k in enumerate(reveal_counts(n_steps, D)):
+        ratio = k / max(n_steps - 1, 1)
+        lam = core.draw_lambda(N, lam_dim, generator, dev) if lam_dim else None
+        logits = net(x, y, lam).float()                                         # (N, D, S)
+        if w * ratio > 0:
+            u_logits = (uncond(x, dropped, None) if uncond is not None
+                        else net(x, dropped, lam)).float()
+            logits = (1 + w * ratio) * logits - w * ratio * u_logits
+        n = torch.full((N,), n_k, device=dev)
+        noise = torch.full((N,), cfg.r_temp * (1 - ratio), device=dev)
+        x = confidence_reveal(x, core.log_probs(cfg.sm_temp * logits), n, noise, K, generator)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Training loop shared by the VQ-VAE, teacher, Di4C student and control
+
+
+def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches, iters: int,
+        lr: float, *, warmup: int = 0, ema_decay: float = 0.0, seconds: float = 0.0,
+        betas: tuple = (0.9, 0.96)) -> dict:
+    """AdamW (MaskGIT's betas (0.9, 0.96), weight decay), linear warm-up then constant LR,
+    grad clip 1, DDP when world_size > 1, optional EMA with decay min(ema_decay, (1 + n) /
+    (10 + n)) after n updates (tauLDR's warm-up); atomic checkpoint out_dir/<name>.pt
+    every ckpt_every steps and at the end; --resume continues it exactly (per-step seeded
+    RNG, step_rng; data order from `Batches`). seconds > 0 stops at that training wall time
+    instead of at `iters` (the control). loss_fn(model, batch, g) -> (loss (B,), terms).
+    """
+    path = ckpt_path(cfg, name)
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
+    step, wall = 0, 0.0
+    if cfg.resume and os.path.exists(path):
+        state = load_checkpoint(path, asdict(cfg), RESUME_KEYS)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, wall = state["step"], state["wall"]
+        ctx.log(f"{name}: resumed from {path} at step {step}")
+    model = DDP(raw) if ctx.world_size > 1 else raw
+    raw.train()
+    while True:
+        over = torch.tensor(float(wall >= seconds if seconds else step >= iters))
+        done = bool(all_reduce_mean(over, ctx.world_size) > 0)
+        if ctx.rank == 0 and (done or step % cfg.ckpt_every == 0 and step > 0):
+            save_checkpoint(path, dict(model=raw.state_dict(), optimizer=opt.state_dict(),
+                                       ema=ema.state_dict() if ema else None, step=step,
+                                       wall=wall, config=asdict(cfg), kind=name,
+                                       lam_dim=getattr(raw, "lam_dim", 0)))
+        if done:
+            break
+        t0 = time.perf_counter()
+        g = step_rng(cfg, ctx, name, step)
+        batch = data.batch(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        with ctx.autocast():
+            loss, terms = loss_fn(model, batch, g)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        if ema is not None:            # warm-up: early EMAs must not keep the random init
+            update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+        step, wall = step + 1, wall + time.perf_counter() - t0
+        if step % cfg.log_every == 0 or step == iters:
+            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
+            vals = all_reduce_mean(torch.stack(list(logged.values())), ctx.world_size).tolist()
+            ctx.log(f"{name} step {step:06d} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in zip(logged, vals))
+                + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+    ctx.barrier()
+    return {"ema": ema, "step": step, "wall": wall}
+
+
+def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
+    """MaskGIT's objective: r ~ U(0, 1) per image (t = 1 - r), mask each token with probability
+    gamma(r), cross-entropy on the masked tokens (label smoothing over the K codes), labels
+    dropped with probability label_drop. Per-image losses average to the batch's mean
+    masked-token CE. (MaskGIT-pytorch also scores revealed tokens; the original MaskGIT and
+    this script do not: our network copies them, SPEC §G.11.)"""
+    K = process.mask_id
+
+    def loss_fn(model, batch, g):
+        x0, y = batch                                                           # (B, D), (B,)
+        B, dev = x0.shape[0], x0.device
+        y = torch.where(torch.rand(B, generator=g, device=dev) < cfg.label_drop, n_classes, y)
+        x_t = process.add_noise(x0, torch.rand(B, generator=g, device=dev), g)  # (B, D)
+        logits = model(x_t, y, None)                                            # (B, D, S)
+        masked = x_t == K
+        ce = torch.zeros(x0.shape, device=dev)
+        ce[masked] = F.cross_entropy(logits[masked][:, :K].float(), x0[masked],
+                                     label_smoothing=cfg.label_smoothing, reduction="none")
+        loss = ce.sum(1) * B / masked.sum().clamp_min(1)                         # (B,)
+        acc = (logits[masked].argmax(-1) == x0[masked]).float().mean() if masked.any() else ce.sum()
+        return loss, {"acc": acc.detach().expand(B)}
+    return loss_fn
+
+
+def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
+              process: core.MaskedProcess, n_classes: int):
+    """The SPEC §C.4 Di4C step on core.di4c_loss, in diffusion time t = 1 - r.
+
+    r ~ U(0, 1), x_t masked with gamma(r), labels dropped w.p. label_drop (shared by every
+    call); teacher_step = one teacher confidence step r -> r + delta; L lambdas; alpha =
+    alpha_const sigmoid(20 (t - 1/2)) ("di4c-d", zero with --data_term false); distillation
+    reuses x_t with weight 1[r >= 1 - delta] / delta, consistency weight 1[r < 1 - delta].
+    The class label is not a core argument: every core call passes rows grouped per x_t
+    (repeat_batch), so `cond` repeats the B labels to the call's row count.
+    """
+    D = student.D
+    teacher_step = make_teacher_step(cfg, D, process.mask_id)
+
+    def loss_fn(model, batch, g):
+        x0, y = batch                                                           # (B, D), (B,)
+        B, dev = x0.shape[0], x0.device
+        y = torch.where(torch.rand(B, generator=g, device=dev) < cfg.label_drop, n_classes, y)
+        t = torch.rand(B, generator=g, device=dev)                              # t = 1 - r
+        u = (t - cfg.r_delta).clamp_min(0)
+        x_t = process.add_noise(x0, t, g)                                       # (B, D)
+
+        def cond(x):
+            return y.repeat_interleave(x.shape[0] // B)
+
+        @torch.no_grad()
+        def teacher_marginal(x, t_, g_=None):
+            return core.log_probs(teacher(x, cond(x)))
+
+        def target(x, t_, lam):        # the current student, eval mode, no grad (SPEC §G.3-4)
+            student.eval()
+            out = student(x, cond(x), lam)
+            student.train()
+            return out
+
+        alpha = (core.alpha_t(t, "sigmoid", cfg.alpha_const) if cfg.data_term
+                 else torch.zeros_like(t))
+        return core.di4c_loss(lambda x, t_, lam: model(x, cond(x), lam), x0, x_t, t, u,
+                              teacher_marginal=teacher_marginal, teacher_step=teacher_step,
+                              L=cfg.L, lam_dim=1, student_target=target, alpha=alpha,
+                              distil_weight=(t <= cfg.r_delta).float() / cfg.r_delta,
+                              consis_weight=(t > cfg.r_delta).float(), generator=g)
+    return loss_fn
+
+
+# -----------------------------------------------------------------------------
+# Stages: teacher (MaskGIT), distill (Di4C + control), sample, eval
+
+
+def make_process(meta: dict) -> core.MaskedProcess:
+    return core.MaskedProcess(meta["K"] + 1, mask_rate, mask_id=meta["K"])
+
+
+def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
+    """Train the MaskGIT teacher from scratch (skipped when --teacher_ckpt is given)."""
+    if cfg.teacher_ckpt:
+        ctx.log(f"teacher: using --teacher_ckpt {cfg.teacher_ckpt}, nothing to train")
+        return
+    torch.manual_seed(cfg.seed)
+    raw = build_model(cfg, meta).to(ctx.device)
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.batch_size))
+    ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
+            f"D = {raw.D}, K = {raw.K}, {meta['n_classes']} classes, {len(meta['codes'])} items")
+    out = fit(cfg, ctx, "teacher", raw, maskgit_loss(cfg, make_process(meta), meta["n_classes"]),
+              data, cfg.teacher_iters, cfg.teacher_lr, warmup=cfg.warmup,
+              ema_decay=cfg.teacher_ema)
+    update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
+
+
+def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
+    """Di4C (SPEC §C.4) from the teacher, then the control: the teacher fine-tuned with its own
+    MaskGIT loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
+    t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
+    teacher, lam_T = load_model(cfg, meta, t_path, ctx.device)
+    if lam_T:
+        raise SystemExit(f"error: {t_path!r} is a Di4C student; the teacher must be a "
+                         "product model")
+    init = teacher.state_dict()
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg, meta, lam_dim=1).to(ctx.device)
+    missing, unexpected = student.load_state_dict(init, strict=False)
+    if unexpected or any(not k.startswith("lam_mlp.") for k in missing):
+        raise SystemExit(f"error: {t_path} does not fit the student ({missing}, {unexpected})")
+    process = make_process(meta)
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.distil_batch))
+    ctx.log(f"distill: teacher {t_path}, {data.per_rank} x L = {cfg.L} rows per rank, "
+            f"{'di4c-d' if cfg.data_term else 'di4c'}")
+    out = fit(cfg, ctx, "student", student,
+              di4c_loss(cfg, teacher, student, process, meta["n_classes"]), data,
+              cfg.distil_iters, cfg.lr, ema_decay=cfg.student_ema)
+    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
+    if not cfg.control:
+        return
+    control = build_model(cfg, meta).to(ctx.device)
+    control.load_state_dict(init)
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.batch_size))
+    cout = fit(cfg, ctx, "control", control, maskgit_loss(cfg, process, meta["n_classes"]), data,
+               0, cfg.lr, ema_decay=cfg.student_ema, seconds=out["wall"])
+    update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
+
+
+def sample_runs(cfg: Config) -> list:
+    """(label, checkpoint, steps, w) of every sample set; CFG off and on for each."""
+    nets = [("teacher", cfg.steps), ("student", cfg.student_steps), ("control", cfg.student_steps)]
+    return [(f"{name}@{N}_w{w:g}", name, N, w) for name, steps in nets for N in steps
+            for w in dict.fromkeys((0.0, cfg.cfg_w))]
+
+
+def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
+    """{name: (frozen net, lam_dim)} for the checkpoints that exist."""
+    paths = {"teacher": cfg.teacher_ckpt or ckpt_path(cfg, "teacher"),
+             "student": ckpt_path(cfg, "student"), "control": ckpt_path(cfg, "control")}
+    nets = {}
+    for name, path in paths.items():
+        if os.path.exists(path):
+            nets[name] = load_model(cfg, meta, path, ctx.device)
+        else:
+            ctx.log(f"no {path}, skipping the {name}")
+    if "teacher" not in nets:
+        raise SystemExit(f"error: {paths['teacher']!r} not found: run --stage teacher first")
+    return nets
+
+
+def generate(cfg: Config, ctx: Ctx, net, lam_dim: int, y: torch.Tensor, n_steps: int, w: float,
+             uncond=None) -> torch.Tensor:
+    """Sample the rows y of a class list, split over ranks (row i on rank i mod W), gathered.
+    The seed depends on (steps, w, rank), not on the model: common random numbers."""
+    seed = cfg.seed * 1_000_003 + 10_007 * n_steps + round(1000 * w) + 7919 * ctx.rank
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    mine, out = y[ctx.rank::ctx.world_size], []
+    for i in range(0, len(mine), cfg.sample_batch):
+        with ctx.autocast():
+            y_i = mine[i:i + cfg.sample_batch].to(ctx.device)
+            out.append(maskgit_sample(cfg, net, lam_dim, y_i, n_steps, w, g, uncond).cpu())
+    parts = [torch.cat(out) if out else torch.zeros(0, net.D, dtype=torch.long)]
+    if ctx.world_size > 1:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, torch.cat(out) if out else torch.zeros(0, net.D).long())
+    x0 = torch.empty(len(y), net.D, dtype=torch.long)
+    for r, part in enumerate(parts):
+        x0[r::ctx.world_size] = part
+    return x0
+
+
+def save_grids(cfg: Config, tokens: Tokens, label: str, codes, y, classes: list):
+    """samples/<label>.png (a row per class) and samples/<label>/class_<c>.png."""
+    from torchvision.utils import save_image
+    folder = os.path.join(cfg.out_dir, "samples", label)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for c in range(min(cfg.grid_classes, len(classes))):
+        imgs = tokens.to_images(codes[y == c][:16])
+        save_image(imgs, os.path.join(folder, f"class_{c:04d}.png"), nrow=8, padding=1)
+        rows.append(imgs[:8])
+    save_image(torch.cat(rows), os.path.join(cfg.out_dir, "samples", f"{label}.png"),
+               nrow=max(len(r) for r in rows), padding=1)
+
+
+def stage_sample(cfg: Config, ctx: Ctx, meta: dict):
+    """Class-conditional samples (n_per_class per class) of teacher, student and control at
+    their step counts, with and without CFG -> out_dir/samples/<label>.pt and PNG grids."""
+    nets = load_nets(cfg, ctx, meta)
+    tokens = load_tokens(cfg, ctx, meta) if ctx.rank == 0 else None
+    y = torch.arange(meta["n_classes"]).repeat_interleave(cfg.n_per_class)    # (N,)
+    os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+    uncond = nets["teacher"][0] if cfg.lfg else None
+    for label, name, N, w in sample_runs(cfg):
+        if name not in nets:
+            continue
+        net, lam_dim = nets[name]
+        t0 = time.time()
+        codes = generate(cfg, ctx, net, lam_dim, y, N, w, uncond if name != "teacher" else None)
+        if ctx.rank == 0:
+            torch.save({"codes": codes, "labels": y, "steps": N, "w": w, "model": name},
+                       os.path.join(cfg.out_dir, "samples", f"{label}.pt"))
+            save_grids(cfg, tokens, label, codes, y, meta["classes"])
+        ctx.log(f"sample: {label}: {len(codes)} images in {time.time() - t0:.1f} s")
+    ctx.barrier()
+
+
+@torch.no_grad()
+def latency(cfg: Config, ctx: Ctx, net, lam_dim: int, n_steps: int, n_classes: int) -> list:
+    """Seconds per sampler call on one batch of sample_batch images, w = 0, after one warm-up
+    call (SPEC §D.4); token decoding excluded."""
+    y = torch.arange(cfg.sample_batch, device=ctx.device) % n_classes
+    g = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    out = []
+    for _ in range(cfg.latency_runs + 1):
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx.autocast():
+            maskgit_sample(cfg, net, lam_dim, y, n_steps, 0.0, g)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def score_samples(cfg: Config, ctx: Ctx, meta: dict, files: list) -> dict:
+    """digits: Fréchet distance of the digit classifier's features against all 1797 real
+    digits, and the accuracy of that classifier on the conditioning labels (eval/digits.py).
+    VQ tokens: FID and IS at img_size (eval/inception.py, torch-fidelity) against the
+    reference images, after MaskGIT-pytorch's per-image min-max rescaling to uint8."""
+    res = {}
+    if cfg.tokenizer == "pixels":
+        from eval import digits
+        clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
+        real, _ = digits.load_digits_uint()
+        for path in files:
+            s = torch.load(path, weights_only=True)
+            imgs = s["codes"].view(-1, 8, 8)
+            res[os.path.basename(path)[:-3]] = dict(
+                frechet=digits.digits_frechet(clf, imgs, real),
+                class_acc=digits.class_accuracy(clf, imgs, s["labels"]), steps=s["steps"], w=s["w"])
+        return res
+    from PIL import Image
+    from eval import inception
+    tokens, ref = load_tokens(cfg, ctx, meta), fid_reference(cfg)
+    for path in files:
+        s, folder = torch.load(path, weights_only=True), path[:-3] + "_png"
+        os.makedirs(folder, exist_ok=True)
+        for i in range(0, len(s["codes"]), 256):                               # bounded memory
+            imgs = tokens.to_images(s["codes"][i:i + 256])                      # (n, 3, R, R)
+            lo, hi = imgs.amin((1, 2, 3), keepdim=True), imgs.amax((1, 2, 3), keepdim=True)
+            imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
+            for j, img in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
+                Image.fromarray(img).save(os.path.join(folder, f"{i + j:06d}.png"))
+        res[os.path.basename(path)[:-3]] = {**inception.fid_is(folder, reference=ref),
+                                            "steps": s["steps"], "w": s["w"]}
+    return res
+
+
+def fid_reference(cfg: Config) -> str:
+    """FID reference images: the validation split (imagenet) or the folder itself, resized
+    and centre-cropped to img_size, written once as PNGs to out_dir/fid_ref."""
+    from PIL import Image
+    folder = os.path.join(cfg.out_dir, "fid_ref")
+    if not os.path.isdir(folder):
+        ds = image_folder(cfg, "val")
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        for i in range(len(ds)):
+            img = ds[i][0][:3].permute(1, 2, 0).numpy()
+            Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
+def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
+    """Score every sample set (rank 0), then time the sampler: student vs teacher at equal
+    steps. Writes metrics.json["eval"], ["latency"] and prints the table."""
+    files = sorted(glob.glob(os.path.join(cfg.out_dir, "samples", "*.pt")))
+    if not files:
+        raise SystemExit(f"error: no samples in {cfg.out_dir}/samples: run --stage sample first")
+    if ctx.rank == 0:
+        res = score_samples(cfg, ctx, meta, files)
+        nets, lat = load_nets(cfg, ctx, meta), {}
+        for N in cfg.student_steps if "student" in nets else ():
+            t_s, s_s = (latency(cfg, ctx, *nets[k], N, meta["n_classes"])
+                        for k in ("teacher", "student"))
+            mean = lambda v: sum(v) / len(v)
+            lat[str(N)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),
+                               overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))
+        update_metrics(cfg, ctx, {"eval": res, "latency": lat})
+        print_table(res, lat)
+    ctx.barrier()
+
+
+def print_table(res: dict, lat: dict):
+    """The eval table and a RESULT line (student vs teacher at the student's step count)."""
+    key = "frechet" if "frechet" in next(iter(res.values())) else "fid"
+    second = "class_acc" if key == "frechet" else "is_mean"
+    print(f"\n{'samples':<20}{key:>10}{second:>11}")
+    for label in sorted(res, key=lambda k: (k.split("@")[0], res[k]["w"], res[k]["steps"])):
+        print(f"{label:<20}{res[label][key]:>10.3f}{res[label][second]:>11.3f}")
+    for N, v in lat.items():
+        print(f"latency @{N} steps: teacher {v['teacher_s']:.4f} s, student {v['student_s']:.4f} s "
+              f"({v['overhead_pct']:+.1f}%)")
+    for label in sorted(res):
+        if label.startswith("student@") and label.replace("student", "teacher") in res:
+            s, t = res[label], res[label.replace("student", "teacher")]
+            print(f"RESULT {label} {key}={s[key]:.3f} teacher {key}={t[key]:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def check(cfg: Config):
+    """Reject bad values before any work, with the flag to fix."""
+    choices = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
+               "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
+    for field, allowed in choices.items():
+        if getattr(cfg, field) not in allowed:
+            raise SystemExit(f"error: --{field} must be one of {allowed}, got "
+                             f"{getattr(cfg, field)!r}")
+    if min(cfg.steps + cfg.student_steps) < 1 or cfg.n_per_class < 1 or cfg.L < 1:
+        raise SystemExit("error: --steps, --student_steps, --n_per_class and --L must be >= 1")
+    if not 0 < cfg.r_delta < 1 or cfg.teacher_steps < 2:
+        raise SystemExit("error: need 0 < --r_delta < 1 and --teacher_steps >= 2")
+    if cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+
+
+def main(cfg: Config):
+    check(cfg)
+    rank, _, world_size, device = setup_dist(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
+    ctx.log(f"imagenet_masked.py | torch {torch.__version__} | python "
+            f"{platform.python_version()} | device {device} | world size {world_size}")
+    ctx.log("config " + json.dumps(asdict(cfg)))
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    run = {"teacher": stage_teacher, "distill": stage_distill, "sample": stage_sample,
+           "eval": stage_eval}
+    walls, t_start = {}, time.time()
+    for name in stages:
+        t0 = time.time()
+        if name == "tokenize":
+            stage_tokenize(cfg, ctx)
+        else:
+            run[name](cfg, ctx, codes_meta(cfg))
+        walls[name] = time.time() - t0
+        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
+    walls["total"] = time.time() - t_start
+    update_metrics(cfg, ctx, {"wall_seconds": walls})
+    cleanup(world_size)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

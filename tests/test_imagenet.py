@@ -1,0 +1,396 @@
+"""imagenet_masked.py: MaskGIT schedule and confidence steps, student == teacher at init, smoke
+end to end, exact resume, 2-process torchrun, checkpoint formats (MaskGIT-pytorch transformer,
+taming VQGAN), ImageFolder + VQ-VAE tokenizer, clear errors. CPU, offline."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import imagenet_masked as m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke(tmp_path, name="run", **kw):
+    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / name), **kw)
+
+
+def tiny_net(lam_dim=0, dropout=0.1, K=17, D=64, C=10):
+    return m.MaskTransformer(K, D, C, n_layer=2, E=32, H=4, mlp=64, dropout=dropout,
+                             lam_dim=lam_dim)
+
+
+# -----------------------------------------------------------------------------
+# Schedule, confidence steps, sampler
+
+
+def test_reveal_counts_reproduce_the_spec_table():
+    assert m.reveal_counts(2, 256) == [85, 171]
+    assert m.reveal_counts(4, 256) == [41, 44, 53, 118]
+    assert m.reveal_counts(8, 256) == [20, 21, 22, 22, 25, 28, 36, 82]
+    for K in (1, 3, 12, 16, 32):
+        c = m.reveal_counts(K, 256)
+        assert len(c) == K and sum(c) == 256 and min(c) >= 1
+    assert sum(m.reveal_counts(16, 64)) == 64
+    with pytest.raises(SystemExit, match="cannot reveal"):
+        m.reveal_counts(64, 16)
+
+
+def test_confidence_step_reveals_exactly_n_and_never_remasks():
+    g = torch.Generator().manual_seed(0)
+    N, D, K = 6, 40, 9
+    x = torch.randint(0, K, (N, D), generator=g)
+    x[torch.rand(N, D, generator=g) < 0.6] = K                       # [MASK]
+    log_p = torch.log_softmax(torch.randn(N, D, K + 1, generator=g), -1)
+    log_p[..., K] = -1e6
+    log_p = torch.log_softmax(log_p, -1)
+    n = torch.tensor([0, 1, 5, 17, 100, 3])
+    for noise in (torch.zeros(N), torch.full((N,), 4.5)):
+        out = m.confidence_reveal(x, log_p, n, noise, K, g)
+        masked = x == K
+        assert torch.equal(out[~masked], x[~masked])                  # revealed tokens stay
+        newly = (masked & (out != K)).sum(1)
+        assert torch.equal(newly, torch.minimum(n, masked.sum(1)))    # exactly n, capped
+        assert (out[masked & (out != K)] < K).all()
+
+
+def test_teacher_step_reveal_count_and_clamped_gumbel_ramp():
+    cfg = m.make_config(m.Config, preset="smoke")
+    D, K = 64, 17
+    step = m.make_teacher_step(cfg, D, K)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, K, (8, D), generator=g)
+    t = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.05, 0.02])
+    x_t = m.make_process({"K": K}).add_noise(x0, t, g)
+    u = (t - cfg.r_delta).clamp_min(0)
+    logits = torch.randn(8, D, K + 1, generator=g)
+    logits[..., K] = -1e6                                            # never [MASK]
+    x_u = step(x_t, t, u, torch.log_softmax(logits, -1), g)
+    masked = (x_t == K).sum(1)
+    want = ((1 - m.gamma(1 - u.double())) * D - (D - masked)).floor().long()
+    want = torch.minimum(want.clamp_min(0), masked)
+    assert torch.equal(masked - (x_u == K).sum(1), want)
+    assert torch.equal(x_u[x_t != K], x_t[x_t != K])
+    assert (x_u[t == 0.02] != K).all()                               # r' = 1 reveals everything
+    ramp = m.teacher_noise(torch.tensor([0.0, 0.5, 7 / 8, 0.95, 1.0]), 8)
+    assert ramp[0] == 1 and (ramp >= 0).all() and (ramp[2:] == 0).all()
+
+
+def test_sampler_follows_the_schedule_and_cfg_ramp():
+    net = tiny_net().eval()
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.D, self.K, self.n_classes = net.D, net.K, net.n_classes
+
+        def forward(self, x, y, lam):
+            seen.append(((x == net.K).sum(1).tolist(), y.tolist()))
+            return net(x, y, lam)
+
+    cfg = m.make_config(m.Config, preset="smoke")
+    y = torch.tensor([0, 3, 9])
+    x = m.maskgit_sample(cfg, Recorder(), 0, y, 4, 2.0, torch.Generator().manual_seed(0))
+    assert (x != net.K).all() and x.max() < net.K
+    counts = m.reveal_counts(4, 64)
+    cond = [s for s in seen if s[1] == [0, 3, 9]]
+    uncond = [s for s in seen if s[1] == [10, 10, 10]]
+    assert [c[0][0] for c in cond] == [64 - sum(counts[:k]) for k in range(4)]
+    assert len(uncond) == 3                                          # w_0 = 0: no uncond call
+
+
+# -----------------------------------------------------------------------------
+# Student == teacher at init, checkpoint formats
+
+
+def test_student_equals_teacher_at_init_for_every_lambda():
+    torch.manual_seed(0)
+    teacher = tiny_net().eval()
+    with torch.no_grad():
+        for p in teacher.parameters():                              # a non-trivial teacher
+            p.add_(0.1 * torch.randn_like(p))
+    student = tiny_net(lam_dim=1).eval()
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("lam_mlp.") for k in missing)
+    x = torch.randint(0, 17, (3, 64))
+    x[:, ::3] = 17
+    y = torch.tensor([0, 4, 10])                                     # 10 = dropped label
+    with torch.no_grad():
+        want = teacher(x, y)
+        for lam in (0.0, 0.37, 1.0):
+            assert torch.equal(student(x, y, torch.full((3, 1), lam)), want)
+        lp = torch.log_softmax(want, -1)
+        assert (lp[x != 17].max(-1).values == 0).all()               # revealed tokens copied
+        assert (lp[x == 17][:, 17] < -1e5).all()                     # never predict [MASK]
+        student.lam_mlp[-1].bias.add_(0.5)
+        assert not torch.allclose(student(x, y, torch.full((3, 1), 0.5)), want)
+
+
+def maskgit_keys(net):
+    """MaskGIT-pytorch's MaskTransformer state-dict names and shapes (Network/transformer.py)."""
+    V, E = net.embed.weight.shape
+    mlp = net.blocks[0].mlp[0].out_features
+    keys = {"tok_emb.weight": (V, E), "pos_emb": (1, net.D + 1, E), "bias": (net.D + 1, V)}
+    for i, shape in ((0, (E,)), (2, (E, E)), (4, (E,)), (6, (E, E))):
+        keys[f"first_layer.{i}.weight"], keys[f"first_layer.{i}.bias"] = shape, (E,)
+    for i, shape in ((0, (E,)), (2, (E, E)), (4, (E,))):
+        keys[f"last_layer.{i}.weight"], keys[f"last_layer.{i}.bias"] = shape, (E,)
+    for l in range(len(net.blocks)):
+        p = f"transformer.layers.{l}"
+        keys.update({f"{p}.0.norm.weight": (E,), f"{p}.0.norm.bias": (E,),
+                     f"{p}.0.fn.mha.in_proj_weight": (3 * E, E),
+                     f"{p}.0.fn.mha.in_proj_bias": (3 * E,),
+                     f"{p}.0.fn.mha.out_proj.weight": (E, E), f"{p}.0.fn.mha.out_proj.bias": (E,),
+                     f"{p}.1.norm.weight": (E,), f"{p}.1.norm.bias": (E,),
+                     f"{p}.1.fn.net.0.weight": (mlp, E), f"{p}.1.fn.net.0.bias": (mlp,),
+                     f"{p}.1.fn.net.3.weight": (E, mlp), f"{p}.1.fn.net.3.bias": (E,)})
+    return keys
+
+
+def test_maskgit_pytorch_transformer_checkpoint_loads_strictly(tmp_path):
+    cfg = m.make_config(m.Config, preset="smoke", n_layer=2, n_embd=32, n_head=4, mlp_dim=64)
+    meta = {"K": 17, "grid": 8, "n_classes": 10}
+    keys = maskgit_keys(m.build_model(cfg, meta))
+    torch.manual_seed(0)
+    sd = {f"module.{k}": torch.randn(s) for k, s in keys.items()}    # saved from DDP
+    assert set(m.maskgit_to_ours(sd)) == set(m.build_model(cfg, meta).state_dict())
+    path = tmp_path / "MaskGIT_ImageNet_256.pth"
+    torch.save({"iter": 1, "global_epoch": 0, "model_state_dict": sd,
+                "optimizer_state_dict": {}}, path)
+    net, lam_dim = m.load_model(cfg, meta, str(path), torch.device("cpu"))
+    assert lam_dim == 0
+    assert torch.equal(net.embed.weight, sd["module.tok_emb.weight"])
+    assert torch.equal(net.blocks[1].attn.in_proj_weight,
+                       sd["module.transformer.layers.1.0.fn.mha.in_proj_weight"])
+    assert torch.equal(net.blocks[0].mlp[3].bias, sd["module.transformer.layers.0.1.fn.net.3.bias"])
+    assert torch.equal(net.last[4].weight, sd["module.last_layer.4.weight"])
+    for bad, msg in ((dict(sd, **{"latent_projection.0.weight": torch.zeros(1)}), "unexpected"),
+                     ({k: v for k, v in sd.items() if not k.endswith("pos_emb")}, "missing"),
+                     (dict(sd, **{"module.bias": torch.zeros(3, 3)}), "shape")):
+        torch.save({"model_state_dict": bad}, path)
+        with pytest.raises(SystemExit, match=msg):
+            m.load_model(cfg, meta, str(path), torch.device("cpu"))
+
+
+def taming_keys(ch, ch_mult, n_res, attn_res, res, z, K):
+    """taming-transformers VQModel state-dict names and shapes (Encoder, Decoder, quantizer)."""
+    keys = {}
+
+    def conv(n, cin, cout, k):
+        keys[f"{n}.weight"], keys[f"{n}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(n, c):
+        keys[f"{n}.weight"], keys[f"{n}.bias"] = (c,), (c,)
+
+    def resnet(n, cin, cout):
+        norm(f"{n}.norm1", cin), conv(f"{n}.conv1", cin, cout, 3)
+        norm(f"{n}.norm2", cout), conv(f"{n}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{n}.nin_shortcut", cin, cout, 1)
+
+    def attn(n, c):
+        norm(f"{n}.norm", c)
+        for q in ("q", "k", "v", "proj_out"):
+            conv(f"{n}.{q}", c, c, 1)
+
+    def mid(n, c):
+        resnet(f"{n}.mid.block_1", c, c), attn(f"{n}.mid.attn_1", c)
+        resnet(f"{n}.mid.block_2", c, c)
+
+    conv("encoder.conv_in", 3, ch, 3)
+    in_mult, cur = (1,) + tuple(ch_mult), res
+    for i, mult in enumerate(ch_mult):
+        c = ch * in_mult[i]
+        for j in range(n_res):
+            resnet(f"encoder.down.{i}.block.{j}", c, ch * mult)
+            c = ch * mult
+            if cur in attn_res:
+                attn(f"encoder.down.{i}.attn.{j}", c)
+        if i != len(ch_mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", c, c, 3)
+            cur //= 2
+    mid("encoder", c), norm("encoder.norm_out", c), conv("encoder.conv_out", c, z, 3)
+    c, cur = ch * ch_mult[-1], res // 2 ** (len(ch_mult) - 1)
+    conv("decoder.conv_in", z, c, 3), mid("decoder", c)
+    for i in reversed(range(len(ch_mult))):
+        for j in range(n_res + 1):
+            resnet(f"decoder.up.{i}.block.{j}", c, ch * ch_mult[i])
+            c = ch * ch_mult[i]
+            if cur in attn_res:
+                attn(f"decoder.up.{i}.attn.{j}", c)
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", c, c, 3)
+            cur *= 2
+    norm("decoder.norm_out", c), conv("decoder.conv_out", c, 3, 3)
+    keys["quantize.embedding.weight"] = (K, z)
+    conv("quant_conv", z, z, 1), conv("post_quant_conv", z, z, 1)
+    return keys
+
+
+def test_vqgan_checkpoint_loads_strictly_and_codes_round_trip(tmp_path):
+    cfg = m.make_config(m.Config, preset="smoke", img_size=8, vq_ch=32, vq_ch_mult=(1, 2, 2),
+                        vq_res_blocks=1, vq_attn_res=(2,), vq_codes=16, vq_dim=8)
+    keys = taming_keys(32, (1, 2, 2), 1, (2,), 8, 8, 16)
+    assert set(keys) == set(m.build_vq(cfg).state_dict())
+    torch.manual_seed(0)
+    sd = {k: 0.1 * torch.randn(s) for k, s in keys.items()}
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(2)          # VQGAN-training only
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sd, "global_step": 3}, path)
+    vq = m.load_vqgan(cfg, str(path)).eval()
+    assert torch.equal(vq.quantize.embedding.weight, sd["quantize.embedding.weight"])
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    codes = vq.encode(x)
+    assert codes.shape == (2, 4) and codes.max() < 16
+    assert torch.equal(vq.encode(x), codes)
+    assert vq.decode(codes).shape == (2, 3, 8, 8)
+    for bad, msg in (({k: v for k, v in sd.items() if "conv_out" not in k}, "missing"),
+                     (dict(sd, **{"quantize.embedding.weight": torch.zeros(32, 8)}), "shape")):
+        torch.save({"state_dict": bad}, path)
+        with pytest.raises(SystemExit, match=msg):
+            m.load_vqgan(cfg, str(path))
+    with pytest.raises(SystemExit, match="not found"):
+        m.load_vqgan(cfg, str(tmp_path / "none.ckpt"))
+
+
+def test_paper_sizes_match_maskgit_pytorch():
+    """MaskGIT-pytorch's README: 174.161M transformer, 72.142M VQGAN parameters."""
+    cfg = m.make_config(m.Config)
+    with torch.device("meta"):
+        vit = m.build_model(cfg, {"K": 1024, "grid": 16, "n_classes": 1000})
+        vq = m.build_vq(cfg)
+    assert round(sum(p.numel() for p in vit.parameters()) / 1e6, 3) == 174.161
+    assert round(sum(p.numel() for p in vq.parameters()) / 1e6, 3) == 72.142
+    assert vq.f == 16 and cfg.L == 32 and cfg.r_delta == 0.05 and cfg.alpha_const == 0.1
+
+
+# -----------------------------------------------------------------------------
+# Data, stages, resume, torchrun, errors
+
+
+def make_folder(root, sizes=((20, 24), (24, 20), (30, 30))):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for j, (h, w) in enumerate(sizes):
+            img = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(img).save(root / cls / f"{j}.png")
+
+
+def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
+    make_folder(tmp_path / "imgs")
+    cfg = smoke(tmp_path, dataset="folder", data_dir=str(tmp_path / "imgs"), tokenizer="vqvae",
+                img_size=16, batch_size=4, stage="tokenize")
+    ds = m.image_folder(cfg, "train")
+    assert ds.classes == ["cat", "dog"] and ds[0][0].shape == (3, 16, 16)
+    m.main(cfg)
+    meta = m.codes_meta(cfg)
+    assert meta["codes"].shape == (12, 64) and meta["K"] == 16 and meta["grid"] == 8
+    assert meta["labels"].tolist() == [0] * 6 + [1] * 6 and meta["codes"].max() < 16
+    assert os.path.exists(os.path.join(cfg.out_dir, "vqvae.pt"))
+    m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher", "teacher_iters": 2}))
+    net, _ = m.load_model(cfg, meta, m.ckpt_path(cfg, "teacher"), torch.device("cpu"))
+    tokens = m.load_tokens(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir),
+                                      "float32"), meta)
+    x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
+    assert tokens.to_images(x).shape == (2, 3, 16, 16)
+    from eval import inception                                       # FID/IS without weights:
+    monkeypatch.setattr(inception, "fid_is", lambda samples, reference: {
+        "fid": float(len(os.listdir(samples))), "is_mean": float(len(os.listdir(reference))),
+        "is_std": 0.0})
+    for stage in ("sample", "eval"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2}))
+    ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
+    assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "steps": 4, "w": 1.0}
+
+
+def test_smoke_end_to_end(tmp_path):
+    cfg = smoke(tmp_path)
+    m.main(cfg)
+    metrics = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))
+    ev = metrics["eval"]
+    want = {"teacher@2_w0", "teacher@2_w1", "teacher@4_w0", "teacher@4_w1", "student@2_w0",
+            "student@2_w1", "control@2_w0", "control@2_w1"}
+    assert set(ev) == want
+    assert all(v["frechet"] > 0 and 0 <= v["class_acc"] <= 1 for v in ev.values())
+    assert "2" in metrics["latency"] and metrics["student"]["iters"] == 3
+    assert metrics["control"]["iters"] >= 1
+    assert os.path.exists(os.path.join(cfg.out_dir, "samples", "student@2_w1.png"))
+    assert os.path.exists(os.path.join(cfg.out_dir, "samples", "teacher@4_w0", "class_0001.png"))
+    s = torch.load(os.path.join(cfg.out_dir, "samples", "teacher@4_w0.pt"), weights_only=True)
+    assert s["codes"].shape == (20, 64) and s["codes"].max() <= 16
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    common = dict(control=False, ckpt_every=100, student_ema=0.9)
+    full = smoke(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
+    for stage in ("tokenize", "teacher", "distill"):
+        m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
+    cut = smoke(tmp_path, "cut", **common)
+    for stage, resume, iters in (("tokenize", False, {}),
+                                 ("teacher", False, dict(teacher_iters=2)),
+                                 ("teacher", True, dict(teacher_iters=4)),
+                                 ("distill", False, dict(distil_iters=1)),
+                                 ("distill", True, dict(distil_iters=3))):
+        m.main(m.make_config(m.Config, **{**asdict(cut), "stage": stage, "resume": resume,
+                                          **iters}))
+    for name in ("teacher", "student"):
+        a = torch.load(os.path.join(full.out_dir, f"{name}.pt"), weights_only=True)
+        b = torch.load(os.path.join(cut.out_dir, f"{name}.pt"), weights_only=True)
+        assert a["step"] == b["step"] > 0
+        for key in ("model", "ema") if name == "student" else ("model",):
+            for k in a[key]:
+                assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "imagenet_masked.py", "--preset", "smoke",
+                        "--out_dir", str(out), "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world size 2" in open(out / "log.txt").read()
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["eval"]["student@2_w1"]["frechet"] > 0
+    s = torch.load(out / "samples" / "teacher@2_w0.pt", weights_only=True)
+    assert s["codes"].shape == (20, 64) and (s["codes"] < 17).all()
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="preset"):
+        m.make_config(m.Config, preset="huge")
+    with pytest.raises(SystemExit, match="unknown"):
+        m.make_config(m.Config, stepz=3)
+    for field, value in (("stage", "train"), ("tokenizer", "bpe"), ("dataset", "cifar")):
+        with pytest.raises(SystemExit, match=f"--{field} must be"):
+            m.main(smoke(tmp_path, **{field: value}))
+    with pytest.raises(SystemExit, match="run --stage tokenize"):
+        m.main(smoke(tmp_path, "empty", stage="teacher"))
+    with pytest.raises(SystemExit, match="not a folder"):
+        m.main(smoke(tmp_path, dataset="folder", data_dir=str(tmp_path / "nope"),
+                     tokenizer="vqvae", stage="tokenize"))
+    with pytest.raises(SystemExit, match="--tokenizer pixels"):
+        m.main(smoke(tmp_path, dataset="folder", stage="tokenize"))
+    cfg = smoke(tmp_path, "ok", stage="tokenize")
+    m.main(cfg)
+    m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher"}))
+    with pytest.raises(SystemExit, match="another config"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "distill", "n_embd": 16}))
+    with pytest.raises(SystemExit, match="run --stage sample"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval"}))
+    for argv, msg in ((["--L", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
+                      (["--data_term", "maybe"], "true or false"),
+                      (["--ste", "2"], "unrecognized")):
+        r = subprocess.run([sys.executable, "imagenet_masked.py", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
