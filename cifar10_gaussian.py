@@ -481,10 +481,12 @@ def build_unet(cfg: Config, C: int, H: int, lam: bool) -> UNet:
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
     """Student = teacher weights + fresh lambda modules; any other missing/unexpected key is an error."""
     student = build_unet(cfg, teacher.C, teacher.H, lam=True).to(next(teacher.parameters()).device)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    extra = [k for k in missing if not (k.startswith("lemb_") or ".dense1." in k)]
+    own, init = student.state_dict(), teacher.state_dict()
+    unexpected = [k for k in init if k not in own]
+    extra = [k for k in own if k not in init and not (k.startswith("lemb_") or ".dense1." in k)]
     if extra or unexpected:
         raise SystemExit(f"error: teacher/student keys disagree: missing {extra}, unexpected {unexpected}")
+    student.load_state_dict({**own, **init})           # strict: only the lambda path stays fresh
     return student
 
 

@@ -1138,9 +1138,12 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     init = teacher.state_dict()
     torch.manual_seed(cfg.seed)
     student = build_model(cfg, meta, lam_dim=1).to(ctx.device)
-    missing, unexpected = student.load_state_dict(init, strict=False)
-    if unexpected or any(not k.startswith("lam_mlp.") for k in missing):
+    own = student.state_dict()
+    unexpected = [k for k in init if k not in own]
+    missing = [k for k in own if k not in init and not k.startswith("lam_mlp.")]
+    if unexpected or missing:
         raise SystemExit(f"error: {t_path} does not fit the student ({missing}, {unexpected})")
+    student.load_state_dict({**own, **init})           # strict: only the lambda path stays fresh
     process = make_process(meta)
     data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.distil_batch))
     ctx.log(f"distill: teacher {t_path}, {data.per_rank} x L = {cfg.L} rows per rank, "
