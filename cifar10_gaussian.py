@@ -97,11 +97,11 @@ PRESETS = {
     # 8x8 digits bundled with scikit-learn: S = 17, D = 64. time_base 0.3 puts full noise near t = 1
     # (the paper's 3 fully noises 17 levels by t ~ 0.3; see README "time scale").
     "demo": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
-                 ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=2000,
-                 teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=800,
-                 batch_size=8, L=16, lr=1e-4, lam_lr_mult=10.0, ema_decay=0.99, control=True,
+                 ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=1500,
+                 teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=400,
+                 batch_size=8, L=16, lr=2e-4, lam_lr_mult=10.0, ema_decay=0.99, control=True,
                  steps=(2, 4, 8, 16, 32), student_steps=(2, 4, 8), hybrid_teacher_steps=1,
-                 n_samples=2000, sample_batch=500, log_every=100, ckpt_every=500,
+                 n_samples=1000, sample_batch=500, log_every=100, ckpt_every=500,
                  out_dir="runs/cifar10_demo"),
     "smoke": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=8,
                   ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=4,

@@ -91,6 +91,7 @@ class Config:
     distil_iters: int = 100_000
     distil_batch: int = 4          # global x_t per step (2 per GPU x 2 GPUs), L lambdas each
     lr: float = 1e-5               # Di4C and control; AdamW betas (0.9, 0.96), constant
+    lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     weight_decay: float = 1e-5
     L: int = 32
     r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
@@ -976,6 +977,18 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
 # Training loop shared by the VQ-VAE, teacher, Di4C student and control
 
 
+def lam_param_groups(raw: nn.Module, mult: float) -> list:
+    """Optimizer groups: the zero-initialised lambda path (`lam_mlp.*`) learns `mult` times faster.
+
+    At initialisation every mixture component is the same, where the correlation estimators'
+    gradients vanish (README "symmetric start"); a larger step on the lambda path leaves that
+    point sooner. Each group carries its multiplier so that LR schedules keep the ratio.
+    """
+    lam = [p for n, p in raw.named_parameters() if n.startswith("lam_mlp.")]
+    rest = [p for n, p in raw.named_parameters() if not n.startswith("lam_mlp.")]
+    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
+
+
 def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches, iters: int,
         lr: float, *, warmup: int = 0, ema_decay: float = 0.0, seconds: float = 0.0,
         betas: tuple = (0.9, 0.96)) -> dict:
@@ -987,7 +1000,8 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches
     instead of at `iters` (the control). loss_fn(model, batch, g) -> (loss (B,), terms).
     """
     path = ckpt_path(cfg, name)
-    opt = torch.optim.AdamW(raw.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+                            weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
     step, wall = 0, 0.0
     if cfg.resume and os.path.exists(path):
@@ -1014,7 +1028,7 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches
         g = step_rng(cfg, ctx, name, step)
         batch = data.batch(step)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+            group["lr"] = lr * group["mult"] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
         with ctx.autocast():
             loss, terms = loss_fn(model, batch, g)
         opt.zero_grad(set_to_none=True)

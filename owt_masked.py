@@ -72,6 +72,7 @@ class Config:
     distil_iters: int = 50_000
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
     lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
+    lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     warmup: int = 2500
     L: int = 16                    # lambda-samples per x_t
     delta: float = 0.02            # distillation region t < delta
@@ -606,6 +607,18 @@ def ckpt_path(cfg: Config, name: str) -> str:
     return os.path.join(cfg.out_dir, f"{name}.pt")
 
 
+def lam_param_groups(raw: nn.Module, mult: float) -> list:
+    """Optimizer groups: the zero-initialised lambda path (`lam_mlp.*`) learns `mult` times faster.
+
+    At initialisation every mixture component is the same, where the correlation estimators'
+    gradients vanish (README "symmetric start"); a larger step on the lambda path leaves that
+    point sooner. Each group carries its multiplier so that LR schedules keep the ratio.
+    """
+    lam = [p for n, p in raw.named_parameters() if n.startswith("lam_mlp.")]
+    rest = [p for n, p in raw.named_parameters() if not n.startswith("lam_mlp.")]
+    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
+
+
 def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, lr: float,
         ema_decay: float = 0.0, seconds: float = 0.0, resume: bool = False) -> dict:
     """AdamW (betas 0.9/0.999, no weight decay), linear warm-up then constant LR, grad clip 1,
@@ -615,8 +628,8 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, l
     loss_fn(model, step, g) -> (loss (B,), terms). Returns the final checkpoint dict.
     """
     path = ckpt_path(cfg, name)
-    opt = torch.optim.AdamW(raw.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.0)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
     step, wall = 0, 0.0
     if resume and os.path.exists(path):
@@ -642,7 +655,7 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, l
         t0 = time.perf_counter()
         g = step_rng(cfg, ctx, name, step)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = lr * group["mult"] * min(1.0, (step + 1) / cfg.warmup)
         with ctx.autocast():
             loss, terms = loss_fn(model, step, g)
         opt.zero_grad(set_to_none=True)

@@ -328,7 +328,7 @@ def test_smoke_end_to_end(tmp_path):
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
-    common = dict(control=False, ckpt_every=100, student_ema=0.9)
+    common = dict(control=False, ckpt_every=100, student_ema=0.9, lam_lr_mult=10.0)
     full = smoke(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
     for stage in ("tokenize", "teacher", "distill"):
         m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
@@ -347,7 +347,10 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
         for key in ("model", "ema") if name == "student" else ("model",):
             for k in a[key]:
                 assert torch.equal(a[key][k], b[key][k]), (name, key, k)
-
+    groups = b["optimizer"]["param_groups"]            # the student's lambda path learns 10x faster
+    n_lam = sum(k.startswith("lam_mlp.") for k in b["model"])
+    assert len(groups) == 2 and len(groups[1]["params"]) == n_lam == 4
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0
 
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(tmp_path):

@@ -148,7 +148,7 @@ def test_smoke_end_to_end_pydoc(tmp_path):
 @needs_ranks
 def test_resume_is_exact(tmp_path):
     path, _ = write_corpus(tmp_path)
-    common = dict(data_files=path, control_iters=0, ckpt_every=1)
+    common = dict(data_files=path, control_iters=0, ckpt_every=1, lam_lr_mult=10.0)
     full = smoke_cfg(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
     for stage in ("teacher", "distill"):
         m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
@@ -166,6 +166,10 @@ def test_resume_is_exact(tmp_path):
         for key in ("model", "ema") if name == "teacher" else ("model",):
             for k in a[key]:
                 assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+    groups = b["optimizer"]["param_groups"]            # the student's lambda path learns 10x faster
+    n_lam = sum(k.startswith("lam_mlp.") for k in b["model"])
+    assert len(groups) == 2 and len(groups[1]["params"]) == n_lam == 4
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0
 
 
 @needs_ranks
