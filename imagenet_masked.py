@@ -85,6 +85,7 @@ class Config:
     batch_size: int = 512          # global images per teacher / control / VQ-VAE step
     teacher_lr: float = 1e-4
     warmup: int = 2500
+    teacher_cosine: bool = False   # cosine decay of the teacher LR to 0 after warm-up (demo)
     label_smoothing: float = 0.1
     teacher_ema: float = 0.0       # MaskGIT-pytorch keeps no EMA
     # di4c (SPEC §C.4, the "di4c-d" defaults)
@@ -124,11 +125,12 @@ PRESETS = {
     # 8x8 digits bundled with scikit-learn, 17 grey levels as tokens (D = 64, S = 18), 10 labels
     "demo": dict(out_dir="runs/imagenet_demo", dataset="digits", img_size=8, tokenizer="pixels",
                  n_layer=3, n_embd=64, n_head=4, mlp_dim=256, dropout=0.1,
-                 teacher_iters=3000, batch_size=64, teacher_lr=1e-3, warmup=200,
-                 label_smoothing=0.0, teacher_ema=0.999, distil_iters=600, distil_batch=8,
-                 lr=1e-4, L=16, student_ema=0.99, steps=(2, 4, 8, 16), student_steps=(2, 4),
-                 cfg_w=1.0, n_per_class=200, sample_batch=500, latency_runs=5,
-                 dtype="float32", log_every=100, ckpt_every=500),
+                 teacher_iters=2000, batch_size=64, teacher_lr=1e-3, warmup=100,
+                 teacher_cosine=True, label_smoothing=0.0, teacher_ema=0.995, distil_iters=400,
+                 distil_batch=8, lr=1e-4, lam_lr_mult=10.0, L=16, student_ema=0.99,
+                 steps=(2, 4, 8, 16), student_steps=(2, 4), cfg_w=1.0, n_per_class=100,
+                 sample_batch=500, latency_runs=5, dtype="float32", log_every=100,
+                 ckpt_every=500),
     # seconds, for tests
     "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=8,
                   tokenizer="pixels", vq_ch=32, vq_ch_mult=(1, 2), vq_res_blocks=1,
@@ -572,21 +574,24 @@ def load_vqgan(cfg: Config, path: str) -> VQModel:
         raise SystemExit(f"error: {path!r} holds no state dict")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()
           if not k.startswith("loss.")}
-    vq = build_vq(cfg)
-    want = vq.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
+    return load_strict(build_vq(cfg), sd, f"VQGAN checkpoint {path!r} does not fit the taming "
+                       "architecture of --vq_codes/--vq_dim/--vq_ch/--vq_ch_mult/--vq_res_blocks/"
+                       "--vq_attn_res/--img_size (the released f16 model needs the paper preset)")
+
+
+def load_strict(module: nn.Module, sd: dict, what: str) -> nn.Module:
+    """module.load_state_dict(sd), strictly: any missing, unexpected or mis-shaped key stops the
+    run with an error that says `what` and names the first eight keys of each kind."""
+    want = module.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
               if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        raise SystemExit(f"error: VQGAN checkpoint {path!r} does not fit the taming "
-                         f"architecture of --vq_codes/--vq_dim/--vq_ch/--vq_ch_mult/"
-                         f"--vq_res_blocks/--vq_attn_res/--img_size (the released f16 model "
-                         f"needs the paper preset): missing {missing[:8]} ({len(missing)}), "
-                         f"unexpected {unexpected[:8]} ({len(unexpected)}), shape mismatches "
-                         f"(checkpoint vs model) {shapes[:8]}")
-    vq.load_state_dict(sd)
-    return vq
+        raise SystemExit(f"error: {what}: missing {missing[:8]} ({len(missing)}), unexpected "
+                         f"{unexpected[:8]} ({len(unexpected)}), shape mismatches (checkpoint vs "
+                         f"model) {shapes[:8]}")
+    module.load_state_dict(sd)
+    return module
 
 
 class Tokens:
@@ -853,18 +858,10 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         lam_dim = state["lam_dim"]
         sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    net = build_model(cfg, meta, lam_dim)
-    want = net.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise SystemExit(f"error: {path!r} does not fit this transformer (K = {meta['K']}, "
-                         f"D = {meta['grid'] ** 2}, {meta['n_classes']} classes, "
-                         f"--n_layer/--n_embd/--n_head/--mlp_dim): missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}, shape mismatches (checkpoint vs model) "
-                         f"{shapes[:8]}")
-    net.load_state_dict(sd)
+    net = load_strict(build_model(cfg, meta, lam_dim), sd,
+                      f"{path!r} does not fit this transformer (K = {meta['K']}, D = "
+                      f"{meta['grid'] ** 2}, {meta['n_classes']} classes, --n_layer/--n_embd/"
+                      "--n_head/--mlp_dim)")
     return net.to(device).eval().requires_grad_(False), lam_dim
 
 
@@ -989,11 +986,20 @@ def lam_param_groups(raw: nn.Module, mult: float) -> list:
     return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
 
 
+def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
+    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay_iters <= 0 or step < warmup:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
+
+
 def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches, iters: int,
         lr: float, *, warmup: int = 0, ema_decay: float = 0.0, seconds: float = 0.0,
-        betas: tuple = (0.9, 0.96)) -> dict:
-    """AdamW (MaskGIT's betas (0.9, 0.96), weight decay), linear warm-up then constant LR,
-    grad clip 1, DDP when world_size > 1, optional EMA with decay min(ema_decay, (1 + n) /
+        betas: tuple = (0.9, 0.96), cosine: bool = False) -> dict:
+    """AdamW (MaskGIT's betas (0.9, 0.96), weight decay), linear warm-up then constant LR
+    (or a cosine decay to 0 with `cosine`, lr_factor), grad clip 1, DDP when world_size > 1, optional EMA with decay min(ema_decay, (1 + n) /
     (10 + n)) after n updates (tauLDR's warm-up); atomic checkpoint out_dir/<name>.pt
     every ckpt_every steps and at the end; --resume continues it exactly (per-step seeded
     RNG, step_rng; data order from `Batches`). seconds > 0 stops at that training wall time
@@ -1028,7 +1034,7 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches
         g = step_rng(cfg, ctx, name, step)
         batch = data.batch(step)
         for group in opt.param_groups:
-            group["lr"] = lr * group["mult"] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
         with ctx.autocast():
             loss, terms = loss_fn(model, batch, g)
         opt.zero_grad(set_to_none=True)
@@ -1137,7 +1143,7 @@ def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
             f"D = {raw.D}, K = {raw.K}, {meta['n_classes']} classes, {len(meta['codes'])} items")
     out = fit(cfg, ctx, "teacher", raw, maskgit_loss(cfg, make_process(meta), meta["n_classes"]),
               data, cfg.teacher_iters, cfg.teacher_lr, warmup=cfg.warmup,
-              ema_decay=cfg.teacher_ema)
+              ema_decay=cfg.teacher_ema, cosine=cfg.teacher_cosine)
     update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
 
 

@@ -103,14 +103,16 @@ class Config:
 PRESETS = {
     "paper": {},
     # the whole story on 2 CPU cores: CPython's bundled docs, exact GPT-2 BPE, remapped ids;
-    # T = D = 64 so that one teacher step reveals about one token, as T = D = 1024 does in SDTT
-    "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", seq_len=64, val_docs=8,
+    # T = D = 32 so that one teacher step reveals about one token, as T = D = 1024 does in SDTT;
+    # delta = 1.5 / T so that the first grid point is in the distillation region
+    "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", seq_len=32, val_docs=8,
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
-                 teacher_iters=2000, judge_iters=800, batch_size=32, teacher_lr=1e-3,
-                 ema=0.995, distil_iters=300, distil_batch=4, lr=1e-4, warmup=100, L=8, T=64,
-                 steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=128,
-                 sample_batch=64, prefix_len=16, cont_len=48, n_prefix=24, n_cont=5,
-                 latency_runs=5, dtype="float32", log_every=100, ckpt_every=500),
+                 teacher_iters=1500, judge_iters=600, batch_size=32, teacher_lr=1e-3,
+                 ema=0.995, distil_iters=300, distil_batch=4, lr=1e-4, lam_lr_mult=10.0,
+                 warmup=20, L=8, T=32, delta=0.047,
+                 steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
+                 sample_batch=128, prefix_len=8, cont_len=24, n_prefix=24, n_cont=5,
+                 latency_runs=3, dtype="float32", log_every=50, ckpt_every=500),
     # seconds, for tests
     "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", seq_len=32, val_docs=4,
                   remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
@@ -954,6 +956,9 @@ def main(cfg: Config):
         raise SystemExit(f"error: --stage must be one of {STAGES + ('all',)}, got {cfg.stage!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if not 1 / cfg.T <= cfg.delta < 1:
+        raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
+                         "times are snapped to k/T, so a smaller delta never distils")
     if cfg.prefix_len < 1 or cfg.cont_len < 1 or cfg.n_cont < 2 \
             or min(cfg.steps + cfg.student_steps) < 1:
         raise SystemExit("error: need prefix_len, cont_len >= 1, n_cont >= 2 and steps >= 1")

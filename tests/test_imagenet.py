@@ -397,3 +397,10 @@ def test_clear_errors(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
+
+
+def test_lr_factor_warmup_then_constant_or_cosine():
+    assert [m.lr_factor(s, 4) for s in (0, 1, 3, 10, 1000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cos = [m.lr_factor(s, 4, 104) for s in (0, 3, 4, 54, 104, 200)]
+    assert cos[:3] == [0.25, 1.0, 1.0] and cos[3] == pytest.approx(0.5) and cos[4:] == [0.0, 0.0]
+    assert all(a >= b for a, b in zip(cos[1:], cos[2:]))           # never rises after warm-up
