@@ -68,6 +68,7 @@ class Config:
     batch_size: int = 512          # global sequences per teacher / judge / control step
     teacher_lr: float = 3e-4
     ema: float = 0.9999            # teacher EMA; the teacher samples with it (MDLM)
+    teacher_cosine: bool = False   # cosine decay of the teacher LR to 0 after warm-up (demo)
     # di4c (SPEC §C.5)
     distil_iters: int = 50_000
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
@@ -81,6 +82,7 @@ class Config:
     alpha_const: float = 0.1       # alpha(t) = 0.1 sigmoid(20 (t - 1/2))
     teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round
     control_iters: int = -1        # MDLM fine-tuning of the teacher: -1 = Di4C's wall time
+    student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
     # sampling and evaluation (SPEC §D.3, §F.1)
     steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
     student_steps: tuple = (8, 16, 32, 64)               # student and control step counts
@@ -108,8 +110,8 @@ PRESETS = {
     "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", seq_len=32, val_docs=8,
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
                  teacher_iters=1500, judge_iters=600, batch_size=32, teacher_lr=1e-3,
-                 ema=0.995, distil_iters=300, distil_batch=4, lr=1e-4, lam_lr_mult=10.0,
-                 warmup=20, L=8, T=32, delta=0.047,
+                 ema=0.995, student_ema=0.99, distil_iters=300,
+                 distil_batch=4, lr=1e-4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
                  steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
                  sample_batch=128, prefix_len=8, cont_len=24, n_prefix=24, n_cont=5,
                  latency_runs=3, dtype="float32", log_every=50, ckpt_every=500),
@@ -621,9 +623,19 @@ def lam_param_groups(raw: nn.Module, mult: float) -> list:
     return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
 
 
+def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
+    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay_iters <= 0 or step < warmup:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
+
 def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, lr: float,
-        ema_decay: float = 0.0, seconds: float = 0.0, resume: bool = False) -> dict:
-    """AdamW (betas 0.9/0.999, no weight decay), linear warm-up then constant LR, grad clip 1,
+        ema_decay: float = 0.0, seconds: float = 0.0, resume: bool = False,
+        cosine: bool = False) -> dict:
+    """AdamW (betas 0.9/0.999, no weight decay), linear warm-up then constant LR (or a cosine
+    decay to 0 with `cosine`, lr_factor), grad clip 1,
     DDP when world_size > 1, optional EMA; atomic checkpoint out_dir/<name>.pt every ckpt_every
     steps and at the end; `resume` continues it exactly (per-step seeded RNG, step_rng).
     seconds > 0 stops at that training wall time instead of at `iters` (the control).
@@ -657,7 +669,8 @@ def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, l
         t0 = time.perf_counter()
         g = step_rng(cfg, ctx, name, step)
         for group in opt.param_groups:
-            group["lr"] = lr * group["mult"] * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = lr * group["mult"] * lr_factor(step, cfg.warmup,
+                                                         iters if cosine else 0)
         with ctx.autocast():
             loss, terms = loss_fn(model, step, g)
         opt.zero_grad(set_to_none=True)
@@ -698,7 +711,8 @@ def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
             f"S = {corpus.S}, D = {cfg.seq_len}, {corpus.n_blocks('train')} train blocks")
     out = fit(cfg, ctx, "teacher", raw,
               lambda model, step, g: mdlm_loss(model, corpus.batch(B, g), process, g),
-              cfg.teacher_iters, cfg.teacher_lr, cfg.ema, resume=cfg.resume)
+              cfg.teacher_iters, cfg.teacher_lr, cfg.ema, resume=cfg.resume,
+              cosine=cfg.teacher_cosine)
     nelbo = val_nelbo(cfg, ctx, corpus, out["ema"].eval())
     ctx.log(f"teacher: val NELBO {nelbo:.4f} nats/token, PPL <= {math.exp(nelbo):.1f}")
     update_metrics(cfg, ctx, {"teacher": dict(val_nelbo=nelbo, val_ppl_bound=math.exp(nelbo),
@@ -754,7 +768,8 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
                               distil_weight=(t < cfg.delta).float(),
                               consis_weight=(t >= cfg.delta).float(), generator=g)
 
-    out = fit(cfg, ctx, "student", student, loss_fn, cfg.distil_iters, cfg.lr, resume=cfg.resume)
+    out = fit(cfg, ctx, "student", student, loss_fn, cfg.distil_iters, cfg.lr, cfg.student_ema,
+              resume=cfg.resume)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
@@ -764,8 +779,9 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     seconds = out["wall"] if cfg.control_iters < 0 else 0.0
     cout = fit(cfg, ctx, "control", control,
                lambda model, step, g: mdlm_loss(model, corpus.batch(Bc, g), process, g),
-               max(cfg.control_iters, 0), cfg.lr, seconds=seconds, resume=cfg.resume)
-    nelbo = val_nelbo(cfg, ctx, corpus, control.eval())
+               max(cfg.control_iters, 0), cfg.lr, cfg.student_ema, seconds=seconds,
+               resume=cfg.resume)
+    nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
 
@@ -832,8 +848,8 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
     sample_dir = os.path.join(cfg.out_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
     models = {"teacher": ("teacher", True, cfg.steps),
-              "student": ("student", False, cfg.student_steps),
-              "control": ("control", False, cfg.student_steps)}
+              "student": ("student", True, cfg.student_steps),
+              "control": ("control", True, cfg.student_steps)}
     process = make_process(corpus.S)
     n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
     prefix = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].cpu()  # (P, prefix_len)
