@@ -100,6 +100,8 @@ class Config:
     alpha_const: float = 0.1       # alpha(t) = alpha_const sigmoid(20 (t - 1/2)), t = 1 - r
     data_term: bool = True         # "di4c-d"; false gives "di4c" (no data correlation term)
     student_ema: float = 0.0
+    student_dropout: float = 0.1   # dropout of the student in training (MaskGIT's 0.1, as the
+                                   # official code); the demo uses 0, see init_student
     control: bool = True           # teacher fine-tuned with its own loss for Di4C's wall time
     # sampling and evaluation (SPEC §A.4, §D.2, §F.1)
     steps: tuple = (4, 8)          # teacher step counts
@@ -131,6 +133,7 @@ PRESETS = {
                  teacher_iters=4000, batch_size=64, teacher_lr=1e-3, warmup=100,
                  teacher_cosine=True, label_smoothing=0.0, teacher_ema=0.995, distil_iters=400,
                  distil_batch=8, lr=1e-4, lam_lr_mult=10.0, L=16, student_ema=0.99,
+                 student_dropout=0.0,
                  steps=(2, 4, 8, 16), student_steps=(2, 4), cfg_w=1.0, r_temp=20.0,
                  n_per_class=100,
                  sample_batch=500, latency_runs=5, dtype="float32", log_every=100,
@@ -809,9 +812,22 @@ class MaskTransformer(nn.Module):
         return torch.where(revealed, copy, logits)                              # (N, D, S)
 
 
-def build_model(cfg: Config, meta: dict, lam_dim: int = 0) -> MaskTransformer:
+def build_model(cfg: Config, meta: dict, lam_dim: int = 0, dropout=None) -> MaskTransformer:
     return MaskTransformer(meta["K"], meta["grid"] ** 2, meta["n_classes"], cfg.n_layer,
-                           cfg.n_embd, cfg.n_head, cfg.mlp_dim, cfg.dropout, lam_dim)
+                           cfg.n_embd, cfg.n_head, cfg.mlp_dim,
+                           cfg.dropout if dropout is None else dropout, lam_dim)
+
+
+def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransformer:
+    """The Di4C student: the teacher's weights `init` plus a fresh lambda path, with dropout
+    --student_dropout. Its targets (teacher, student at x_u) are computed without dropout; a
+    student trained with dropout to match them gets sharper than its targets once dropout is
+    off (README, imagenet demo), so the demo trains it without."""
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg, meta, lam_dim=1, dropout=cfg.student_dropout)
+    fresh = {k: v for k, v in student.state_dict().items() if k.startswith("lam_mlp.")}
+    return load_strict(student, {**init, **fresh},   # only the lambda path stays fresh
+                       f"{t_path} does not fit the student")
 
 
 def maskgit_to_ours(sd: dict) -> dict:
@@ -1160,14 +1176,7 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
         raise SystemExit(f"error: {t_path!r} is a Di4C student; the teacher must be a "
                          "product model")
     init = teacher.state_dict()
-    torch.manual_seed(cfg.seed)
-    student = build_model(cfg, meta, lam_dim=1).to(ctx.device)
-    own = student.state_dict()
-    unexpected = [k for k in init if k not in own]
-    missing = [k for k in own if k not in init and not k.startswith("lam_mlp.")]
-    if unexpected or missing:
-        raise SystemExit(f"error: {t_path} does not fit the student ({missing}, {unexpected})")
-    student.load_state_dict({**own, **init})           # strict: only the lambda path stays fresh
+    student = init_student(cfg, meta, init, t_path).to(ctx.device)
     process = make_process(meta)
     data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.distil_batch))
     ctx.log(f"distill: teacher {t_path}, {data.per_rank} x L = {cfg.L} rows per rank, "

@@ -131,6 +131,24 @@ def test_student_equals_teacher_at_init_for_every_lambda():
         assert not torch.allclose(student(x, y, torch.full((3, 1), 0.5)), want)
 
 
+def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
+    meta = {"K": 17, "grid": 8, "n_classes": 10}
+    cfg = m.make_config(m.Config, preset="smoke", dropout=0.3, student_dropout=0.0)
+    torch.manual_seed(1)
+    teacher = m.build_model(cfg, meta).eval()
+    student = m.init_student(cfg, meta, teacher.state_dict(), "t.pt")
+    ps = [mod.p for mod in student.modules() if isinstance(mod, torch.nn.Dropout)]
+    ps += [mod.dropout for mod in student.modules() if isinstance(mod, torch.nn.MultiheadAttention)]
+    assert ps and all(p == 0.0 for p in ps)
+    x = torch.randint(0, 18, (4, 64))
+    y = torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():                        # train mode = eval mode = teacher, no dropout (kernels may differ: not bitwise)
+        torch.testing.assert_close(student.train()(x, y, torch.rand(4, 1)), teacher(x, y))
+    other = m.build_model(m.make_config(m.Config, preset="smoke", n_embd=16, n_head=2), meta)
+    with pytest.raises(SystemExit, match="does not fit the student"):
+        m.init_student(cfg, meta, other.state_dict(), "t.pt")
+
+
 def maskgit_keys(net):
     """MaskGIT-pytorch's MaskTransformer state-dict names and shapes (Network/transformer.py)."""
     V, E = net.embed.weight.shape
