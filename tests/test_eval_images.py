@@ -86,6 +86,13 @@ def test_classifier_held_out_accuracy(clf):
     print(f"\n digits classifier held-out accuracy: {acc:.4f} ({len(y_te)} images)")
     assert acc >= 0.97
     assert digits.digits_features(clf, x_te).shape == (len(x_te), 128)
+    pred = clf(x_te.reshape(-1, 64).float() / 16).argmax(-1)
+    for div in (2, 5):                      # grouped labels: right iff the digit is in the group
+        want = (pred // div == y_te // div).float().mean().item()
+        assert digits.class_accuracy(clf, x_te, y_te // div, div) == pytest.approx(want)
+        assert want >= acc
+    wrong = (y_te // 2 + 1) % 5                                       # every group shifted by one
+    assert digits.class_accuracy(clf, x_te, wrong, 2) <= 1 - acc + 0.02
 
 
 def test_cache_is_written_then_loaded(tmp_path, clf, monkeypatch):
