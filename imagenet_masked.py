@@ -17,7 +17,7 @@ ImageNet, paper settings:  python imagenet_masked.py --data_dir data/imagenet \\
 8 GPUs:                    torchrun --standalone --nproc_per_node=8 imagenet_masked.py ...
 Your images (VQ-VAE):      python imagenet_masked.py --dataset folder --data_dir my_images \\
                              --tokenizer vqvae --img_size 64 --vq_ch_mult 1 2 2 4 ...
-CPU demo (8x8 digits):     python imagenet_masked.py --preset demo
+CPU demo (8x8 digits, 5 pair labels):  python imagenet_masked.py --preset demo
 CPU smoke test:            python imagenet_masked.py --preset smoke --out_dir /tmp/smoke
 2-proc CPU:                torchrun --standalone --nproc_per_node=2 imagenet_masked.py \\
                              --preset smoke
