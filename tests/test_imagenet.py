@@ -417,6 +417,23 @@ def test_clear_errors(tmp_path):
     assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
 
 
+def test_pair_labels_tokenize_and_errors(tmp_path):
+    from eval import digits
+    cfg = smoke(tmp_path, "pairs", stage="tokenize", label_div=2)
+    m.main(cfg)
+    meta = m.codes_meta(cfg)
+    images, labels = digits.load_digits_uint()
+    assert meta["n_classes"] == 5 and meta["classes"] == ["0|1", "2|3", "4|5", "6|7", "8|9"]
+    assert torch.equal(meta["labels"], labels // 2)
+    assert torch.equal(meta["codes"].long(), images.flatten(1))
+    with pytest.raises(SystemExit, match="another config"):         # codes of 10 labels differ
+        m.codes_meta(m.make_config(m.Config, **{**asdict(cfg), "label_div": 1}))
+    for bad in (dict(label_div=0), dict(label_div=11),
+                dict(label_div=2, dataset="folder", tokenizer="vqvae")):
+        with pytest.raises(SystemExit, match="--label_div"):
+            m.main(smoke(tmp_path, "bad", **bad))
+
+
 def test_lr_factor_warmup_then_constant_or_cosine():
     assert [m.lr_factor(s, 4) for s in (0, 1, 3, 10, 1000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     cos = [m.lr_factor(s, 4, 104) for s in (0, 3, 4, 54, 104, 200)]
