@@ -140,8 +140,8 @@ PRESETS = {
                  teacher_iters=5000, batch_size=64, teacher_lr=1e-3, warmup=100,
                  teacher_cosine=True, label_smoothing=0.0, teacher_ema=0.995, distil_iters=400,
                  distil_batch=16, lr=1e-4, lam_lr_mult=10.0, L=16, student_ema=0.99,
-                 alpha_const=1.0, student_dropout=0.0, steps=(2, 4, 8, 16), student_steps=(2, 4), cfg_w=1.0,
-                 r_temp=20.0, n_per_class=200, sample_batch=500, latency_runs=5,
+                 alpha_const=1.0, student_dropout=0.0, steps=(2, 4, 8, 16),
+                 student_steps=(2, 4), cfg_w=1.0, r_temp=20.0, n_per_class=200, sample_batch=500, latency_runs=5,
                  dtype="float32", log_every=100, ckpt_every=500),
     # seconds, for tests
     "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=8,
@@ -154,8 +154,8 @@ PRESETS = {
                   log_every=1, ckpt_every=2),
 }
 STAGES = ("tokenize", "teacher", "distill", "sample", "eval")
-TOKEN_KEYS = ("dataset", "label_div", "data_dir", "img_size", "flip", "tokenizer", "vqgan_ckpt", "vq_codes",
-              "vq_dim", "vq_ch", "vq_ch_mult", "vq_res_blocks", "vq_attn_res")
+TOKEN_KEYS = ("dataset", "label_div", "data_dir", "img_size", "flip", "tokenizer", "vqgan_ckpt",
+              "vq_codes", "vq_dim", "vq_ch", "vq_ch_mult", "vq_res_blocks", "vq_attn_res")
 ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd", "n_head",
              "mlp_dim")
 RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",

@@ -142,7 +142,7 @@ def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
     assert ps and all(p == 0.0 for p in ps)
     x = torch.randint(0, 18, (4, 64))
     y = torch.tensor([0, 3, 9, 10])
-    with torch.no_grad():                        # train mode = eval mode = teacher, no dropout (kernels may differ: not bitwise)
+    with torch.no_grad():     # no dropout: train mode = eval mode = teacher (not bitwise: kernels)
         torch.testing.assert_close(student.train()(x, y, torch.rand(4, 1)), teacher(x, y))
     other = m.build_model(m.make_config(m.Config, preset="smoke", n_embd=16, n_head=2), meta)
     with pytest.raises(SystemExit, match="does not fit the student"):
