@@ -490,98 +490,6 @@ def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
     return student
 
 
-# tauLDR checkpoint <-> our UNet. tauLDR saves checkpoint["model"] = state dict of its EMA model
-# class: "net.<name>" ("net.module.<name>" after DDP) = raw training weights, "ema_shadow_params" =
-# the EMA weights as a list in the order of those parameters, plus "ema_decay", "ema_num_updates".
-_TL_TOP = {"temb_modules.0": "temb.0", "temb_modules.1": "temb.2", "input_conv": "conv_in",
-           "output_modules.0": "out.0", "output_modules.1": "out.2"}
-_TL_LISTS = {"downsampling_modules": "down", "middle_modules": "mid", "upsampling_modules": "up"}
-_TL_LEAF = {"groupnorm0": "n1", "conv0": "c1", "dense0": "t_proj", "groupnorm1": "n2", "conv1": "c2",
-            "GroupNorm_0": "n", "conv": "conv", "nin": "skip", "NIN_3": "out"}   # NIN_0..2 -> qkv
-_TL_NIN = {"W": "weight", "b": "bias"}        # NiN: y = x W + b, W (in, out) = 1x1 conv weight^T
-_TL_EMA = ("ema_decay", "ema_num_updates", "ema_shadow_params")
-
-
-def _tl_strip(k: str) -> str:
-    k = k[len("module."):] if k.startswith("module.") else k
-    return k.replace(".module.", ".")
-
-
-def tauldr_to_ours(sd: dict, ema: bool = True) -> dict:
-    """tauLDR checkpoint["model"] -> our UNet state dict (pure renaming and reshaping).
-
-    ema=True (default) takes the EMA weights `ema_shadow_params`, which is what tauLDR samples with
-    (its model.eval() copies them into the network); ema=False takes the raw `net.*` training weights.
-    Renames: temb_modules.{0,1} -> temb.{0,2}, input_conv -> conv_in, downsampling/middle/upsampling
-    _modules.i -> down/mid/up.i (same i), output_modules.{0,1} -> out.{0,2}; ResBlock groupnorm0,
-    conv0, dense0, groupnorm1, conv1, nin -> n1, c1, t_proj, n2, c2, skip; attention GroupNorm_0 ->
-    n, NIN_0..2 fused into qkv, NIN_3 -> out; NiN W (in, out) -> conv weight (out, in, 1, 1).
-    A key it does not recognise is kept under its own name, so a strict load names it.
-    """
-    sd = {_tl_strip(k): v for k, v in sd.items()}
-    names = [k for k in sd if k.startswith("net.")]
-    if ema:
-        shadow = sd.get("ema_shadow_params")
-        if shadow is None or len(shadow) != len(names) or any(
-                s.shape != sd[k].shape for s, k in zip(shadow, names)):
-            n = "absent" if shadow is None else f"{len(shadow)} tensors"
-            raise SystemExit(f"error: tauLDR checkpoint: ema_shadow_params ({n}) does not line up with its "
-                             f"{len(names)} net.* parameters (same order and shapes expected)")
-        sd.update(zip(names, shadow))
-    out, qkv = {}, {}
-    for k, v in sd.items():
-        if k in _TL_EMA:
-            continue
-        p = k.split(".")
-        top = ".".join(p[1:-1])
-        if p[0] == "net" and top in _TL_TOP:
-            out[f"{_TL_TOP[top]}.{p[-1]}"] = v
-        elif p[0] == "net" and len(p) == 5 and p[1] in _TL_LISTS and p[3] in ("NIN_0", "NIN_1", "NIN_2") \
-                and p[4] in _TL_NIN:
-            qkv.setdefault((_TL_LISTS[p[1]], p[2], p[4]), {})[int(p[3][-1])] = (k, v)
-        elif p[0] == "net" and len(p) == 5 and p[1] in _TL_LISTS and p[3] in _TL_LEAF:
-            if p[3] in ("nin", "NIN_3") and p[4] in _TL_NIN:
-                out[f"{_TL_LISTS[p[1]]}.{p[2]}.{_TL_LEAF[p[3]]}.{_TL_NIN[p[4]]}"] = \
-                    v.t()[:, :, None, None].contiguous() if p[4] == "W" else v
-            else:
-                out[f"{_TL_LISTS[p[1]]}.{p[2]}.{_TL_LEAF[p[3]]}.{p[4]}"] = v
-        else:
-            out[k] = v                                                          # unrecognised
-    for (lst, i, param), parts in qkv.items():
-        if sorted(parts) != [0, 1, 2]:                                          # incomplete: keep names
-            out.update(dict(parts.values()))
-        elif param == "W":
-            out[f"{lst}.{i}.qkv.weight"] = torch.cat([parts[j][1].t() for j in range(3)])[:, :, None, None]
-        else:
-            out[f"{lst}.{i}.qkv.bias"] = torch.cat([parts[j][1] for j in range(3)])
-    return out
-
-
-def ours_to_tauldr(sd: dict) -> dict:
-    """Inverse of `tauldr_to_ours` for a teacher: our state dict -> tauLDR "net.*" keys (no EMA entries)."""
-    top = {v: k for k, v in _TL_TOP.items()}
-    lists, leaf, nin = ({v: k for k, v in d.items()} for d in (_TL_LISTS, _TL_LEAF, _TL_NIN))
-    out = {}
-    for k, v in sd.items():
-        p = k.split(".")
-        if ".".join(p[:-1]) in top:
-            out[f"net.{top['.'.join(p[:-1])]}.{p[-1]}"] = v
-        elif len(p) == 4 and p[0] in lists and p[2] == "qkv":                  # tauLDR order: W, b per NIN
-            if p[3] == "weight":
-                for j, (w, b) in enumerate(zip(v.chunk(3), sd[k[:-len("weight")] + "bias"].chunk(3))):
-                    out[f"net.{lists[p[0]]}.{p[1]}.NIN_{j}.W"], out[f"net.{lists[p[0]]}.{p[1]}.NIN_{j}.b"] = \
-                        w[:, :, 0, 0].t(), b
-        elif len(p) == 4 and p[0] in lists and p[2] in leaf:
-            name = leaf[p[2]]
-            if name in ("nin", "NIN_3"):
-                out[f"net.{lists[p[0]]}.{p[1]}.{name}.{nin[p[3]]}"] = v[:, :, 0, 0].t() if p[3] == "weight" else v
-            else:
-                out[f"net.{lists[p[0]]}.{p[1]}.{name}.{p[3]}"] = v
-        else:
-            out[k] = v
-    return out
-
-
 # -----------------------------------------------------------------------------
 # Teacher objective: tauLDR continuous-time ELBO (one-forward-pass form) + auxiliary CE
 
@@ -740,44 +648,24 @@ def export(cfg: Config, name: str, ema: nn.Module, extra: dict, rank: int):
         dist.barrier()                 # other ranks read the snapshot next
 
 
-def load_tauldr(net: UNet, model_sd: dict, path: str) -> dict:
-    """Check tauLDR's checkpoint["model"] key by key (in tauLDR's names) against `net`; map it."""
-    want = ours_to_tauldr(net.state_dict())
-    have = {_tl_strip(k): v for k, v in model_sd.items() if k not in _TL_EMA}
-    missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want]
-    shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
-              if k in have and getattr(have[k], "shape", None) != v.shape]
-    if missing or unexpected or shapes:
-        raise SystemExit(f"error: tauLDR checkpoint {path!r} does not match this network (S {net.S}, C {net.C}, "
-                         f"ch {net.ch}; --ch/--ch_mult/--num_res_blocks/--attn_res; the released CIFAR-10 "
-                         f"checkpoint needs the paper preset): missing keys {missing[:10]}"
-                         f"{f' (+{len(missing) - 10})' if len(missing) > 10 else ''}, unexpected keys "
-                         f"{unexpected[:10]}{f' (+{len(unexpected) - 10})' if len(unexpected) > 10 else ''}, "
-                         f"shape mismatches (checkpoint vs network) {shapes[:10]}")
-    return tauldr_to_ours(model_sd)
-
-
-def _is_tauldr(st) -> bool:
-    """tauLDR's layout: checkpoint["model"] with net.* / ema_* keys and no "config" (ours has one)."""
-    m = st.get("model") if isinstance(st, dict) else None
-    return isinstance(m, dict) and "config" not in st and any(
-        _tl_strip(k).startswith("net.") or k in _TL_EMA for k in m)
-
-
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     """EMA network `{name}.pt` of this run, or the teacher from --teacher_ckpt: ours, or tauLDR's
-    (detected by its keys; EMA weights, see `tauldr_to_ours`). Every key must match (strict)."""
+    (detected by its keys; EMA weights, see pretrained/tauldr.py). Every key must match (strict)."""
     path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else os.path.join(cfg.out_dir, f"{name}.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path!r} not found: run --stage {'teacher' if name == 'teacher' else 'distill'} "
                          f"first (same --out_dir), or pass --teacher_ckpt")
     net = build_unet(cfg, C, H, lam).to(dev)
     st = torch.load(path, map_location="cpu", weights_only=True) if path == cfg.teacher_ckpt else None
-    if st is not None and _is_tauldr(st):
+    if st is not None:
+        from pretrained import tauldr  # andrew-cr/tauLDR's checkpoint layout, recognised by its keys
+    if st is not None and tauldr.is_tauldr_checkpoint(st):
         if lam:
             raise SystemExit(f"error: {path!r} is a tauLDR checkpoint: it can only be the teacher")
-        st = {"model": load_tauldr(net, st["model"], path), "format": "tauLDR (EMA weights)"}
+        try:
+            st = {"model": tauldr.check_and_convert(net, st["model"], path), "format": "tauLDR (EMA weights)"}
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     else:                              # ours: also refuse one written with another config
         st = load_checkpoint(path, dataclasses.asdict(cfg), ("S", "ch", "ch_mult", "num_res_blocks", "attn_res"))
     try:

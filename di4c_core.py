@@ -1,40 +1,42 @@
 """
 Di4C - Distillation of Discrete Diffusion through Dimensional Correlations.
-Hayakawa, Takida, Imaizumi, Wakaki, Mitsufuji. ICML 2025. arXiv:2410.08709.
+Hayakawa, Takida, Imaizumi, Wakaki, Mitsufuji. ICML 2025. arXiv:2410.08709 (v4).
 
-Domain-agnostic core. Depends only on torch. Copy this file into your project.
-Section references "SPEC §X" point to docs/SPEC.md-style sections mirrored in the README's
-"Core API" table; the paper's own equation numbers are not quoted here because we could not
-check them against the PDF.
+Domain-agnostic core: one torch-only file, meant to be read beside the paper and copied into
+other projects. Equation numbers "(n)" refer to docs/method.md, which derives every formula
+below and maps it to the paper.
 
 Notation (used in every shape comment below)
     B  batch size            D  number of discrete dimensions (pixels, image tokens, text tokens)
     S  states per dimension (includes [MASK] for the absorbing process)
-    L  lambda-samples per x_t (the "lambda-batch"; official code: distil_batch_size / latent_bsize)
-    k  dimension of lambda (1 in every experiment of the paper)
+    L  lambda-samples per x_t (the "lambda-batch")       k  dimension of lambda (1 in the paper)
     psi / theta  teacher / student;  times 0 <= s < u < t <= 1, t = 1 is noise;  small time tau
     x_t: (B, D) long;  logits: (..., D, S);  log_p_*: log-probabilities (float32 or float64)
 
 Denoiser signature (teacher and student alike)
-    denoiser(x_t: (N, D) long, t: (N,) float, lam: (N, k) float | None) -> logits (N, D, S)
-The logits are unnormalised log-probabilities of x0 given x_t (an "x0-prediction"); a product
-teacher ignores lam. The mixture student is
+    denoiser(x_t (N, D) long, t (N,) float, lam (N, k) float | None, cond (N, ...) | None)
+        -> logits (N, D, S)
+The logits are unnormalised log-probabilities of x0 given x_t (an "x0-prediction"). A product
+network ignores lam; `cond` carries class labels or anything else the network is conditioned on,
+and is repeated with x_t whenever rows are (never inferred from row counts). The mixture student
     p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]^k} prod_d p^{theta,d}_{0|t}(x0^d | x_t; lambda)
-and every expectation over lambda is estimated with L draws (SPEC §B.1).
+has every expectation over lambda estimated with L draws [[MIX]].
 
-Paper -> code
-    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       SPEC §A.2-A.4
-    mixture model, lambda-batch                      draw_lambda, student_log_probs   SPEC §B.1
-    J^ (mixture log-lik), log m^ (marginals)         mixture_joint_loglik, mixture_marginal_logp
-    C^ (control-variate log-lik), K (marginal KL)    cv_loglik, marginal_kl           SPEC §C.2
+Paper -> code (docs/method.md has the full table)
+    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       [[POST]]
+    mixture model, lambda-batch                      draw_lambda, student_log_probs   [[MIX]]
+    J^, log m^, C^ (control variate), K              mixture_joint_loglik, mixture_marginal_logp,
+                                                     cv_loglik, marginal_kl           [[CV]]
     data / consistency / distillation terms          data_loss_*, consis_loss_*, distil_loss
-    one Di4C training step (all three variants)      di4c_loss, alpha_t               SPEC §C.3-C.6
-    N-step ancestral and hybrid sampling             ancestral_sample                 SPEC §D
+    the three variants, one Di4C objective           variant_weights, di4c_loss       [[LOSS]]
+    student = teacher + fresh lambda path            student_from_teacher, lam_param_groups
+    N-step ancestral and hybrid sampling             ancestral_sample                 [[SAMP]]
 """
 import math
 from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,8 +48,9 @@ def sample_categorical(log_p: Tensor, generator: Optional[torch.Generator] = Non
                        chunk: int = 1 << 24) -> Tensor:
     """Draw one state per row from Cat(softmax(log_p)) by Gumbel-max in float64.
 
-    float32 Gumbel noise lowers the effective temperature (Zheng et al., arXiv 2409.02908), so the
-    noise and the comparison are done in float64, in chunks of about `chunk` elements. Rows whose
+    float32 Gumbel noise lowers the effective temperature (Zheng et al., arXiv 2409.02908;
+    [[CAT]]), so the noise and the comparison are done in float64, in chunks of about `chunk`
+    elements. Rows whose
     runner-up is more than 1000 nats below the top (e.g. revealed tokens under SUBS) are exactly
     deterministic in float64 and take the argmax without drawing noise.
     Args: log_p (..., S) unnormalised log-probabilities. Returns (...) long.
@@ -90,7 +93,7 @@ def _per_row(t: Tensor, B: int, device) -> Tensor:
 
 
 class CTMCProcess:
-    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; SPEC §A.3).
+    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; [[CTMC]]).
 
     Q_{t|s} = expm((beta_bar(t) - beta_bar(s)) R), computed in float64 by scaling-and-squaring
     (stable for any R, reversible or not), clamped at 0 and renormalised. Times that repeat in a
@@ -122,11 +125,11 @@ class CTMCProcess:
     def add_noise(self, x0: Tensor, t: Tensor, generator=None) -> Tensor:
         B, D = x0.shape
         Q = self.transition(_per_row(t, B, x0.device))                # (B, S, S)
-        rows = Q.gather(1, x0[:, :, None].expand(B, D, self.S))       # (B, D, S) = Q_{t|0}(x0^d -> .)
+        rows = Q.gather(1, x0[:, :, None].expand(B, D, self.S))       # (B, D, S): Q_{t|0}(x0^d, .)
         return sample_categorical(rows.clamp_min(1e-300).log(), generator)
 
     def posterior(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        """p_{s|t}(b | x_t) = sum_a p0(a) Q_{s|0}(a->b) Q_{t|s}(b->x_t) / Q_{t|0}(a->x_t) (SPEC §A.2).
+        """p_{s|t}(b | x_t) = sum_a p0(a) Q_{s|0}(a->b) Q_{t|s}(b->x_t) / Q_{t|0}(a->x_t) [[POST]].
 
         The eps terms follow tauLDR: they keep the division finite where Q_{t|0}(a->x_t) ~ 0.
         Args: log_p0 (B, D, S); x_t (B, D); t, s (B,) or floats. Returns (B, D, S) float64.
@@ -155,7 +158,7 @@ class CTMCProcess:
 
 
 class MaskedProcess:
-    """Absorbing ("masked") process: each token is [MASK] at time t with probability m(t) (SPEC §A.4).
+    """Absorbing process: each token is [MASK] at time t with probability m(t) [[MASKED]].
 
     m: t (N,) -> mask probability (N,), increasing, m(0) = 0, m(1) = 1 (up to eps). MDLM's
     log-linear schedule is m(t) = (1 - eps) t; MaskGIT's arccos schedule is arccos(1 - t) / (pi/2).
@@ -191,7 +194,7 @@ class MaskedProcess:
         return (m_t - m_s) / m_t.clamp_min(1e-12)                      # (B,)
 
     def posterior(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        """Masked x_t^d: [MASK] w.p. m(s)/m(t), else v w.p. p0(v) (m(t) - m(s))/m(t); clean x_t^d: kept.
+        """Masked x_t^d: [MASK] w.p. m(s)/m(t), else v w.p. p0(v) (m(t) - m(s))/m(t); clean: kept.
 
         Returns (B, D, S) float64. Mass that p0 puts on [MASK] (MaskGIT heads) stays on [MASK].
         """
@@ -230,55 +233,50 @@ class MaskedProcess:
 
 
 def draw_lambda(n: int, k: int = 1, generator=None, device=None) -> Tensor:
-    """lambda ~ U[0,1]^k, one row per network call (SPEC §B.1). Returns (n, k) float32."""
+    """lambda ~ U[0,1]^k, one row per network call [[MIX]]. Returns (n, k) float32."""
     return torch.rand(n, k, generator=generator, device=device)
 
 
-def repeat_batch(x: Tensor, L: int) -> Tensor:
+def repeat_batch(x: Optional[Tensor], L: int) -> Optional[Tensor]:
     """Repeat every batch row L times, rows of one x_t adjacent: (B, ...) -> (B*L, ...)."""
-    return x.repeat_interleave(L, dim=0)
+    return None if x is None else x.repeat_interleave(L, dim=0)
 
 
 def log_probs(logits: Tensor) -> Tensor:
-    """log-softmax over states in float32, also under bf16 autocast (SPEC §G.28)."""
+    """log-softmax over states in float32, also under bf16 autocast."""
     return F.log_softmax(logits.float(), dim=-1)
 
 
 def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: int = 1,
-                      generator=None, lam: Optional[Tensor] = None) -> Tensor:
+                      generator=None, lam: Optional[Tensor] = None, cond=None) -> Tensor:
     """Run the student on the lambda-batch: L copies of each x_t, each with its own lambda.
 
-    Args: x (B, D) long; t (B,); lam (B*L, k) or None to draw it.
+    Args: x (B, D) long; t (B,); lam (B*L, k) or None to draw it; cond (B, ...) or None.
     Returns log p^{theta,d}_{0|t}(. | x_t; lambda_l): (B, L, D, S).
     """
     B, D = x.shape
     lam = draw_lambda(B * L, lam_dim, generator, x.device) if lam is None else lam
-    logits = student(repeat_batch(x, L), repeat_batch(t, L), lam)      # (B*L, D, S)
-    return log_probs(logits).view(B, L, D, -1)
+    logits = student(repeat_batch(x, L), repeat_batch(t, L), lam, repeat_batch(cond, L))
+    return log_probs(logits).view(B, L, D, -1)                         # (B, L, D, S)
 
 
 def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
-    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L: the mixture log-likelihood (SPEC §C.2).
+    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood [[J]].
 
     Args: log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t).
     Returns (B,) or (B, M).
     """
-    ll = _component_loglik(log_p, y)                                    # (B, M, L)
-    J = torch.logsumexp(ll, dim=-1) - math.log(log_p.shape[1])         # (B, M)
+    B, L, D, S = log_p.shape
+    y3 = y[:, None] if y.dim() == 2 else y                             # (B, M, D)
+    M = y3.shape[1]
+    idx = y3[:, :, None, :, None].expand(B, M, L, D, 1)
+    ll = log_p[:, None].expand(B, M, L, D, S).gather(-1, idx)[..., 0].sum(-1)  # (B, M, L)
+    J = torch.logsumexp(ll, dim=-1) - math.log(L)                      # (B, M)
     return J.squeeze(1) if y.dim() == 2 else J
 
 
-def _component_loglik(log_p: Tensor, y: Tensor) -> Tensor:
-    """sum_d log p_l^d(y_m^d) for every component l and configuration m: (B, M, L)."""
-    B, L, D, S = log_p.shape
-    y = y[:, None] if y.dim() == 2 else y                              # (B, M, D)
-    M = y.shape[1]
-    idx = y[:, :, None, :, None].expand(B, M, L, D, 1)
-    return log_p[:, None].expand(B, M, L, D, S).gather(-1, idx).squeeze(-1).sum(-1)
-
-
 def mixture_marginal_logp(log_p: Tensor) -> Tensor:
-    """log m^d(a) = logsumexp_l log p_l^d(a) - log L: per-dimension mixture marginals (SPEC §C.2).
+    """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals [[M]].
 
     Args: log_p (B, L, D, S). Returns (B, D, S).
     """
@@ -287,11 +285,11 @@ def mixture_marginal_logp(log_p: Tensor) -> Tensor:
 
 def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
               log_m: Optional[Tensor] = None) -> Tensor:
-    """C^(y) = J^(y) - sum_d log m^d(y^d): log-likelihood minus its dimension-wise control variate.
-
-    E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly (SPEC §C.2); with
-    control_variate=False this returns J^(y) itself.
-    Args: log_p (B, L, D, S); y (B, D) or (B, M, D); log_m (B, D, S) to reuse. Returns (B,) or (B, M).
+    """C^(y) = J^(y) - sum_d log m^d(y^d): the log-likelihood minus its dimension-wise control
+    variate [[C]]; E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly [[ID]].
+    control_variate=False returns J^(y) itself.
+    Args: log_p (B, L, D, S); y (B, D) or (B, M, D); log_m (B, D, S) to reuse.
+    Returns (B,) or (B, M).
     """
     J = mixture_joint_loglik(log_p, y)
     if not control_variate:
@@ -303,7 +301,7 @@ def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
 
 
 def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
-    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S (SPEC §C.2).
+    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S [[K]].
 
     Zero-probability target states contribute 0 even where log m = -inf (no NaN gradients).
     Args: log_pi, log_m (..., D, S), broadcastable. Returns (...).
@@ -315,23 +313,24 @@ def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Loss terms (each per x_t, shape (B,), summed over dimensions; SPEC §C.2 table, §G.1)
+# Loss terms (each per x_t, shape (B,), summed over dimensions) [[LOSS]]
 
 
 def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = True,
                   log_m: Optional[Tensor] = None) -> Tensor:
-    """-C^(x0) for real data x0 (plain mixture NLL -J^(x0) without the control variate). (B,)"""
+    """-C^(x0) for real data x0 (the plain mixture NLL -J^(x0) without the control variate). (B,)"""
     return -cv_loglik(log_p_student, x0, control_variate, log_m)
 
 
 def data_loss_indep(log_p_teacher: Tensor, log_m: Tensor) -> Tensor:
-    """K(p^psi_{0|t}(.|x_t) || m^): teacher marginals stand in for the unknown true ones (SPEC §G.8). (B,)"""
+    """K(p^psi_{0|t}(.|x_t) || m^): the teacher's marginals stand in for the data's [[DATA]]. (B,)"""
     return marginal_kl(log_p_teacher, log_m)
 
 
 def consis_loss_cor(log_p_student: Tensor, y: Tensor, control_variate: bool = True,
                     log_m: Optional[Tensor] = None) -> Tensor:
-    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t). y: (B, L, D). (B,)"""
+    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t) [[CONS]].
+    y: (B, L, D). Returns (B,)."""
     return -cv_loglik(log_p_student, y, control_variate, log_m).mean(1)
 
 
@@ -341,16 +340,15 @@ def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
 
 
 def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
-    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (SPEC §C.2).
-
-    The per-lambda average upper-bounds KL(teacher || mixture) by joint convexity (SPEC §G.26).
+    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) [[DIST]]: by
+    joint convexity it upper-bounds KL(teacher || mixture).
     Args: log_p_teacher (B, D, S); log_p_student (B, L, D, S). Returns (B,).
     """
     return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
 
 
 def alpha_t(t: Tensor, schedule: str = "sigmoid", const: float = 1.0) -> Tensor:
-    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} (SPEC §C.3, §C.6)."""
+    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} [[ALPHA]]."""
     shapes = {"sigmoid": lambda: torch.sigmoid(20 * (t - 0.5)), "linear": lambda: t,
               "const": lambda: torch.ones_like(t), "zero": lambda: torch.zeros_like(t)}
     if schedule not in shapes:
@@ -358,122 +356,199 @@ def alpha_t(t: Tensor, schedule: str = "sigmoid", const: float = 1.0) -> Tensor:
     return const * shapes[schedule]()
 
 
+VARIANTS = ("tauldr", "maskgit", "sdtt")
+
+
+def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
+                    alpha_const: Optional[float] = None) -> dict:
+    """Per-row weights of the Di4C terms for one of the paper's three variants [[VAR]].
+
+      tauldr : distillation on a separate small-time sample x_tau (weight 1), consistency at
+               every t, alpha_const 1 (paper Sec. 5.1, tauLDR teacher).
+      maskgit: distillation reuses x_t with weight 1[t <= delta] / delta, consistency where
+               t > delta, alpha_const 0.1 ("di4c-d"; 0 gives "di4c") (Sec. 5.2).
+      sdtt   : distillation reuses x_t with weight 1[t < delta], consistency where t >= delta,
+               alpha_const 0.1 (Sec. 5.3).
+    Returns {"distil", "consis", "alpha": (B,) tensors, "distil_on": "tau" | "x_t"}; any dict of
+    that form (explicit weights) is accepted by di4c_loss as well.
+    """
+    a = {"tauldr": 1.0, "maskgit": 0.1, "sdtt": 0.1}.get(variant)
+    if a is None:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != "tauldr" and not 0 < delta < 1:
+        raise ValueError(f"variant {variant!r} needs 0 < delta < 1, got {delta}")
+    alpha = alpha_t(t, "sigmoid", a if alpha_const is None else alpha_const)
+    if variant == "tauldr":
+        return dict(distil=torch.ones_like(t), consis=torch.ones_like(t), alpha=alpha,
+                    distil_on="tau")
+    near = (t <= delta) if variant == "maskgit" else (t < delta)
+    scale = 1 / delta if variant == "maskgit" else 1.0
+    return dict(distil=near.float() * scale, consis=(~near).float(), alpha=alpha, distil_on="x_t")
+
+
 # -----------------------------------------------------------------------------
-# Teachers: product (one network call) or mixture (a previous Di4C student, multi-round)
+# Teachers and students: product or mixture teachers (multi-round), the student's initialisation
 
 
 def make_teacher(teacher: Callable, process, lam_dim: int = 0, L: int = 16) -> tuple:
-    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser (SPEC §C.7).
+    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser [[MT]].
 
-    teacher_marginal(x (N, D), t (N,), g) -> log p^psi_{0|t} (N, D, S): the product teacher's
-        log-probs, or for a mixture teacher (lam_dim > 0) the L-sample lambda-average.
-    teacher_step(x_t (N, D), t, u, log_p0 (N, D, S), g) -> x_u (N, D): one analytic step t -> u;
-        a product teacher reuses log_p0, a mixture teacher draws a fresh lambda per row.
+    teacher_marginal(x (N, D), t (N,), cond, g) -> log p^psi_{0|t} (N, D, S): the product
+        teacher's log-probs, or for a mixture teacher (lam_dim > 0) the L-sample lambda-average.
+    teacher_step(x_t (N, D), t, u, log_p0 (N, D, S), cond, g) -> x_u (N, D): one analytic step
+        t -> u; a product teacher reuses log_p0, a mixture teacher draws a fresh lambda per row.
     """
     @torch.no_grad()
-    def teacher_marginal(x, t, generator=None):
+    def teacher_marginal(x, t, cond=None, generator=None):
         if lam_dim == 0:
-            return log_probs(teacher(x, t, None))
-        return mixture_marginal_logp(student_log_probs(teacher, x, t, L, lam_dim, generator))
+            return log_probs(teacher(x, t, None, cond))
+        return mixture_marginal_logp(student_log_probs(teacher, x, t, L, lam_dim, generator,
+                                                       cond=cond))
 
     @torch.no_grad()
-    def teacher_step(x_t, t, u, log_p0, generator=None):
+    def teacher_step(x_t, t, u, log_p0, cond=None, generator=None):
         if lam_dim > 0:
             lam = draw_lambda(x_t.shape[0], lam_dim, generator, x_t.device)
-            log_p0 = log_probs(teacher(x_t, t, lam))
+            log_p0 = log_probs(teacher(x_t, t, lam, cond))
         return process.step(log_p0, x_t, t, u, generator)
 
     return teacher_marginal, teacher_step
 
 
+def is_lam_param(name: str) -> bool:
+    """The lambda path of a student network: every parameter with a "lam_*" name component."""
+    return any(part.startswith("lam_") for part in name.split("."))
+
+
+def lam_param_groups(model: nn.Module, mult: float = 1.0) -> list:
+    """Optimizer groups: the lambda path learns `mult` times faster than the rest.
+
+    At initialisation every mixture component is the same, where the correlation terms'
+    gradients vanish [[SYM]]; a larger step on the lambda path leaves that point sooner. Each
+    group carries its multiplier ("mult") so that LR schedules keep the ratio.
+    """
+    named = list(model.named_parameters())
+    rest = [p for n, p in named if not is_lam_param(n)]
+    lam = [p for n, p in named if is_lam_param(n)]
+    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
+
+
+def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
+    """Load the teacher's weights into a student strictly; its lambda path stays fresh [[INIT]].
+
+    Every non-lambda key of the student must come from the teacher with the same shape and the
+    teacher may not have keys the student lacks (a round-1 student used as teacher passes on its
+    lambda path too). Raises ValueError naming the offending keys. Returns the student.
+    """
+    own = student.state_dict()
+    need = {k for k in own if not is_lam_param(k)}
+    missing, unexpected = sorted(need - set(teacher_state)), sorted(set(teacher_state) - set(own))
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in teacher_state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"teacher weights do not fit the student: missing {missing[:8]} "
+                         f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)}), "
+                         f"shapes (teacher vs student) {shapes[:8]}")
+    student.load_state_dict({**own, **teacher_state})
+    return student
+
+
+def eval_target(net: nn.Module) -> Callable:
+    """The current student as a target: eval mode (no dropout), no grad, mode restored [[GRAD]]."""
+    @torch.no_grad()
+    def target(x, t, lam, cond=None):
+        if not isinstance(net, nn.Module):                 # a plain function has no mode
+            return net(x, t, lam, cond)
+        mode = net.training
+        net.eval()
+        try:
+            return net(x, t, lam, cond)
+        finally:
+            net.train(mode)
+    return target
+
+
 # -----------------------------------------------------------------------------
-# One Di4C training objective (SPEC §C.3 tauLDR, §C.4 MaskGIT, §C.5 SDTT share it)
+# One Di4C training objective, shared by the three variants [[LOSS]]
 
 
 def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, *,
-              teacher_marginal: Callable, teacher_step: Callable, L: int = 16, lam_dim: int = 1,
-              student_target: Optional[Callable] = None, alpha: Optional[Tensor] = None,
-              distil_weight: Optional[Tensor] = None, consis_weight: Optional[Tensor] = None,
+              weights: dict, teacher_marginal: Callable, teacher_step: Callable, L: int = 16,
+              lam_dim: int = 1, cond=None, student_target: Optional[Callable] = None,
               x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
               control_variate: bool = True, generator=None) -> tuple:
-    """Di4C loss per x_t: distil_w distil + alpha data_cor + data_indep + consis_w (consis_cor + consis_indep).
+    """Di4C loss per x_t [[LOSS]]:
+        w_distil distil + alpha data_cor + data_indep + w_consis (consis_cor + consis_indep).
 
-    Variants (SPEC §C.6), chosen by the caller's arguments:
-      tauLDR : x_tau, tau given (distillation on a separate small-time sample, weight 1),
-               consis_weight = 1, alpha = alpha_t(t, "sigmoid", 1.0).
-      MaskGIT: no x_tau; distil_weight = 1[t <= delta] / delta reuses x_t, consis_weight = 1[t > delta],
-               alpha = alpha_t(t, "sigmoid", 0.1) ("di4c-d") or zeros ("di4c").
-      SDTT   : as MaskGIT with distil_weight = 1[t < delta]; mixture teachers via make_teacher.
-    Gradients (SPEC §G.2-G.6): only the student at (x_t, t) and at (x_tau, tau) gets gradients; the
-    teacher, x_u, y and the student at (x_u, u) (current weights, `student_target`, e.g. in eval
-    mode) are computed under no_grad. The L lambdas at t serve both data and consistency terms.
-    Without the control variate the correlation terms become -J^ and the marginal terms are dropped.
-
-    Args: x0, x_t (B, D) long; t, u (B,) with u < t; alpha, *_weight (B,) (default 1).
+    weights: variant_weights(name, t, ...) or an explicit dict of that form; distil_on "tau"
+    requires x_tau, tau (a separate small-time sample), "x_t" reuses x_t.
+    Gradients [[GRAD]]: only the student at (x_t, t) and at (x_tau, tau) gets gradients; the
+    teacher, x_u, y and the student at (x_u, u) (`student_target`, default eval_target(student))
+    run under no_grad. The L lambdas at t serve both data and consistency terms. Every term is
+    computed for every row (no host-device sync); zero weights switch terms off. Without the
+    control variate the correlation terms become -J^ and the marginal terms are dropped.
+    Args: x0, x_t (B, D) long; t, u (B,) with u < t; cond (B, ...) or None.
     Returns (loss (B,), terms: dict of detached (B,) tensors, unweighted).
     """
     B = x_t.shape[0]
-    ones = torch.ones(B, device=x_t.device)
-    alpha = ones if alpha is None else alpha
-    w_cons = ones if consis_weight is None else consis_weight
-    w_dist = (ones if x_tau is not None else 0 * ones) if distil_weight is None else distil_weight
-    student_target = student if student_target is None else student_target
-    cv = control_variate
+    if (weights["distil_on"] == "tau") != (x_tau is not None and tau is not None):
+        raise ValueError(f"distil_on={weights['distil_on']!r} needs x_tau and tau exactly when "
+                         "it is 'tau'")
+    target = eval_target(student) if student_target is None else student_target
+    cv, zero = control_variate, torch.zeros(B, device=x_t.device)
 
     if x_tau is None:
-        log_p_s = student_log_probs(student, x_t, t, L, lam_dim, generator)  # (B, L, D, S)
+        log_p_s = student_log_probs(student, x_t, t, L, lam_dim, generator, cond=cond)
     else:                  # one student call for x_t and x_tau rows (DDP-friendly, one graph)
         both = student_log_probs(student, torch.cat([x_t, x_tau]), torch.cat([t, tau]), L,
-                                 lam_dim, generator)                          # (2B, L, D, S)
-        log_p_s, log_p_s_tau = both[:B], both[B:]
-    log_m = mixture_marginal_logp(log_p_s)                                  # (B, D, S)
-    log_p_T = teacher_marginal(x_t, t, generator)                           # (B, D, S)
-    terms = {"data_cor": data_loss_cor(log_p_s, x0, cv, log_m)}
-    terms["data_indep"] = data_loss_indep(log_p_T, log_m) if cv else 0 * ones
+                                 lam_dim, generator,
+                                 cond=None if cond is None else torch.cat([cond, cond]))
+        log_p_s, log_p_s_tau = both[:B], both[B:]                       # (B, L, D, S) each
+    log_m = mixture_marginal_logp(log_p_s)                              # (B, D, S)
+    log_p_T = teacher_marginal(x_t, t, cond, generator)                 # (B, D, S)
+    terms = {"data_cor": data_loss_cor(log_p_s, x0, cv, log_m),
+             "data_indep": data_loss_indep(log_p_T, log_m) if cv else zero}
 
-    if bool((w_cons != 0).any()):
-        with torch.no_grad():
-            x_u = teacher_step(repeat_batch(x_t, L), repeat_batch(t, L), repeat_batch(u, L),
-                               repeat_batch(log_p_T, L), generator)         # (B*L, D)
-            log_p_u = student_log_probs(student_target, x_u, repeat_batch(u, L), 1, lam_dim,
-                                        generator).view(log_p_s.shape)      # (B, L, D, S)
-            y = sample_categorical(log_p_u, generator)                      # (B, L, D)
-        terms["consis_cor"] = consis_loss_cor(log_p_s, y, cv, log_m)
-        terms["consis_indep"] = consis_loss_indep(log_p_u, log_m) if cv else 0 * ones
-    else:
-        terms["consis_cor"] = terms["consis_indep"] = 0 * ones
+    with torch.no_grad():
+        x_u = teacher_step(repeat_batch(x_t, L), repeat_batch(t, L), repeat_batch(u, L),
+                           repeat_batch(log_p_T, L), repeat_batch(cond, L), generator)
+        lam_u = draw_lambda(B * L, lam_dim, generator, x_t.device)
+        log_p_u = log_probs(target(x_u, repeat_batch(u, L), lam_u, repeat_batch(cond, L)))
+        log_p_u = log_p_u.view(log_p_s.shape)                           # (B, L, D, S)
+        y = sample_categorical(log_p_u, generator)                      # (B, L, D)
+    terms["consis_cor"] = consis_loss_cor(log_p_s, y, cv, log_m)
+    terms["consis_indep"] = consis_loss_indep(log_p_u, log_m) if cv else zero
 
     if x_tau is not None:
-        terms["distil"] = distil_loss(teacher_marginal(x_tau, tau, generator), log_p_s_tau)
-    elif bool((w_dist != 0).any()):
-        terms["distil"] = distil_loss(log_p_T, log_p_s)
+        terms["distil"] = distil_loss(teacher_marginal(x_tau, tau, cond, generator), log_p_s_tau)
     else:
-        terms["distil"] = 0 * ones
+        terms["distil"] = distil_loss(log_p_T, log_p_s)
 
-    loss = (w_dist * terms["distil"] + alpha * terms["data_cor"] + terms["data_indep"]
-            + w_cons * (terms["consis_cor"] + terms["consis_indep"]))
+    w = weights
+    loss = (w["distil"] * terms["distil"] + w["alpha"] * terms["data_cor"] + terms["data_indep"]
+            + w["consis"] * (terms["consis_cor"] + terms["consis_indep"]))
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
 # -----------------------------------------------------------------------------
-# Samplers (SPEC §D)
+# Samplers [[SAMP]]
 
 
 @torch.no_grad()
 def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
-                     lam_dim: int = 0, teacher: Optional[Callable] = None, n_teacher: int = 0,
-                     final_nfe: bool = True, reuse_unchanged: bool = False,
+                     lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
+                     n_teacher: int = 0, final_nfe: bool = True, reuse_unchanged: bool = False,
                      generator=None) -> tuple:
-    """N-step ancestral sampling with the analytic product step; hybrid and mixture aware (SPEC §D).
+    """N-step ancestral sampling with the analytic product step, mixture and hybrid [[SAMP]].
 
     times (K+1,) decreasing, t_0 = start. NFE k < K evaluates the network at t_k and draws
     x_{t_{k+1}} ~ p_{t_{k+1}|t_k}; if final_nfe (and process.needs_final), one more NFE at t_K
     returns process.final (argmax of p_{0|t_K}). So tauLDR's N-NFE sampler is times =
     linspace(1, 0.01, N) and MDLM's is linspace(1, 1e-5, N + 1). A mixture denoiser
-    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid: the last n_teacher NFEs use
-    `teacher` (a product denoiser). reuse_unchanged re-runs a product network only on the rows
-    whose x changed since its last call (valid only for networks without a time input, e.g.
-    MDLM/SDTT). Returns (x_0 (B, D) long, nfe: network calls made).
+    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid [[HYB]]: the last n_teacher
+    NFEs use `teacher` (a product denoiser). reuse_unchanged re-runs a product network only on
+    the rows whose x changed since its last call (valid only for networks without a time input,
+    e.g. MDLM/SDTT). cond (B, ...) is passed to every call. Returns (x_0 (B, D) long, NFEs).
     """
     B = x_T.shape[0]
     K = times.numel() - 1
@@ -488,12 +563,13 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
             changed = (x != cache[1]).any(1)                                   # (B,) rows to redo
             log_p0 = cache[2]                                                  # updated in place
             if bool(changed.any()):
-                log_p0[changed] = log_probs(net(x[changed], t_k[changed], None))
+                c = None if cond is None else cond[changed]
+                log_p0[changed] = log_probs(net(x[changed], t_k[changed], None, c))
                 nfe += 1
             cache = (net, x, log_p0)
         else:
             lam = draw_lambda(B, dim, generator, x.device) if dim > 0 else None
-            log_p0 = log_probs(net(x, t_k, lam))                             # (B, D, S)
+            log_p0 = log_probs(net(x, t_k, lam, cond))                        # (B, D, S)
             nfe += 1
             cache = (net, x, log_p0)
         if k == K:

@@ -386,206 +386,25 @@ def per_rank(ctx: Ctx, global_batch: int) -> int:
 # -----------------------------------------------------------------------------
 # Tokenizers. VQ: the taming-transformers VQGAN architecture (Esser et al. 2021) with its
 # state-dict names, so MaskGIT-pytorch's released f16 checkpoint loads key by key; a smaller
-# configuration of it is the VQ-VAE trained here. Pixels: a grey level is a token.
+# configuration of it is the VQ-VAE trained here. The architecture lives in
+# pretrained/taming_vqgan.py, imported by the two functions below. Pixels: a grey level is a token.
 
 
-def group_norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6)
+def build_vq(cfg: Config) -> nn.Module:
+    from pretrained import taming_vqgan
+    return taming_vqgan.build_vqgan(codes=cfg.vq_codes, dim=cfg.vq_dim, ch=cfg.vq_ch,
+                                    ch_mult=cfg.vq_ch_mult, res_blocks=cfg.vq_res_blocks,
+                                    attn_res=cfg.vq_attn_res, img_size=cfg.img_size)
 
 
-class ResnetBlock(nn.Module):
-    """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), 1x1 `nin_shortcut` when widths differ."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x):
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H W positions, 1x1 convs q, k, v, proj_out."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = group_norm(c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
-        a = F.scaled_dot_product_attention(q, k, v)                                  # (B, HW, C)
-        return x + self.proj_out(a.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Resample(nn.Module):
-    """Down: pad right/bottom by 1, 3x3 conv stride 2. Up: nearest x2, 3x3 conv."""
-
-    def __init__(self, c: int, down: bool):
-        super().__init__()
-        self.down = down
-        self.conv = nn.Conv2d(c, c, 3, stride=2) if down else nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        if self.down:
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-def _level(blocks, attns) -> nn.Module:
-    m = nn.Module()
-    m.block, m.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
-    return m
-
-
-def _middle(c: int) -> nn.Module:
-    m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-    return m
-
-
-class Encoder(nn.Module):
-    """Image (N, 3, R, R) in [-1, 1] -> z (N, z_ch, R/f, R/f), f = 2^(len(ch_mult) - 1)."""
-
-    def __init__(self, ch, ch_mult, n_res, attn_res, resolution, z_ch):
-        super().__init__()
-        self.conv_in, self.down = nn.Conv2d(3, ch, 3, padding=1), nn.ModuleList()
-        c, res = ch, resolution
-        for i, m in enumerate(ch_mult):
-            blocks, attns = [], []
-            for _ in range(n_res):
-                blocks.append(ResnetBlock(c, ch * m))
-                c = ch * m
-                if res in attn_res:
-                    attns.append(AttnBlock(c))
-            level = _level(blocks, attns)
-            if i < len(ch_mult) - 1:
-                level.downsample = Resample(c, down=True)
-                res //= 2
-            self.down.append(level)
-        self.mid = _middle(c)
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, z_ch, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """z (N, z_ch, R/f, R/f) -> image (N, 3, R, R); `up[i]` mirrors the encoder's level i."""
-
-    def __init__(self, ch, ch_mult, n_res, attn_res, resolution, z_ch):
-        super().__init__()
-        c, res = ch * ch_mult[-1], resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in, self.mid = nn.Conv2d(z_ch, c, 3, padding=1), _middle(c)
-        levels = []
-        for i in reversed(range(len(ch_mult))):
-            blocks, attns = [], []
-            for _ in range(n_res + 1):
-                blocks.append(ResnetBlock(c, ch * ch_mult[i]))
-                c = ch * ch_mult[i]
-                if res in attn_res:
-                    attns.append(AttnBlock(c))
-            level = _level(blocks, attns)
-            if i > 0:
-                level.upsample = Resample(c, down=False)
-                res *= 2
-            levels.insert(0, level)
-        self.up = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, 3, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class VQModel(nn.Module):
-    """VQGAN / VQ-VAE: encoder -> quant_conv -> nearest code -> post_quant_conv -> decoder.
-
-    Codes are argmin_k |z - e_k|^2 over `quantize.embedding` (K, dim). Training returns the
-    VQ-VAE loss per image: mean squared reconstruction error + codebook term
-    |sg[z] - e|^2 + 0.25 commitment |z - sg[e]|^2, straight-through gradients.
-    """
-
-    def __init__(self, K, dim, ch, ch_mult, n_res, attn_res, resolution):
-        super().__init__()
-        self.K, self.f = K, 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(ch, ch_mult, n_res, attn_res, resolution, dim)
-        self.decoder = Decoder(ch, ch_mult, n_res, attn_res, resolution, dim)
-        self.quantize = nn.Module()
-        self.quantize.embedding = nn.Embedding(K, dim)
-        nn.init.uniform_(self.quantize.embedding.weight, -1.0 / K, 1.0 / K)
-        self.quant_conv, self.post_quant_conv = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
-
-    def _nearest(self, z):
-        e = self.quantize.embedding.weight                                      # (K, dim)
-        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()              # (N h w, dim)
-        d = zf.pow(2).sum(1, keepdim=True) + e.float().pow(2).sum(1) - 2 * zf @ e.float().T
-        return d.argmin(1).view(z.shape[0], -1)                                 # (N, h w)
-
-    def _embed(self, codes, h):
-        e = self.quantize.embedding(codes)                                      # (N, h w, dim)
-        return e.view(codes.shape[0], h, -1, e.shape[-1]).permute(0, 3, 1, 2)   # (N, dim, h, w)
-
-    @torch.no_grad()
-    def encode(self, x):
-        """x (N, 3, R, R) in [-1, 1] -> codes (N, h w) long."""
-        return self._nearest(self.quant_conv(self.encoder(x)))
-
-    @torch.no_grad()
-    def decode(self, codes):
-        """codes (N, h w) long -> images (N, 3, R, R), about [-1, 1]."""
-        h = math.isqrt(codes.shape[1])
-        return self.decoder(self.post_quant_conv(self._embed(codes, h)))
-
-    def forward(self, x):
-        z = self.quant_conv(self.encoder(x))                                    # (N, dim, h, w)
-        codes = self._nearest(z.detach())
-        e = self._embed(codes, z.shape[2])
-        vq = ((z.detach() - e) ** 2 + 0.25 * (z - e.detach()) ** 2).flatten(1).mean(1)  # (N,)
-        rec = self.decoder(self.post_quant_conv(z + (e - z).detach()))
-        return ((rec - x) ** 2).flatten(1).mean(1) + vq, codes
-
-
-def build_vq(cfg: Config) -> VQModel:
-    return VQModel(cfg.vq_codes, cfg.vq_dim, cfg.vq_ch, cfg.vq_ch_mult, cfg.vq_res_blocks,
-                   cfg.vq_attn_res, cfg.img_size)
-
-
-def load_vqgan(cfg: Config, path: str) -> VQModel:
-    """MaskGIT-pytorch's VQGAN (`pretrained_maskgit/VQGAN/last.ckpt`, a Lightning checkpoint
-    {"state_dict": ...}) into the taming f16 architecture, strictly. Keys under `loss.` (the
-    LPIPS / discriminator of VQGAN training) are not part of the tokenizer and are skipped."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --vqgan_ckpt {path!r} not found (MaskGIT-pytorch's "
-                         "download_models.py fetches pretrained_maskgit/VQGAN/last.ckpt)")
-    st = torch.load(path, map_location="cpu", weights_only=False)
-    sd = st.get("state_dict", st) if isinstance(st, dict) else None
-    if not isinstance(sd, dict):
-        raise SystemExit(f"error: {path!r} holds no state dict")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()
-          if not k.startswith("loss.")}
+def load_vqgan(cfg: Config, path: str) -> nn.Module:
+    """MaskGIT-pytorch's VQGAN (`pretrained_maskgit/VQGAN/last.ckpt`) into the taming f16
+    architecture, strictly (pretrained/taming_vqgan.py reads the checkpoint)."""
+    from pretrained import taming_vqgan
+    try:
+        sd = taming_vqgan.vqgan_state_dict(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return load_strict(build_vq(cfg), sd, f"VQGAN checkpoint {path!r} does not fit the taming "
                        "architecture of --vq_codes/--vq_dim/--vq_ch/--vq_ch_mult/--vq_res_blocks/"
                        "--vq_attn_res/--img_size (the released f16 model needs the paper preset)")
@@ -685,7 +504,7 @@ def stage_tokenize(cfg: Config, ctx: Ctx):
 
 
 @torch.no_grad()
-def encode_split(cfg: Config, ctx: Ctx, ds, vq: VQModel) -> tuple:
+def encode_split(cfg: Config, ctx: Ctx, ds, vq) -> tuple:
     """Codes (N (x2 with flips), D) int and labels of an ImageFolder, sharded over ranks."""
     mine = range(ctx.rank, len(ds), ctx.world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(mine)),
@@ -715,7 +534,7 @@ def encode_split(cfg: Config, ctx: Ctx, ds, vq: VQModel) -> tuple:
     return out.flatten(0, 1), lab.repeat_interleave(V)
 
 
-def train_vqvae(cfg: Config, ctx: Ctx, ds) -> VQModel:
+def train_vqvae(cfg: Config, ctx: Ctx, ds) -> nn.Module:
     """The small VQ-VAE for your own images (MSE + VQ losses, no GAN / LPIPS): images are
     held in memory at img_size; out_dir/vqvae.pt, resumable like every training stage."""
     images, labels = load_images(ds, ctx, workers=cfg.num_workers)
@@ -838,38 +657,6 @@ def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransf
                        f"{t_path} does not fit the student")
 
 
-def maskgit_to_ours(sd: dict) -> dict:
-    """MaskGIT-pytorch's MaskTransformer state dict -> ours (pure renaming; "module." stripped).
-
-    tok_emb -> embed, pos_emb -> pos, first_layer.i -> first.i, last_layer.i -> last.i,
-    bias -> out_bias, transformer.layers.l.0.norm -> blocks.l.ln1, .0.fn.mha.* -> .attn.*,
-    .1.norm -> .ln2, .1.fn.net.i -> .mlp.i. Unknown keys keep their names (a strict load then
-    names them, e.g. the official Di4C student's latent_projection.*).
-    """
-    top = {"tok_emb.weight": "embed.weight", "pos_emb": "pos", "bias": "out_bias"}
-    out = {}
-    for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        p = k.split(".")
-        if k in top:
-            out[top[k]] = v
-        elif p[0] in ("first_layer", "last_layer"):
-            out[".".join([p[0].split("_")[0]] + p[1:])] = v
-        elif p[:2] == ["transformer", "layers"] and len(p) >= 6:
-            sub = {("0", "norm"): "ln1", ("1", "norm"): "ln2"}.get((p[3], p[4]))
-            if sub:
-                out[".".join(["blocks", p[2], sub] + p[5:])] = v
-            elif p[3:6] == ["0", "fn", "mha"]:
-                out[".".join(["blocks", p[2], "attn"] + p[6:])] = v
-            elif p[3:6] == ["1", "fn", "net"]:
-                out[".".join(["blocks", p[2], "mlp"] + p[6:])] = v
-            else:
-                out[k] = v
-        else:
-            out[k] = v
-    return out
-
-
 def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True) -> tuple:
     """Frozen network -> (model in eval mode, lam_dim): a checkpoint of this script (EMA
     weights if it has them) or MaskGIT-pytorch's transformer (`model_state_dict`, strict)."""
@@ -881,6 +668,7 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
     except Exception as e:
         raise SystemExit(f"error: cannot read {path!r} as a checkpoint ({e})") from None
     if isinstance(state, dict) and "model_state_dict" in state and "config" not in state:
+        from pretrained.maskgit import maskgit_to_ours
         sd, lam_dim = maskgit_to_ours(state["model_state_dict"]), 0
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)

@@ -60,7 +60,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.register_buffer("table", table)
 
-    def forward(self, x, t, lam=None):
+    def forward(self, x, t, lam=None, cond=None):
         return self.table[index_of(x)]                                        # (N, D, S)
 
 
@@ -74,7 +74,7 @@ class Student(nn.Module):
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, D * V))
         nn.init.zeros_(self.mlp[-1].weight), nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x, t, lam):
+    def forward(self, x, t, lam, cond=None):
         freqs = math.pi * torch.arange(1, self.n_freq + 1, device=x.device)
         lam_feat = torch.cat([torch.sin(lam * freqs), torch.cos(lam * freqs)], -1)   # (N, 2F)
         h = torch.cat([F.one_hot(x, S).float().flatten(1), lam_feat], -1)
@@ -125,8 +125,10 @@ def train_student(teacher, states, pi, iters=400, B=64, L=16, lr=2e-3, seed=0, l
         u = (t - 0.05 - 0.25 * torch.rand(B, generator=g)).clamp_min(0.0)     # one teacher step t -> u
         x_t = proc.add_noise(x0, t, g)
         loss, terms = core.di4c_loss(student, x0, x_t, t, u, teacher_marginal=marg, teacher_step=step,
-                                     L=L, alpha=core.alpha_t(t, "const", 1.0),
-                                     distil_weight=(t < delta).float(), consis_weight=(t >= delta).float(),
+                                     L=L, weights=dict(distil=(t < delta).float(),
+                                                       consis=(t >= delta).float(),
+                                                       alpha=core.alpha_t(t, "const", 1.0),
+                                                       distil_on="x_t"),
                                      generator=g)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()

@@ -62,7 +62,7 @@ class TableDenoiser:
     def __init__(self, table: torch.Tensor, S_in: int):
         self.table, self.S_in = table, S_in
 
-    def __call__(self, x, t, lam):
+    def __call__(self, x, t, lam, cond=None):
         K = self.table.shape[0]
         comp = torch.zeros(x.shape[0], dtype=torch.long) if lam is None else \
             (lam[:, 0] * K).long().clamp(max=K - 1)

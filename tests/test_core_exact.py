@@ -33,6 +33,12 @@ def make_masked(S):
 PROCESSES = [("ctmc", 3), ("ctmc", 4), ("masked", 3), ("masked", 4)]
 
 
+def explicit(B, distil=1.0, consis=1.0, alpha=1.0):
+    """Explicit di4c_loss weights (every term on), distillation reusing x_t."""
+    full = lambda v: torch.full((B,), float(v))
+    return dict(distil=full(distil), consis=full(consis), alpha=full(alpha), distil_on="x_t")
+
+
 def build(kind, S, seed=0):
     return make_ctmc(S, gen(seed)) if kind == "ctmc" else make_masked(S)
 
@@ -257,7 +263,7 @@ def test_consistency_and_distillation_converge():
     for L in [4, 32, 256]:
         _, terms = core.di4c_loss(student, x_t, x_t, torch.full((R,), t), torch.full((R,), u),
                                   teacher_marginal=marg, teacher_step=step, L=L,
-                                  distil_weight=torch.ones(R), generator=gen(L))
+                                  weights=explicit(R), generator=gen(L))
         m, se = mc_mean(terms["consis_cor"] + terms["consis_indep"])
         md, sed = mc_mean(terms["distil"])
         errors.append(abs(m - exact_consis.item()))
@@ -284,7 +290,7 @@ class LinearStudent(torch.nn.Module):
             self.net.load_state_dict(teacher_weight)
         self.D, self.S = D, S
 
-    def forward(self, x, t, lam):
+    def forward(self, x, t, lam, cond=None):
         h = torch.nn.functional.one_hot(x, self.S).float().flatten(1)
         out = self.net(h) + (0 if lam is None else self.lam(lam))
         return out.view(-1, self.D, self.S)
@@ -303,7 +309,7 @@ def test_losses_and_gradients_vanish_at_the_target():
     x_t = proc.add_noise(x0, torch.full((B,), 0.6), gen(1))
     loss, terms = core.di4c_loss(student, x0, x_t, torch.full((B,), 0.6), torch.full((B,), 0.45),
                                  teacher_marginal=marg, teacher_step=step, L=L,
-                                 distil_weight=torch.ones(B), generator=gen(2))
+                                 weights=explicit(B), generator=gen(2))
     # data_cor is -C^(x0) = 0 for a lambda-free mixture, whatever x0 is
     for name in ["distil", "data_indep", "data_cor", "consis_cor", "consis_indep"]:
         assert terms[name].abs().max() < 1e-5, (name, terms[name])
@@ -315,7 +321,7 @@ def test_losses_and_gradients_vanish_at_the_target():
         student.lam.weight.normal_()
     loss, terms = core.di4c_loss(student, x0, x_t, torch.full((B,), 0.6), torch.full((B,), 0.45),
                                  teacher_marginal=marg, teacher_step=step, L=L,
-                                 distil_weight=torch.ones(B), generator=gen(2))
+                                 weights=explicit(B), generator=gen(2))
     assert terms["distil"].min() > 1e-4 and terms["consis_cor"].abs().max() > 1e-4
 
 
@@ -323,7 +329,7 @@ def test_losses_and_gradients_vanish_at_the_target():
 # SPEC §C.7: correlated coins, product samplers have TV 1/(2N), a one-step mixture is exact
 
 
-def coins_denoiser(x, t, lam):
+def coins_denoiser(x, t, lam, cond=None):
     """Exact per-dimension x0-prediction for data uniform on {(0,0), (1,1)}; states {0, 1, MASK=2}."""
     N = x.shape[0]
     logits = torch.full((N, 2, 3), -1e4)
@@ -380,7 +386,7 @@ def test_ancestral_sample_matches_exact_law_and_is_deterministic():
     assert torch.equal(x, x2)
     # hybrid: last NFE by the teacher; reuse_unchanged skips calls whose input did not change
     calls = []
-    def counting(x, t, lam):
+    def counting(x, t, lam, cond=None):
         calls.append(1)
         return coins_denoiser(x, t, lam)
     x3, nfe3 = core.ancestral_sample(proc, proc.prior(4, 2), torch.tensor([1.0, 0.9, 0.8, 0.7, 0.0]),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import imagenet_masked as m
+from pretrained.maskgit import maskgit_to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +177,7 @@ def test_maskgit_pytorch_transformer_checkpoint_loads_strictly(tmp_path):
     keys = maskgit_keys(m.build_model(cfg, meta))
     torch.manual_seed(0)
     sd = {f"module.{k}": torch.randn(s) for k, s in keys.items()}    # saved from DDP
-    assert set(m.maskgit_to_ours(sd)) == set(m.build_model(cfg, meta).state_dict())
+    assert set(maskgit_to_ours(sd)) == set(m.build_model(cfg, meta).state_dict())
     path = tmp_path / "MaskGIT_ImageNet_256.pth"
     torch.save({"iter": 1, "global_epoch": 0, "model_state_dict": sd,
                 "optimizer_state_dict": {}}, path)
