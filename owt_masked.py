@@ -10,8 +10,8 @@ self-BLEU (eval/text_metrics.py).
 
 1 GPU:          python owt_masked.py                      (paper preset: OpenWebText, GPT-2 BPE)
 8 GPUs:         torchrun --standalone --nproc_per_node=8 owt_masked.py
-CPU demo:       python owt_masked.py --preset demo --tokenizer_file gpt2.tiktoken
-CPU smoke test: python owt_masked.py --preset smoke --tokenizer_file gpt2.tiktoken
+CPU demo:       python owt_masked.py --preset demo
+CPU smoke test: python owt_masked.py --preset smoke
 2-proc CPU:     torchrun --standalone --nproc_per_node=2 owt_masked.py --preset smoke ...
 Stages:         --stage teacher | distill | sample | eval | all   (each reads what the
                 previous ones wrote in --out_dir); --resume true continues a stage exactly.
@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import di4c_core as core
 from eval import text_metrics
@@ -51,7 +52,7 @@ class Config:
     # data
     dataset: str = "Skylion007/openwebtext"  # HF hub dataset (parquet) or "pydoc" (offline)
     data_files: str = ""           # comma-separated local .txt/.json(l)/.parquet globs
-    tokenizer_file: str = ""       # local GPT-2 BPE rank file; "" = tiktoken's own download
+    tokenizer_file: str = "assets/gpt2.tiktoken"  # GPT-2 BPE ranks (relative: to this file)
     cache_dir: str = ""            # token cache (np.memmap); "" = out_dir/data
     seq_len: int = 1024            # D, tokens per sequence (MDLM wraps documents in 1024)
     val_docs: int = 100_000        # last documents held out (MDLM's openwebtext-split)
@@ -98,6 +99,7 @@ class Config:
     device: str = ""               # "" = cuda if available else cpu
     dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
     seed: int = 0
+    grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
     log_every: int = 100
     ckpt_every: int = 5000
 
@@ -129,19 +131,23 @@ PRESETS = {
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset",
              "data_files")
-RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
+RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr", "grad_accum",
                            "teacher_lr", "warmup", "seed")
 
 # -----------------------------------------------------------------------------
-# Infrastructure (identical in the three domain scripts; see STYLE §3.1)
+# Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
+# config and CLI, distributed setup, run context and logging, atomic checkpoints, per-step RNG,
+# the training loop, metrics.json and the quality-vs-steps plot. It uses the script's Config,
+# PRESETS and RESUME_KEYS; everything domain-specific lives outside it.
 
 
 def parse_config(cls, argv=None):
-    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins (STYLE §0)."""
+    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(f.type, dict(type=f.type))
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(
+            f.type, dict(type=f.type))
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
     return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
@@ -166,17 +172,18 @@ def make_config(cls, **overrides):
 
 
 def setup_dist(device: str = ""):
-    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> world_size 1."""
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one."""
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 0, 1, dev
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        return 0, 1, dev
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK",
+                                                                 "WORLD_SIZE"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, local_rank, world_size, dev
+    return rank, world_size, dev
 
 
 def cleanup(world_size: int):
@@ -185,35 +192,8 @@ def cleanup(world_size: int):
         dist.destroy_process_group()
 
 
-def all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= world_size
-    return x
-
-
-def save_checkpoint(path: str, state: dict):
-    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()):
-    """Load a checkpoint and refuse one from another config (names the mismatching fields)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path!r} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
-    if bad:
-        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}" for k in bad)
-        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
-    return state
-
-
 class Logger:
-    """print0 + tee into out_dir/log.txt on rank 0."""
+    """print0 + tee into out_dir/log.txt on rank 0 (through tqdm, so progress bars stay intact)."""
 
     def __init__(self, rank: int, out_dir: str):
         self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
@@ -221,17 +201,9 @@ class Logger:
     def __call__(self, *msg):
         if self.rank == 0:
             line = " ".join(str(m) for m in msg)
-            print(line, flush=True)
+            tqdm.write(line)
             with open(self.path, "a") as f:
                 f.write(line + "\n")
-
-
-def update_ema(ema: nn.Module, model: nn.Module, decay: float):
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
 
 
 @dataclass
@@ -248,17 +220,70 @@ class Ctx:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
 
-def step_rng(cfg: Config, ctx: Ctx, salt: str, step: int) -> torch.Generator:
-    """One generator per (stage, rank, step): training resumes exactly without saving RNG state.
-    Also seeds the global RNG, which dropout uses."""
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce mean over ranks, on the training device (nccl serves CUDA tensors only)."""
+        x = x.detach().float().to(self.device).clone()
+        if self.world_size > 1:
+            dist.all_reduce(x)
+            x /= self.world_size
+        return x
+
+    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
+        """A tqdm bar with rate and ETA on rank 0 (disabled elsewhere)."""
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the previous one "
+                         "is kept") from None
+
+
+def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
+    """Load a checkpoint of this script; refuse a foreign one or one from another config."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by this script")
+    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now "
+                          f"{cfg_dict.get(k)!r}" for k in bad)
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
+    return state
+
+
+def ckpt_path(cfg, name: str) -> str:
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
+    """One generator per (stage, rank, step): training resumes exactly without saving RNG
+    state. It also seeds the global RNG, which dropout uses."""
     seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
             + step) % (2 ** 63)
     torch.manual_seed(seed)
     return torch.Generator(device=ctx.device).manual_seed(seed)
 
 
-def update_metrics(cfg: Config, ctx: Ctx, new: dict):
+def update_metrics(cfg, ctx: Ctx, new: dict):
     """Merge `new` into out_dir/metrics.json (rank 0), one level deep."""
     if ctx.rank != 0:
         return
@@ -271,6 +296,149 @@ def update_metrics(cfg: Config, ctx: Ctx, new: dict):
     os.replace(path + ".tmp", path)
 
 
+def per_rank(ctx: Ctx, global_batch: int, accum: int = 1) -> int:
+    """Per-rank micro-batch of a global batch split over ranks and accumulation steps."""
+    if global_batch < 1 or global_batch % (ctx.world_size * accum):
+        raise SystemExit(f"error: batch {global_batch} must be a positive multiple of world size "
+                         f"{ctx.world_size} x grad_accum {accum}")
+    return global_batch // (ctx.world_size * accum)
+
+
+def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
+    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay_iters <= 0 or step < warmup:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
+def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
+        betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
+        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+    """The training loop of every stage: AdamW with the lambda path's LR multiplier
+    (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
+    accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
+    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
+    run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
+    Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
+    step and the terms; the last good state stays on disk. The finished model goes to
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    """
+    state_path = ckpt_path(cfg, f"{name}_state")
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+                            weight_decay=weight_decay)
+    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
+    step, wall = 0, 0.0
+    if cfg.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, wall = state["step"], state["wall"]
+        ctx.log(f"{name}: resumed from {state_path} at step {step}")
+
+    def snapshot(path, with_optimizer=True):
+        if ctx.rank == 0:
+            save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
+                                       else None, step=step, wall=wall, config=asdict(cfg),
+                                       kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       optimizer=opt.state_dict() if with_optimizer else None))
+
+    def finished():                    # every rank stops at the same step
+        over = float(wall >= seconds) if seconds else float(step >= iters)
+        return ctx.mean(torch.tensor([over])).item() > 0
+
+    model = DDP(raw) if ctx.world_size > 1 else raw
+    raw.train()
+    bar = ctx.progress(None if seconds else iters, name, step)
+    try:
+        while not finished():
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
+            opt.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                i = step * accum + micro
+                g = step_rng(cfg, ctx, name, i)
+                batch = batches(i, g)
+                last = micro == accum - 1 or ctx.world_size == 1
+                with nullcontext() if last else model.no_sync():
+                    with ctx.autocast():
+                        loss, terms = loss_fn(model, batch, g)
+                    (loss.mean() / accum).backward()
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
+            vals = ctx.mean(torch.stack([*logged.values(), norm.float()]))
+            if not torch.isfinite(vals).all():
+                bad = [k for k, v in zip([*logged, "grad_norm"], vals.tolist())
+                       if not math.isfinite(v)]
+                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
+                                 f"stopped before the update (last good state: {state_path}); "
+                                 "try a lower --lr")
+            opt.step()
+            if ema is not None:        # warm-up: early EMAs must not keep the random init
+                update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+            step, wall = step + 1, wall + time.perf_counter() - t0
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == iters:
+                bar.set_postfix(loss=f"{vals[0].item():.4f}")
+                ctx.log(f"{name} step {step:06d} | " + " | ".join(
+                    f"{k} {v:.4f}" for k, v in zip(logged, vals.tolist()))
+                    + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if step % cfg.ckpt_every == 0:
+                snapshot(state_path)
+    except KeyboardInterrupt:
+        snapshot(state_path)
+        raise SystemExit(f"interrupted: {name} state at step {step} saved to {state_path}; "
+                         "rerun with --resume true to continue") from None
+    finally:
+        bar.close()
+    snapshot(state_path)
+    snapshot(ckpt_path(cfg, name), with_optimizer=False)
+    ctx.barrier()
+    return {"ema": ema, "step": step, "wall": wall}
+
+
+def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
+    """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
+    CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = {}
+    for r in rows:
+        label = r["model"] + "".join(f" {k}={r[k]}" for k in ("w", "kind") if k in r)
+        lines.setdefault(label, []).append((r["nfe"], r[key]))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (network calls per sample)")
+    ax.set_ylabel(f"{key} ({'lower' if lower_is_better else 'higher'} is better)")
+    ax.set_title(f"{os.path.basename(__file__)} --preset {cfg.preset}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "quality_vs_steps.png"), dpi=120)
+    plt.close(fig)
+
+
+# End of the infrastructure block.
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer: GPT-2 BPE through tiktoken, offline from a local rank file
 
@@ -279,21 +447,21 @@ EOT = 50256                        # <|endoftext|>, joins documents
 N_GPT2 = 50257
 
 
-def gpt2_encoding(tokenizer_file: str = ""):
-    """The exact GPT-2 encoding: from a local 50257-line rank file (offline), else tiktoken's."""
+def gpt2_encoding(tokenizer_file: str):
+    """The exact GPT-2 encoding from a local 50257-line rank file (offline; the repo ships one in
+    assets/, a relative path is taken from this script's folder)."""
     import tiktoken
-    if not tokenizer_file:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise SystemExit(f"error: tiktoken could not fetch the GPT-2 encoding ({e}); "
-                             "pass --tokenizer_file path/to/gpt2.tiktoken") from e
-    if not os.path.isfile(tokenizer_file):
-        raise SystemExit(f"error: --tokenizer_file {tokenizer_file!r} not found")
     from tiktoken.load import load_tiktoken_bpe
-    ranks = load_tiktoken_bpe(tokenizer_file)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), tokenizer_file)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --tokenizer_file {tokenizer_file!r} not found")
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except Exception as e:
+        raise SystemExit(f"error: --tokenizer_file {path!r} is not a tiktoken rank file "
+                         f"({type(e).__name__})") from None
     if len(ranks) != EOT:
-        raise SystemExit(f"error: {tokenizer_file!r} has {len(ranks)} ranks, GPT-2 has {EOT}")
+        raise SystemExit(f"error: {path!r} has {len(ranks)} ranks, GPT-2 has {EOT}")
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT})
 
@@ -530,7 +698,7 @@ class DiT(nn.Module):
         sh, sc = self.ada_f(c)[:, None].chunk(2, -1)
         return self.ln_f(h) * (1 + sc) + sh                                   # (N, D, E)
 
-    def forward(self, x_t, t=None, lam=None, masked_only: bool = False):
+    def forward(self, x_t, t=None, lam=None, cond=None, masked_only: bool = False):
         h = self.trunk(x_t, lam)
         if self.causal:
             return self.head(h)                                               # (N, D, S)
@@ -583,7 +751,7 @@ def mdlm_loss(model, x0: torch.Tensor, process, g: torch.Generator) -> tuple:
     t = (torch.rand(1, generator=g, device=x0.device) + torch.arange(B, device=x0.device) / B) % 1
     t = T_MIN_TRAIN + (1 - T_MIN_TRAIN) * t                                   # (B,)
     x_t = process.add_noise(x0, t, g)                                         # (B, D)
-    logits, masked = model(x_t, t, None, masked_only=True)                    # (M, S), (B, D)
+    logits, masked = model(x_t, t, masked_only=True)                    # (M, S), (B, D)
     nll = torch.zeros(B, D, device=x0.device)
     nll[masked] = F.cross_entropy(logits, x0[masked], reduction="none")
     loss = (1 - EPS) / mask_rate(t) * nll.sum(1) / D                          # (B,)
@@ -608,101 +776,6 @@ def val_nelbo(cfg: Config, ctx: Ctx, corpus: Corpus, net, n_blocks: int = 256,
 
 
 # -----------------------------------------------------------------------------
-# Training loop shared by teacher, judge, Di4C student and control
-
-
-def ckpt_path(cfg: Config, name: str) -> str:
-    return os.path.join(cfg.out_dir, f"{name}.pt")
-
-
-def lam_param_groups(raw: nn.Module, mult: float) -> list:
-    """Optimizer groups: the zero-initialised lambda path (`lam_mlp.*`) learns `mult` times faster.
-
-    At initialisation every mixture component is the same, where the correlation estimators'
-    gradients vanish (README "symmetric start"); a larger step on the lambda path leaves that
-    point sooner. Each group carries its multiplier so that LR schedules keep the ratio.
-    """
-    lam = [p for n, p in raw.named_parameters() if n.startswith("lam_mlp.")]
-    rest = [p for n, p in raw.named_parameters() if not n.startswith("lam_mlp.")]
-    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
-
-
-def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
-    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
-    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    if decay_iters <= 0 or step < warmup:
-        return warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
-
-def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, iters: int, lr: float,
-        ema_decay: float = 0.0, seconds: float = 0.0, resume: bool = False,
-        cosine: bool = False) -> dict:
-    """AdamW (betas 0.9/0.999, no weight decay), linear warm-up then constant LR (or a cosine
-    decay to 0 with `cosine`, lr_factor), grad clip 1,
-    DDP when world_size > 1, optional EMA; atomic checkpoint out_dir/<name>.pt every ckpt_every
-    steps and at the end; `resume` continues it exactly (per-step seeded RNG, step_rng).
-    seconds > 0 stops at that training wall time instead of at `iters` (the control).
-    loss_fn(model, step, g) -> (loss (B,), terms). Returns the final checkpoint dict.
-    """
-    path = ckpt_path(cfg, name)
-    opt = torch.optim.AdamW(lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=(0.9, 0.999),
-                            eps=1e-8, weight_decay=0.0)
-    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
-    step, wall = 0, 0.0
-    if resume and os.path.exists(path):
-        state = load_checkpoint(path, asdict(cfg), RESUME_KEYS)
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, wall = state["step"], state["wall"]
-        ctx.log(f"{name}: resumed from {path} at step {step}")
-    model = DDP(raw) if ctx.world_size > 1 else raw
-    raw.train()
-    while True:
-        over = torch.tensor(float(wall >= seconds if seconds else step >= iters))
-        done = bool(all_reduce_mean(over, ctx.world_size) > 0)
-        if ctx.rank == 0 and (done or (step % cfg.ckpt_every == 0 and step > 0)):
-            state = dict(model=raw.state_dict(), ema=ema.state_dict() if ema else None,
-                         optimizer=opt.state_dict(), step=step, wall=wall, config=asdict(cfg),
-                         kind=name, lam_dim=getattr(raw, "lam_dim", 0))
-            save_checkpoint(path, state)
-        if done:
-            break
-        t0 = time.perf_counter()
-        g = step_rng(cfg, ctx, name, step)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["mult"] * lr_factor(step, cfg.warmup,
-                                                         iters if cosine else 0)
-        with ctx.autocast():
-            loss, terms = loss_fn(model, step, g)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
-        if ema is not None:
-            update_ema(ema, raw, ema_decay)
-        step, wall = step + 1, wall + time.perf_counter() - t0
-        if step % cfg.log_every == 0 or step == iters:
-            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
-            vals = all_reduce_mean(torch.stack(list(logged.values())), ctx.world_size).tolist()
-            ctx.log(f"{name} step {step:06d} | " + " | ".join(
-                f"{k} {v:.4f}" for k, v in zip(logged, vals))
-                + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
-    if ctx.world_size > 1:
-        dist.barrier()
-    return {"model": raw, "ema": ema, "step": step, "wall": wall}
-
-
-def per_rank(cfg: Config, ctx: Ctx, global_batch: int) -> int:
-    if global_batch % ctx.world_size:
-        raise SystemExit(f"error: batch {global_batch} is not divisible by world size "
-                         f"{ctx.world_size}")
-    return global_batch // ctx.world_size
-
-
-# -----------------------------------------------------------------------------
 # Stages: teacher (MDLM), distill (Di4C + control), sample, eval
 
 
@@ -710,13 +783,13 @@ def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Train the MDLM teacher from scratch; report its validation NELBO (EMA weights)."""
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, corpus.S).to(ctx.device)
-    process, B = make_process(corpus.S), per_rank(cfg, ctx, cfg.batch_size)
+    process, B = make_process(corpus.S), per_rank(ctx, cfg.batch_size, cfg.grad_accum)
     ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
             f"S = {corpus.S}, D = {cfg.seq_len}, {corpus.n_blocks('train')} train blocks")
-    out = fit(cfg, ctx, "teacher", raw,
-              lambda model, step, g: mdlm_loss(model, corpus.batch(B, g), process, g),
-              cfg.teacher_iters, cfg.teacher_lr, cfg.ema, resume=cfg.resume,
-              cosine=cfg.teacher_cosine)
+    out = fit(cfg, ctx, "teacher", raw, lambda model, x0, g: mdlm_loss(model, x0, process, g),
+              lambda i, g: corpus.batch(B, g), cfg.teacher_iters, cfg.teacher_lr,
+              warmup=cfg.warmup, cosine=cfg.teacher_cosine, ema_decay=cfg.ema,
+              accum=cfg.grad_accum)
     nelbo = val_nelbo(cfg, ctx, corpus, out["ema"].eval())
     ctx.log(f"teacher: val NELBO {nelbo:.4f} nats/token, PPL <= {math.exp(nelbo):.1f}")
     update_metrics(cfg, ctx, {"teacher": dict(val_nelbo=nelbo, val_ppl_bound=math.exp(nelbo),
@@ -724,9 +797,9 @@ def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
 
 
 def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
-    """Per-sample t (SPEC §C.5; SDTT draws one t per batch, §G.16): t ~ U[0, delta) with
-    prob distil_prob, else U[delta, 1]; snapped once to {k / T, k = 1..T} (§G.15); the teacher
-    step goes to u = t - min(1/T, t/2). Returns t, u (B,) float32."""
+    """Per-sample t (SDTT draws one t per batch): t ~ U[0, delta) with probability
+    distil_prob, else U[delta, 1]; snapped once to {k / T, k = 1..T} (SDTT snaps twice); the
+    teacher step goes to u = t - min(1/T, t/2) (docs/method.md [[SDTT]]). Returns t, u (B,)."""
     dev = g.device
     U = torch.rand(B, generator=g, device=dev)
     distil = torch.rand(B, generator=g, device=dev) < cfg.distil_prob
@@ -736,55 +809,45 @@ def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
 
 
 def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
-    """Di4C (SPEC §C.5) from the teacher, then the control: the teacher fine-tuned with its own
-    MDLM loss for the same wall time (so a gain is Di4C's, not extra training's)."""
+    """Di4C in the SDTT variant (docs/method.md [[VAR]]) from the teacher (a product MDLM, or a
+    Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
+    loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
     teacher, lam_T = load_model(cfg, corpus, t_path, use_ema=True)
-    init = teacher.state_dict()
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg, corpus.S, lam_dim=1).to(ctx.device)
-    own = student.state_dict()
-    unexpected = [k for k in init if k not in own]
-    missing = [k for k in own if k not in init and not k.startswith("lam_mlp.")]
-    if unexpected or missing:
-        raise SystemExit(f"error: {t_path} does not fit the student ({missing}, {unexpected})")
-    student.load_state_dict({**own, **init})           # strict: only the lambda path stays fresh
+    try:
+        student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
+                                            teacher.state_dict()).to(ctx.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {t_path}: {e}") from None
     process = make_process(corpus.S)
     marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
-    B = per_rank(cfg, ctx, cfg.distil_batch)
+    B = per_rank(ctx, cfg.distil_batch, cfg.grad_accum)
     ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
-            f"{B} x L = {cfg.L} rows per rank")
+            f"{B} x L = {cfg.L} rows per rank and micro-step")
 
-    def target(x, t, lam):             # the current student, eval mode, no grad (SPEC §G.3-G.4)
-        student.eval()
-        out = student(x, t, lam)
-        student.train()
-        return out
-
-    def loss_fn(model, step, g):
-        x0 = corpus.batch(B, g)                                               # (B, D)
+    def loss_fn(model, x0, g):
         t, u = di4c_times(cfg, B, g)
         x_t = process.add_noise(x0, t, g)                                     # (B, D)
-        return core.di4c_loss(model, x0, x_t, t, u, teacher_marginal=marginal,
+        weights = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
+        return core.di4c_loss(model, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
                               teacher_step=teacher_step, L=cfg.L, lam_dim=1,
-                              student_target=target,
-                              alpha=core.alpha_t(t, "sigmoid", cfg.alpha_const),
-                              distil_weight=(t < cfg.delta).float(),
-                              consis_weight=(t >= cfg.delta).float(), generator=g)
+                              student_target=core.eval_target(student), generator=g)
 
-    out = fit(cfg, ctx, "student", student, loss_fn, cfg.distil_iters, cfg.lr, cfg.student_ema,
-              resume=cfg.resume)
+    out = fit(cfg, ctx, "student", student, loss_fn, lambda i, g: corpus.batch(B, g),
+              cfg.distil_iters, cfg.lr, warmup=cfg.warmup, ema_decay=cfg.student_ema,
+              accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
     control = build_model(cfg, corpus.S).to(ctx.device)
-    control.load_state_dict(init)
-    Bc = per_rank(cfg, ctx, cfg.batch_size)
+    control.load_state_dict(teacher.state_dict())
+    Bc = per_rank(ctx, cfg.batch_size, cfg.grad_accum)
     seconds = out["wall"] if cfg.control_iters < 0 else 0.0
-    cout = fit(cfg, ctx, "control", control,
-               lambda model, step, g: mdlm_loss(model, corpus.batch(Bc, g), process, g),
-               max(cfg.control_iters, 0), cfg.lr, cfg.student_ema, seconds=seconds,
-               resume=cfg.resume)
+    cout = fit(cfg, ctx, "control", control, lambda model, x0, g: mdlm_loss(model, x0, process, g),
+               lambda i, g: corpus.batch(Bc, g), max(cfg.control_iters, 0), cfg.lr,
+               warmup=cfg.warmup, ema_decay=cfg.student_ema, seconds=seconds,
+               accum=cfg.grad_accum)
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
@@ -861,6 +924,8 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
     x_cond[:, :cfg.prefix_len] = prefix.repeat_interleave(cfg.n_cont, 0)      # (P C, D')
     x_uncond = process.prior(cfg.n_samples, cfg.seq_len)                      # (N, D)
     nets = {}
+    bar = ctx.progress(sum(len(st) for *_, st in models.values()) + 3 * len(cfg.student_steps),
+                       "sample", unit="set")
     for name, (ck, use_ema, steps) in models.items():
         if not os.path.exists(ckpt_path(cfg, ck)):
             ctx.log(f"sample: no {ckpt_path(cfg, ck)}, skipping the {name}")
@@ -870,6 +935,7 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
             for kind, x_T in (("uncond", x_uncond), ("cond", x_cond)):
                 if kind == "cond" and N not in cfg.student_steps:
                     continue
+                bar.update(1)
                 t0 = time.time()
                 x0, nfe = generate(cfg, ctx, corpus, net, lam_dim, N, x_T, f"{kind}{N}")
                 if ctx.rank == 0:
@@ -879,6 +945,7 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
                         f.write("\n\n=====\n\n".join(corpus.decode(r) for r in x0.tolist()))
                 ctx.log(f"sample: {name} {kind} N={N}: {x0.shape[0]} x {x0.shape[1]} tokens, "
                         f"NFE {nfe:.1f}, {time.time() - t0:.1f} s")
+    bar.close()
     if "teacher" in nets and "student" in nets:
         lat = {}
         for N in cfg.student_steps:
@@ -907,14 +974,24 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     the judge (and GPT-2 Large if --eval_gpt2), unigram entropy, prefix-conditional self-BLEU."""
     torch.manual_seed(cfg.seed + 1)
     judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
-    B = per_rank(cfg, ctx, cfg.batch_size)
+    path, same = ckpt_path(cfg, "judge"), False
+    if os.path.exists(path):
+        state = load_checkpoint(path, asdict(cfg))
+        same = all(state["config"].get(k) == asdict(cfg)[k]
+                   for k in RESUME_KEYS + ("judge_iters",))
+    if same:
+        judge.load_state_dict(state["model"])
+        ctx.log(f"eval: reusing the judge {path}")
+    else:
+        B = per_rank(ctx, cfg.batch_size, cfg.grad_accum)
 
-    def ar_loss(model, step, g):
-        x = corpus.batch(B, g)                                                # (B, D)
-        logits = model(x)[:, :-1].float()                                     # (B, D - 1, S)
-        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1), {}
+        def ar_loss(model, x, g):
+            logits = model(x)[:, :-1].float()                                 # (B, D - 1, S)
+            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            return nll.mean(1), {}
 
-    fit(cfg, ctx, "judge", judge, ar_loss, cfg.judge_iters, cfg.teacher_lr, resume=True)
+        fit(cfg, ctx, "judge", judge, ar_loss, lambda i, g: corpus.batch(B, g), cfg.judge_iters,
+            cfg.teacher_lr, warmup=cfg.warmup, accum=cfg.grad_accum)
     if ctx.rank != 0:
         return
     judge.eval()
@@ -939,7 +1016,11 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
             groups = text_metrics.decode_groups(corpus.gpt2_ids(s["tokens"]), cfg.n_cont)
             row["self_bleu"] = text_metrics.self_bleu(groups)
         res[f"{name}_{kind}_{N}"] = row
-    update_metrics(cfg, ctx, {"eval": res})
+    rows = [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
+                 nfe=v["nfe"], gen_ppl=v["gen_ppl_judge"], entropy=v["entropy"])
+            for k, v in res.items() if k != "data"]
+    update_metrics(cfg, ctx, {"eval": res, "results": rows, "primary": "gen_ppl"})
+    plot_quality(cfg, [r for r in rows if r["kind"] == "uncond"], "gen_ppl")
     print_table(res)
 
 
@@ -982,7 +1063,7 @@ def main(cfg: Config):
     if cfg.prefix_len < 1 or cfg.cont_len < 1 or cfg.n_cont < 2 \
             or min(cfg.steps + cfg.student_steps) < 1:
         raise SystemExit("error: need prefix_len, cont_len >= 1, n_cont >= 2 and steps >= 1")
-    rank, _, world_size, device = setup_dist(cfg.device)
+    rank, world_size, device = setup_dist(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
     ctx.log(f"owt_masked.py | torch {torch.__version__} | python {platform.python_version()} | "
