@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 import di4c_core as core
 
@@ -120,6 +121,7 @@ class Config:
     device: str = ""               # "" = cuda if available else cpu
     dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
     seed: int = 0
+    grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
     log_every: int = 100
     ckpt_every: int = 10_000
 
@@ -159,18 +161,23 @@ TOKEN_KEYS = ("dataset", "label_div", "data_dir", "img_size", "flip", "tokenizer
 ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd", "n_head",
              "mlp_dim")
 RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",
+                           "grad_accum",
                            "r_delta", "data_term", "seed", "vqvae_lr")
 
 # -----------------------------------------------------------------------------
-# Infrastructure (identical in the three domain scripts; see STYLE §3.1)
+# Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
+# config and CLI, distributed setup, run context and logging, atomic checkpoints, per-step RNG,
+# the training loop, metrics.json and the quality-vs-steps plot. It uses the script's Config,
+# PRESETS and RESUME_KEYS; everything domain-specific lives outside it.
 
 
 def parse_config(cls, argv=None):
-    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins (STYLE §0)."""
+    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(f.type, dict(type=f.type))
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(
+            f.type, dict(type=f.type))
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
     return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
@@ -195,17 +202,18 @@ def make_config(cls, **overrides):
 
 
 def setup_dist(device: str = ""):
-    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> world_size 1."""
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one."""
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 0, 1, dev
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        return 0, 1, dev
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK",
+                                                                 "WORLD_SIZE"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, local_rank, world_size, dev
+    return rank, world_size, dev
 
 
 def cleanup(world_size: int):
@@ -214,35 +222,8 @@ def cleanup(world_size: int):
         dist.destroy_process_group()
 
 
-def all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= world_size
-    return x
-
-
-def save_checkpoint(path: str, state: dict):
-    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()):
-    """Load a checkpoint and refuse one from another config (names the mismatching fields)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path!r} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
-    if bad:
-        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}" for k in bad)
-        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
-    return state
-
-
 class Logger:
-    """print0 + tee into out_dir/log.txt on rank 0."""
+    """print0 + tee into out_dir/log.txt on rank 0 (through tqdm, so progress bars stay intact)."""
 
     def __init__(self, rank: int, out_dir: str):
         self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
@@ -250,17 +231,9 @@ class Logger:
     def __call__(self, *msg):
         if self.rank == 0:
             line = " ".join(str(m) for m in msg)
-            print(line, flush=True)
+            tqdm.write(line)
             with open(self.path, "a") as f:
                 f.write(line + "\n")
-
-
-def update_ema(ema: nn.Module, model: nn.Module, decay: float):
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
 
 
 @dataclass
@@ -281,17 +254,66 @@ class Ctx:
         if self.world_size > 1:
             dist.barrier()
 
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce mean over ranks, on the training device (nccl serves CUDA tensors only)."""
+        x = x.detach().float().to(self.device).clone()
+        if self.world_size > 1:
+            dist.all_reduce(x)
+            x /= self.world_size
+        return x
 
-def step_rng(cfg: Config, ctx: Ctx, salt: str, step: int) -> torch.Generator:
-    """One generator per (stage, rank, step), so training resumes exactly without saving RNG
-    state; it also seeds the global RNG, which dropout uses."""
+    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
+        """A tqdm bar with rate and ETA on rank 0 (disabled elsewhere)."""
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the previous one "
+                         "is kept") from None
+
+
+def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
+    """Load a checkpoint of this script; refuse a foreign one or one from another config."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by this script")
+    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now "
+                          f"{cfg_dict.get(k)!r}" for k in bad)
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
+    return state
+
+
+def ckpt_path(cfg, name: str) -> str:
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
+    """One generator per (stage, rank, step): training resumes exactly without saving RNG
+    state. It also seeds the global RNG, which dropout uses."""
     seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
             + step) % (2 ** 63)
     torch.manual_seed(seed)
     return torch.Generator(device=ctx.device).manual_seed(seed)
 
 
-def update_metrics(cfg: Config, ctx: Ctx, new: dict):
+def update_metrics(cfg, ctx: Ctx, new: dict):
     """Merge `new` into out_dir/metrics.json (rank 0), one level deep."""
     if ctx.rank != 0:
         return
@@ -304,8 +326,176 @@ def update_metrics(cfg: Config, ctx: Ctx, new: dict):
     os.replace(path + ".tmp", path)
 
 
-def ckpt_path(cfg: Config, name: str) -> str:
-    return os.path.join(cfg.out_dir, f"{name}.pt")
+def per_rank(ctx: Ctx, global_batch: int, accum: int = 1) -> int:
+    """Per-rank micro-batch of a global batch split over ranks and accumulation steps."""
+    if global_batch < 1 or global_batch % (ctx.world_size * accum):
+        raise SystemExit(f"error: batch {global_batch} must be a positive multiple of world size "
+                         f"{ctx.world_size} x grad_accum {accum}")
+    return global_batch // (ctx.world_size * accum)
+
+
+def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
+    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay_iters <= 0 or step < warmup:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
+def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
+        betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
+        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+    """The training loop of every stage: AdamW with the lambda path's LR multiplier
+    (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
+    accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
+    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
+    run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
+    Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
+    step and the terms; the last good state stays on disk. The finished model goes to
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    """
+    state_path = ckpt_path(cfg, f"{name}_state")
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+                            weight_decay=weight_decay)
+    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
+    step, wall = 0, 0.0
+    if cfg.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, wall = state["step"], state["wall"]
+        ctx.log(f"{name}: resumed from {state_path} at step {step}")
+
+    def snapshot(path, with_optimizer=True):
+        if ctx.rank == 0:
+            save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
+                                       else None, step=step, wall=wall, config=asdict(cfg),
+                                       kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       optimizer=opt.state_dict() if with_optimizer else None))
+
+    def finished():                    # every rank stops at the same step
+        over = float(wall >= seconds) if seconds else float(step >= iters)
+        return ctx.mean(torch.tensor([over])).item() > 0
+
+    model = DDP(raw) if ctx.world_size > 1 else raw
+    raw.train()
+    bar = ctx.progress(None if seconds else iters, name, step)
+    try:
+        while not finished():
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
+            opt.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                i = step * accum + micro
+                g = step_rng(cfg, ctx, name, i)
+                batch = batches(i, g)
+                last = micro == accum - 1 or ctx.world_size == 1
+                with nullcontext() if last else model.no_sync():
+                    with ctx.autocast():
+                        loss, terms = loss_fn(model, batch, g)
+                    (loss.mean() / accum).backward()
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
+            vals = ctx.mean(torch.stack([*logged.values(), norm.float()]))
+            if not torch.isfinite(vals).all():
+                bad = [k for k, v in zip([*logged, "grad_norm"], vals.tolist())
+                       if not math.isfinite(v)]
+                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
+                                 f"stopped before the update (last good state: {state_path}); "
+                                 "try a lower --lr")
+            opt.step()
+            if ema is not None:        # warm-up: early EMAs must not keep the random init
+                update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+            step, wall = step + 1, wall + time.perf_counter() - t0
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == iters:
+                bar.set_postfix(loss=f"{vals[0].item():.4f}")
+                ctx.log(f"{name} step {step:06d} | " + " | ".join(
+                    f"{k} {v:.4f}" for k, v in zip(logged, vals.tolist()))
+                    + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if step % cfg.ckpt_every == 0:
+                snapshot(state_path)
+    except KeyboardInterrupt:
+        snapshot(state_path)
+        raise SystemExit(f"interrupted: {name} state at step {step} saved to {state_path}; "
+                         "rerun with --resume true to continue") from None
+    finally:
+        bar.close()
+    snapshot(state_path)
+    snapshot(ckpt_path(cfg, name), with_optimizer=False)
+    ctx.barrier()
+    return {"ema": ema, "step": step, "wall": wall}
+
+
+class Batches:
+    """The rank's (micro-)batch `step` of in-memory tensors, a pure function of (seed, step), so
+    resume is exact; use it as fit's `batches`.
+
+    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
+    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
+    """
+
+    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
+        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
+        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
+                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler) // per_rank
+        if self.per_epoch == 0:
+            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
+                             f"{per_rank} per rank x {ctx.world_size} ranks")
+        self.epoch, self.order = -1, None
+
+    def __call__(self, step: int, g=None) -> tuple:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
+        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
+        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(self.device) for t in self.tensors)
+
+
+def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
+    """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
+    CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = {}
+    for r in rows:
+        label = r["model"] + "".join(f" {k}={r[k]}" for k in ("w", "kind") if k in r)
+        lines.setdefault(label, []).append((r["nfe"], r[key]))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (network calls per sample)")
+    ax.set_ylabel(f"{key} ({'lower' if lower_is_better else 'higher'} is better)")
+    ax.set_title(f"{os.path.basename(__file__)} --preset {cfg.preset}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "quality_vs_steps.png"), dpi=120)
+    plt.close(fig)
+
+
+# End of the infrastructure block.
 
 
 # -----------------------------------------------------------------------------
@@ -346,41 +536,6 @@ def load_images(ds, ctx: Ctx, idx=None, workers: int = 0) -> tuple:
     if not xs:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.cat(xs), torch.cat(ys)
-
-
-class Batches:
-    """The rank's batch at a given step, a pure function of (seed, step): resume is exact.
-
-    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
-    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
-    """
-
-    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
-        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
-        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
-                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
-                                          drop_last=True)
-        self.per_epoch = len(self.sampler) // per_rank
-        if self.per_epoch == 0:
-            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
-                             f"{per_rank} per rank x {ctx.world_size} ranks")
-        self.epoch, self.order = -1, None
-
-    def batch(self, step: int) -> tuple:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self.epoch:
-            self.sampler.set_epoch(epoch)
-            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
-        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
-        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
-                     else t[idx].to(self.device) for t in self.tensors)
-
-
-def per_rank(ctx: Ctx, global_batch: int) -> int:
-    if global_batch % ctx.world_size:
-        raise SystemExit(f"error: batch {global_batch} is not divisible by world size "
-                         f"{ctx.world_size}")
-    return global_batch // ctx.world_size
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +696,7 @@ def train_vqvae(cfg: Config, ctx: Ctx, ds) -> nn.Module:
     ctx.log(f"vqvae: {len(images)} images {tuple(images.shape[1:])}, K = {cfg.vq_codes}")
     torch.manual_seed(cfg.seed)
     vq = build_vq(cfg).to(ctx.device)
-    data = Batches((images, labels), cfg, ctx, per_rank(ctx, cfg.batch_size))
+    data = Batches((images, labels), cfg, ctx, per_rank(ctx, cfg.batch_size, cfg.grad_accum))
 
     def loss_fn(model, batch, g):
         x = batch[0].float() / 127.5 - 1                                        # (B, 3, R, R)
@@ -551,8 +706,8 @@ def train_vqvae(cfg: Config, ctx: Ctx, ds) -> nn.Module:
         used = torch.zeros(cfg.vq_codes, device=x.device).index_fill_(0, codes.flatten(), 1)
         return loss, {"codes_used": used.sum().expand(len(x))}
 
-    fit(cfg, ctx, "vqvae", vq, loss_fn, data, cfg.vqvae_iters, cfg.vqvae_lr, warmup=0,
-        betas=(0.5, 0.9))
+    fit(cfg, ctx, "vqvae", vq, loss_fn, data, cfg.vqvae_iters, cfg.vqvae_lr, betas=(0.5, 0.9),
+        weight_decay=cfg.weight_decay, accum=cfg.grad_accum)
     return vq
 
 
@@ -622,7 +777,7 @@ class MaskTransformer(nn.Module):
                                          nn.Linear(512, E))
             nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
 
-    def forward(self, x_t, y, lam=None):
+    def forward(self, x_t, t=None, lam=None, y=None):
         N, D = x_t.shape
         tokens = torch.cat([x_t, y[:, None] + self.K + 1], 1)                   # (N, D + 1)
         h = self.embed(tokens) + self.pos                                       # (N, D + 1, E)
@@ -649,12 +804,13 @@ def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransf
     """The Di4C student: the teacher's weights `init` plus a fresh lambda path, with dropout
     --student_dropout. Its targets (teacher, student at x_u) are computed without dropout; a
     student trained with dropout to match them gets sharper than its targets once dropout is
-    off (README, imagenet demo), so the demo trains it without."""
+    off (docs/imagenet.md), so the demo trains it without."""
     torch.manual_seed(cfg.seed)
     student = build_model(cfg, meta, lam_dim=1, dropout=cfg.student_dropout)
-    fresh = {k: v for k, v in student.state_dict().items() if k.startswith("lam_mlp.")}
-    return load_strict(student, {**init, **fresh},   # only the lambda path stays fresh
-                       f"{t_path} does not fit the student")
+    try:
+        return core.student_from_teacher(student, init)
+    except ValueError as e:
+        raise SystemExit(f"error: {t_path} does not fit the student: {e}") from None
 
 
 def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True) -> tuple:
@@ -746,7 +902,7 @@ def make_teacher_step(cfg: Config, D: int, mask_id: int):
     softmax(sm_temp logits); Gumbel scale r_temp * teacher_noise(r). t = 1 - r, u = 1 - r'.
     """
     @torch.no_grad()
-    def teacher_step(x_t, t, u, log_p, generator=None):
+    def teacher_step(x_t, t, u, log_p, y=None, generator=None):
         r, r_next = 1 - t.double(), 1 - u.double()                               # (B L,)
         masked = (x_t == mask_id).sum(1)                                        # (B L,)
         n = ((1 - gamma(r_next)) * D - (D - masked)).floor().long()
@@ -775,10 +931,10 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     for k, n_k in enumerate(reveal_counts(n_steps, D)):
         ratio = k / max(n_steps - 1, 1)
         lam = core.draw_lambda(N, lam_dim, generator, dev) if lam_dim else None
-        logits = net(x, y, lam).float()                                         # (N, D, S)
+        logits = net(x, None, lam, y).float()                                         # (N, D, S)
         if w * ratio > 0:
-            u_logits = (uncond(x, dropped, None) if uncond is not None
-                        else net(x, dropped, lam)).float()
+            u_logits = (uncond(x, None, None, dropped) if uncond is not None
+                        else net(x, None, lam, dropped)).float()
             logits = (1 + w * ratio) * logits - w * ratio * u_logits
         n = torch.full((N,), n_k, device=dev)
         noise = torch.full((N,), cfg.r_temp * (1 - ratio), device=dev)
@@ -787,87 +943,7 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
 
 
 # -----------------------------------------------------------------------------
-# Training loop shared by the VQ-VAE, teacher, Di4C student and control
-
-
-def lam_param_groups(raw: nn.Module, mult: float) -> list:
-    """Optimizer groups: the zero-initialised lambda path (`lam_mlp.*`) learns `mult` times faster.
-
-    At initialisation every mixture component is the same, where the correlation estimators'
-    gradients vanish (README "symmetric start"); a larger step on the lambda path leaves that
-    point sooner. Each group carries its multiplier so that LR schedules keep the ratio.
-    """
-    lam = [p for n, p in raw.named_parameters() if n.startswith("lam_mlp.")]
-    rest = [p for n, p in raw.named_parameters() if not n.startswith("lam_mlp.")]
-    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
-
-
-def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
-    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
-    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    if decay_iters <= 0 or step < warmup:
-        return warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
-
-
-def fit(cfg: Config, ctx: Ctx, name: str, raw: nn.Module, loss_fn, data: Batches, iters: int,
-        lr: float, *, warmup: int = 0, ema_decay: float = 0.0, seconds: float = 0.0,
-        betas: tuple = (0.9, 0.96), cosine: bool = False) -> dict:
-    """AdamW (MaskGIT's betas (0.9, 0.96), weight decay), linear warm-up then constant LR
-    (or a cosine decay to 0 with `cosine`, lr_factor), grad clip 1, DDP when world_size > 1, optional EMA with decay min(ema_decay, (1 + n) /
-    (10 + n)) after n updates (tauLDR's warm-up); atomic checkpoint out_dir/<name>.pt
-    every ckpt_every steps and at the end; --resume continues it exactly (per-step seeded
-    RNG, step_rng; data order from `Batches`). seconds > 0 stops at that training wall time
-    instead of at `iters` (the control). loss_fn(model, batch, g) -> (loss (B,), terms).
-    """
-    path = ckpt_path(cfg, name)
-    opt = torch.optim.AdamW(lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
-                            weight_decay=cfg.weight_decay)
-    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
-    step, wall = 0, 0.0
-    if cfg.resume and os.path.exists(path):
-        state = load_checkpoint(path, asdict(cfg), RESUME_KEYS)
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, wall = state["step"], state["wall"]
-        ctx.log(f"{name}: resumed from {path} at step {step}")
-    model = DDP(raw) if ctx.world_size > 1 else raw
-    raw.train()
-    while True:
-        over = torch.tensor(float(wall >= seconds if seconds else step >= iters))
-        done = bool(all_reduce_mean(over, ctx.world_size) > 0)
-        if ctx.rank == 0 and (done or step % cfg.ckpt_every == 0 and step > 0):
-            save_checkpoint(path, dict(model=raw.state_dict(), optimizer=opt.state_dict(),
-                                       ema=ema.state_dict() if ema else None, step=step,
-                                       wall=wall, config=asdict(cfg), kind=name,
-                                       lam_dim=getattr(raw, "lam_dim", 0)))
-        if done:
-            break
-        t0 = time.perf_counter()
-        g = step_rng(cfg, ctx, name, step)
-        batch = data.batch(step)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
-        with ctx.autocast():
-            loss, terms = loss_fn(model, batch, g)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
-        if ema is not None:            # warm-up: early EMAs must not keep the random init
-            update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
-        step, wall = step + 1, wall + time.perf_counter() - t0
-        if step % cfg.log_every == 0 or step == iters:
-            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
-            vals = all_reduce_mean(torch.stack(list(logged.values())), ctx.world_size).tolist()
-            ctx.log(f"{name} step {step:06d} | " + " | ".join(
-                f"{k} {v:.4f}" for k, v in zip(logged, vals))
-                + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
-    ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+# Objectives: MaskGIT's (teacher, control) and Di4C's (student)
 
 
 def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
@@ -883,7 +959,7 @@ def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
         B, dev = x0.shape[0], x0.device
         y = torch.where(torch.rand(B, generator=g, device=dev) < cfg.label_drop, n_classes, y)
         x_t = process.add_noise(x0, torch.rand(B, generator=g, device=dev), g)  # (B, D)
-        logits = model(x_t, y, None)                                            # (B, D, S)
+        logits = model(x_t, None, None, y)                                            # (B, D, S)
         masked = x_t == K
         ce = torch.zeros(x0.shape, device=dev)
         ce[masked] = F.cross_entropy(logits[masked][:, :K].float(), x0[masked],
@@ -896,17 +972,17 @@ def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
 
 def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
               process: core.MaskedProcess, n_classes: int):
-    """The SPEC §C.4 Di4C step on core.di4c_loss, in diffusion time t = 1 - r.
+    """The Di4C objective in the MaskGIT variant (docs/method.md [[VAR]], [[MGT]]), in diffusion
+    time t = 1 - r: r ~ U(0, 1), x_t masked with gamma(r), labels dropped w.p. label_drop and
+    passed to every network call as the core's `cond`; teacher_step = one teacher confidence
+    step r -> r + r_delta; L lambdas; alpha = alpha_const sigmoid(20 (t - 1/2)) ("di4c-d",
+    zero with --data_term false); distillation reuses x_t with weight 1[t <= r_delta] / r_delta,
+    consistency where t > r_delta."""
+    teacher_step = make_teacher_step(cfg, student.D, process.mask_id)
 
-    r ~ U(0, 1), x_t masked with gamma(r), labels dropped w.p. label_drop (shared by every
-    call); teacher_step = one teacher confidence step r -> r + delta; L lambdas; alpha =
-    alpha_const sigmoid(20 (t - 1/2)) ("di4c-d", zero with --data_term false); distillation
-    reuses x_t with weight 1[r >= 1 - delta] / delta, consistency weight 1[r < 1 - delta].
-    The class label is not a core argument: every core call passes rows grouped per x_t
-    (repeat_batch), so `cond` repeats the B labels to the call's row count.
-    """
-    D = student.D
-    teacher_step = make_teacher_step(cfg, D, process.mask_id)
+    @torch.no_grad()
+    def teacher_marginal(x, t, y, g=None):
+        return core.log_probs(teacher(x, t, None, y))
 
     def loss_fn(model, batch, g):
         x0, y = batch                                                           # (B, D), (B,)
@@ -915,27 +991,12 @@ def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
         t = torch.rand(B, generator=g, device=dev)                              # t = 1 - r
         u = (t - cfg.r_delta).clamp_min(0)
         x_t = process.add_noise(x0, t, g)                                       # (B, D)
-
-        def cond(x):
-            return y.repeat_interleave(x.shape[0] // B)
-
-        @torch.no_grad()
-        def teacher_marginal(x, t_, g_=None):
-            return core.log_probs(teacher(x, cond(x)))
-
-        def target(x, t_, lam):        # the current student, eval mode, no grad (SPEC §G.3-4)
-            student.eval()
-            out = student(x, cond(x), lam)
-            student.train()
-            return out
-
-        alpha = (core.alpha_t(t, "sigmoid", cfg.alpha_const) if cfg.data_term
-                 else torch.zeros_like(t))
-        return core.di4c_loss(lambda x, t_, lam: model(x, cond(x), lam), x0, x_t, t, u,
+        weights = core.variant_weights("maskgit", t, cfg.r_delta,
+                                       cfg.alpha_const if cfg.data_term else 0.0)
+        return core.di4c_loss(model, x0, x_t, t, u, weights=weights, cond=y,
                               teacher_marginal=teacher_marginal, teacher_step=teacher_step,
-                              L=cfg.L, lam_dim=1, student_target=target, alpha=alpha,
-                              distil_weight=(t <= cfg.r_delta).float() / cfg.r_delta,
-                              consis_weight=(t > cfg.r_delta).float(), generator=g)
+                              L=cfg.L, lam_dim=1, student_target=core.eval_target(student),
+                              generator=g)
     return loss_fn
 
 
@@ -954,18 +1015,20 @@ def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
         return
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, meta).to(ctx.device)
-    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.batch_size))
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx,
+                   per_rank(ctx, cfg.batch_size, cfg.grad_accum))
     ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
             f"D = {raw.D}, K = {raw.K}, {meta['n_classes']} classes, {len(meta['codes'])} items")
     out = fit(cfg, ctx, "teacher", raw, maskgit_loss(cfg, make_process(meta), meta["n_classes"]),
-              data, cfg.teacher_iters, cfg.teacher_lr, warmup=cfg.warmup,
-              ema_decay=cfg.teacher_ema, cosine=cfg.teacher_cosine)
+              data, cfg.teacher_iters, cfg.teacher_lr, betas=(0.9, 0.96),
+              weight_decay=cfg.weight_decay, warmup=cfg.warmup, cosine=cfg.teacher_cosine,
+              ema_decay=cfg.teacher_ema, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
 
 
 def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
-    """Di4C (SPEC §C.4) from the teacher, then the control: the teacher fine-tuned with its own
-    MaskGIT loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
+    """Di4C (MaskGIT variant) from the teacher, then the control: the teacher fine-tuned with its
+    own MaskGIT loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
     teacher, lam_T = load_model(cfg, meta, t_path, ctx.device)
     if lam_T:
@@ -974,20 +1037,24 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     init = teacher.state_dict()
     student = init_student(cfg, meta, init, t_path).to(ctx.device)
     process = make_process(meta)
-    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.distil_batch))
-    ctx.log(f"distill: teacher {t_path}, {data.per_rank} x L = {cfg.L} rows per rank, "
-            f"{'di4c-d' if cfg.data_term else 'di4c'}")
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx,
+                   per_rank(ctx, cfg.distil_batch, cfg.grad_accum))
+    ctx.log(f"distill: teacher {t_path}, {data.per_rank} x L = {cfg.L} rows per rank and "
+            f"micro-step, {'di4c-d' if cfg.data_term else 'di4c'}")
     out = fit(cfg, ctx, "student", student,
               di4c_loss(cfg, teacher, student, process, meta["n_classes"]), data,
-              cfg.distil_iters, cfg.lr, ema_decay=cfg.student_ema)
+              cfg.distil_iters, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
+              ema_decay=cfg.student_ema, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if not cfg.control:
         return
     control = build_model(cfg, meta).to(ctx.device)
     control.load_state_dict(init)
-    data = Batches((meta["codes"], meta["labels"]), cfg, ctx, per_rank(ctx, cfg.batch_size))
+    data = Batches((meta["codes"], meta["labels"]), cfg, ctx,
+                   per_rank(ctx, cfg.batch_size, cfg.grad_accum))
     cout = fit(cfg, ctx, "control", control, maskgit_loss(cfg, process, meta["n_classes"]), data,
-               0, cfg.lr, ema_decay=cfg.student_ema, seconds=out["wall"])
+               0, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
+               ema_decay=cfg.student_ema, seconds=out["wall"], accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 
@@ -1154,7 +1221,12 @@ def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
             mean = lambda v: sum(v) / len(v)
             lat[str(N)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),
                                overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))
-        update_metrics(cfg, ctx, {"eval": res, "latency": lat})
+        key = "frechet" if "frechet" in next(iter(res.values())) else "fid"
+        rows = [dict(model=label.split("@")[0], steps=r["steps"], nfe=r["steps"], w=r["w"],
+                     **{k: v for k, v in r.items() if k not in ("steps", "w")})
+                for label, r in res.items()]
+        update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key})
+        plot_quality(cfg, rows, key)
         print_table(res, lat)
     ctx.barrier()
 
@@ -1200,7 +1272,7 @@ def check(cfg: Config):
 
 def main(cfg: Config):
     check(cfg)
-    rank, _, world_size, device = setup_dist(cfg.device)
+    rank, world_size, device = setup_dist(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
     ctx.log(f"imagenet_masked.py | torch {torch.__version__} | python "

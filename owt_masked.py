@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import di4c_core as core
@@ -409,6 +410,35 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     snapshot(ckpt_path(cfg, name), with_optimizer=False)
     ctx.barrier()
     return {"ema": ema, "step": step, "wall": wall}
+
+
+class Batches:
+    """The rank's (micro-)batch `step` of in-memory tensors, a pure function of (seed, step), so
+    resume is exact; use it as fit's `batches`.
+
+    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
+    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
+    """
+
+    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
+        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
+        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
+                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler) // per_rank
+        if self.per_epoch == 0:
+            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
+                             f"{per_rank} per rank x {ctx.world_size} ranks")
+        self.epoch, self.order = -1, None
+
+    def __call__(self, step: int, g=None) -> tuple:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
+        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
+        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(self.device) for t in self.tensors)
 
 
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):

@@ -90,9 +90,9 @@ def test_sampler_follows_the_schedule_and_cfg_ramp():
             super().__init__()
             self.D, self.K, self.n_classes = net.D, net.K, net.n_classes
 
-        def forward(self, x, y, lam):
+        def forward(self, x, t, lam, y):
             seen.append(((x == net.K).sum(1).tolist(), y.tolist()))
-            return net(x, y, lam)
+            return net(x, t, lam, y)
 
     cfg = m.make_config(m.Config, preset="smoke")
     y = torch.tensor([0, 3, 9])
@@ -122,14 +122,14 @@ def test_student_equals_teacher_at_init_for_every_lambda():
     x[:, ::3] = 17
     y = torch.tensor([0, 4, 10])                                     # 10 = dropped label
     with torch.no_grad():
-        want = teacher(x, y)
+        want = teacher(x, None, None, y)
         for lam in (0.0, 0.37, 1.0):
-            assert torch.equal(student(x, y, torch.full((3, 1), lam)), want)
+            assert torch.equal(student(x, None, torch.full((3, 1), lam), y), want)
         lp = torch.log_softmax(want, -1)
         assert (lp[x != 17].max(-1).values == 0).all()               # revealed tokens copied
         assert (lp[x == 17][:, 17] < -1e5).all()                     # never predict [MASK]
         student.lam_mlp[-1].bias.add_(0.5)
-        assert not torch.allclose(student(x, y, torch.full((3, 1), 0.5)), want)
+        assert not torch.allclose(student(x, None, torch.full((3, 1), 0.5), y), want)
 
 
 def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
@@ -144,7 +144,8 @@ def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
     x = torch.randint(0, 18, (4, 64))
     y = torch.tensor([0, 3, 9, 10])
     with torch.no_grad():     # no dropout: train mode = eval mode = teacher (not bitwise: kernels)
-        torch.testing.assert_close(student.train()(x, y, torch.rand(4, 1)), teacher(x, y))
+        torch.testing.assert_close(student.train()(x, None, torch.rand(4, 1), y),
+                                   teacher(x, None, None, y))
     other = m.build_model(m.make_config(m.Config, preset="smoke", n_embd=16, n_head=2), meta)
     with pytest.raises(SystemExit, match="does not fit the student"):
         m.init_student(cfg, meta, other.state_dict(), "t.pt")
@@ -366,6 +367,8 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
         for key in ("model", "ema") if name == "student" else ("model",):
             for k in a[key]:
                 assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+    assert b["optimizer"] is None                      # finished model; training state apart
+    b = torch.load(os.path.join(cut.out_dir, "student_state.pt"), weights_only=True)
     groups = b["optimizer"]["param_groups"]            # the student's lambda path learns 10x faster
     n_lam = sum(k.startswith("lam_mlp.") for k in b["model"])
     assert len(groups) == 2 and len(groups[1]["params"]) == n_lam == 4
