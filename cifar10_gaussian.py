@@ -18,8 +18,10 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 import di4c_core as core
 
@@ -74,10 +77,9 @@ class Config:
     alpha_const: float = 1.0       # alpha(t) = alpha_const sigmoid(20 (t - 1/2))
     control_variate: bool = True
     control: bool = False          # also fine-tune the teacher with its own loss for the same wall time
-    # optimisation
-    grad_clip: float = 1.0
+    # optimisation (AdamW without weight decay = Adam, grad clip 1)
     ema_decay: float = 0.9999
-    grad_accum: int = 1
+    grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
     # sampling / eval
     steps: tuple = (10, 20, 40)
     student_steps: tuple = (10, 20, 40)
@@ -87,9 +89,10 @@ class Config:
     # system
     seed: int = 0
     device: str = ""
+    dtype: str = "float32"         # float32 | bfloat16 (autocast; draws stay float64)
     log_every: int = 100
     ckpt_every: int = 5000
-    resume: bool = True
+    resume: bool = False           # continue every training stage from out_dir/<name>_state.pt
 
 
 PRESETS = {
@@ -110,17 +113,25 @@ PRESETS = {
                   steps=(2, 4), student_steps=(2,), hybrid_teacher_steps=1, n_samples=16,
                   sample_batch=8, log_every=1, ckpt_every=2, out_dir="runs/cifar10_smoke"),
 }
+STAGES = ("teacher", "distill", "sample", "eval")
+ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
+RESUME_KEYS = ARCH_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
+                           "seed")
 
 # -----------------------------------------------------------------------------
-# Infrastructure (identical in the three domain scripts; see STYLE §3.1)
+# Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
+# config and CLI, distributed setup, run context and logging, atomic checkpoints, per-step RNG,
+# the training loop, metrics.json and the quality-vs-steps plot. It uses the script's Config,
+# PRESETS and RESUME_KEYS; everything domain-specific lives outside it.
 
 
 def parse_config(cls, argv=None):
-    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins (STYLE §0)."""
+    """CLI -> Config: `--preset` picks a preset, then every `--field value` wins."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(f.type, dict(type=f.type))
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(
+            f.type, dict(type=f.type))
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
     return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
@@ -145,17 +156,18 @@ def make_config(cls, **overrides):
 
 
 def setup_dist(device: str = ""):
-    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> world_size 1."""
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one."""
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 0, 1, dev
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        return 0, 1, dev
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK",
+                                                                 "WORLD_SIZE"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, local_rank, world_size, dev
+    return rank, world_size, dev
 
 
 def cleanup(world_size: int):
@@ -164,35 +176,8 @@ def cleanup(world_size: int):
         dist.destroy_process_group()
 
 
-def all_reduce_mean(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= world_size
-    return x
-
-
-def save_checkpoint(path: str, state: dict):
-    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()):
-    """Load a checkpoint and refuse one from another config (names the mismatching fields)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path!r} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
-    if bad:
-        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}" for k in bad)
-        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
-    return state
-
-
 class Logger:
-    """print0 + tee into out_dir/log.txt on rank 0."""
+    """print0 + tee into out_dir/log.txt on rank 0 (through tqdm, so progress bars stay intact)."""
 
     def __init__(self, rank: int, out_dir: str):
         self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
@@ -200,9 +185,116 @@ class Logger:
     def __call__(self, *msg):
         if self.rank == 0:
             line = " ".join(str(m) for m in msg)
-            print(line, flush=True)
+            tqdm.write(line)
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+@dataclass
+class Ctx:
+    """What every stage needs to know about this process."""
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+    dtype: str
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce mean over ranks, on the training device (nccl serves CUDA tensors only)."""
+        x = x.detach().float().to(self.device).clone()
+        if self.world_size > 1:
+            dist.all_reduce(x)
+            x /= self.world_size
+        return x
+
+    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
+        """A tqdm bar with rate and ETA on rank 0 (disabled elsewhere)."""
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: write a temp file in the same folder, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the previous one "
+                         "is kept") from None
+
+
+def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
+    """Load a checkpoint of this script; refuse a foreign one or one from another config."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise SystemExit(f"error: {path!r} is not a checkpoint written by this script")
+    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now "
+                          f"{cfg_dict.get(k)!r}" for k in bad)
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config ({diffs})")
+    return state
+
+
+def ckpt_path(cfg, name: str) -> str:
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
+    """One generator per (stage, rank, step): training resumes exactly without saving RNG
+    state. It also seeds the global RNG, which dropout uses."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
+            + step) % (2 ** 63)
+    torch.manual_seed(seed)
+    return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+def update_metrics(cfg, ctx: Ctx, new: dict):
+    """Merge `new` into out_dir/metrics.json (rank 0), one level deep."""
+    if ctx.rank != 0:
+        return
+    path = os.path.join(cfg.out_dir, "metrics.json")
+    metrics = json.load(open(path)) if os.path.exists(path) else {}
+    for k, v in new.items():
+        metrics[k] = {**metrics.get(k, {}), **v} if isinstance(v, dict) else v
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def per_rank(ctx: Ctx, global_batch: int, accum: int = 1) -> int:
+    """Per-rank micro-batch of a global batch split over ranks and accumulation steps."""
+    if global_batch < 1 or global_batch % (ctx.world_size * accum):
+        raise SystemExit(f"error: batch {global_batch} must be a positive multiple of world size "
+                         f"{ctx.world_size} x grad_accum {accum}")
+    return global_batch // (ctx.world_size * accum)
+
+
+def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant, or, with decay_iters > 0, a cosine
+    decay from 1 to 0 at step decay_iters (a pure function of the step: resume is exact)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay_iters <= 0 or step < warmup:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
 
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float):
@@ -211,6 +303,153 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
             pe.lerp_(pm, 1 - decay)
         for be, bm in zip(ema.buffers(), model.buffers()):
             be.copy_(bm)
+
+
+def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
+        betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
+        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+    """The training loop of every stage: AdamW with the lambda path's LR multiplier
+    (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
+    accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
+    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
+    run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
+    Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
+    step and the terms; the last good state stays on disk. The finished model goes to
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    """
+    state_path = ckpt_path(cfg, f"{name}_state")
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+                            weight_decay=weight_decay)
+    ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
+    step, wall = 0, 0.0
+    if cfg.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, wall = state["step"], state["wall"]
+        ctx.log(f"{name}: resumed from {state_path} at step {step}")
+
+    def snapshot(path, with_optimizer=True):
+        if ctx.rank == 0:
+            save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
+                                       else None, step=step, wall=wall, config=asdict(cfg),
+                                       kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       optimizer=opt.state_dict() if with_optimizer else None))
+
+    def finished():                    # every rank stops at the same step
+        over = float(wall >= seconds) if seconds else float(step >= iters)
+        return ctx.mean(torch.tensor([over])).item() > 0
+
+    model = DDP(raw) if ctx.world_size > 1 else raw
+    raw.train()
+    bar = ctx.progress(None if seconds else iters, name, step)
+    try:
+        while not finished():
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
+            opt.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                i = step * accum + micro
+                g = step_rng(cfg, ctx, name, i)
+                batch = batches(i, g)
+                last = micro == accum - 1 or ctx.world_size == 1
+                with nullcontext() if last else model.no_sync():
+                    with ctx.autocast():
+                        loss, terms = loss_fn(model, batch, g)
+                    (loss.mean() / accum).backward()
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
+            vals = ctx.mean(torch.stack([*logged.values(), norm.float()]))
+            if not torch.isfinite(vals).all():
+                bad = [k for k, v in zip([*logged, "grad_norm"], vals.tolist())
+                       if not math.isfinite(v)]
+                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
+                                 f"stopped before the update (last good state: {state_path}); "
+                                 "try a lower --lr")
+            opt.step()
+            if ema is not None:        # warm-up: early EMAs must not keep the random init
+                update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+            step, wall = step + 1, wall + time.perf_counter() - t0
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == iters:
+                bar.set_postfix(loss=f"{vals[0].item():.4f}")
+                ctx.log(f"{name} step {step:06d} | " + " | ".join(
+                    f"{k} {v:.4f}" for k, v in zip(logged, vals.tolist()))
+                    + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if step % cfg.ckpt_every == 0:
+                snapshot(state_path)
+    except KeyboardInterrupt:
+        snapshot(state_path)
+        raise SystemExit(f"interrupted: {name} state at step {step} saved to {state_path}; "
+                         "rerun with --resume true to continue") from None
+    finally:
+        bar.close()
+    snapshot(state_path)
+    snapshot(ckpt_path(cfg, name), with_optimizer=False)
+    ctx.barrier()
+    return {"ema": ema, "step": step, "wall": wall}
+
+
+class Batches:
+    """The rank's (micro-)batch `step` of in-memory tensors, a pure function of (seed, step), so
+    resume is exact; use it as fit's `batches`.
+
+    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
+    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
+    """
+
+    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
+        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
+        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
+                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.per_epoch = len(self.sampler) // per_rank
+        if self.per_epoch == 0:
+            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
+                             f"{per_rank} per rank x {ctx.world_size} ranks")
+        self.epoch, self.order = -1, None
+
+    def __call__(self, step: int, g=None) -> tuple:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
+        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
+        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(self.device) for t in self.tensors)
+
+
+def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
+    """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
+    CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = {}
+    for r in rows:
+        label = r["model"] + "".join(f" {k}={r[k]}" for k in ("w", "kind") if k in r)
+        lines.setdefault(label, []).append((r["nfe"], r[key]))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (network calls per sample)")
+    ax.set_ylabel(f"{key} ({'lower' if lower_is_better else 'higher'} is better)")
+    ax.set_title(f"{os.path.basename(__file__)} --preset {cfg.preset}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "quality_vs_steps.png"), dpi=120)
+    plt.close(fig)
+
+
+# End of the infrastructure block.
 
 
 # -----------------------------------------------------------------------------
@@ -262,15 +501,11 @@ def _requantise(x: torch.Tensor, levels: int, S: int) -> torch.Tensor:
     return x if levels == S else (x.long() * S // levels).to(torch.uint8)
 
 
-def batch_at(step: int, images: torch.Tensor, sampler: DistributedSampler, per_rank: int,
-             generator: torch.Generator) -> torch.Tensor:
-    """The rank's batch for a given step, a pure function of (seed, step): resume is exact."""
-    per_epoch = len(sampler) // per_rank
-    sampler.set_epoch(step // per_epoch)
-    idx = list(iter(sampler))[(step % per_epoch) * per_rank:][:per_rank]
-    x = images[idx].long()                                                       # (B, C, H, W)
-    flip = torch.rand(len(idx), generator=generator) < 0.5                       # horizontal flips
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+def flip_batch(batch: tuple, g: torch.Generator) -> torch.Tensor:
+    """A Batches item -> x0 (B, D) long, each image mirrored with probability 1/2 (from g)."""
+    x = batch[0].long()                                                          # (B, C, H, W)
+    flip = torch.rand(len(x), generator=g, device=g.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x).flatten(1)
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +556,7 @@ def norm(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """(skip(x) + conv(drop(act(norm(conv(act(norm(x))) + t_proj(temb) [+ dense1(lemb)]))))) / sqrt 2."""
+    """(skip(x) + conv(drop(act(norm(conv(act(norm(x))) + t_proj(temb) [+ lam_proj(lemb)]))))) / sqrt 2."""
 
     def __init__(self, cin, cout, emb, dropout, lam):
         super().__init__()
@@ -329,15 +564,15 @@ class ResBlock(nn.Module):
         self.t_proj = nn.Linear(emb, cout)
         self.n2, self.drop, self.c2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()    # tauLDR's NiN
-        self.dense1 = nn.Linear(emb, cout) if lam else None     # lambda path, zero at init
+        self.lam_proj = nn.Linear(emb, cout) if lam else None   # lambda path, zero at init
         if lam:
-            nn.init.zeros_(self.dense1.weight), nn.init.zeros_(self.dense1.bias)
+            nn.init.zeros_(self.lam_proj.weight), nn.init.zeros_(self.lam_proj.bias)
 
     def forward(self, x, temb, lemb):
         h = self.c1(F.silu(self.n1(x)))
         h = h + self.t_proj(F.silu(temb))[:, :, None, None]
-        if self.dense1 is not None:
-            h = h + self.dense1(F.silu(lemb))[:, :, None, None]
+        if self.lam_proj is not None:
+            h = h + self.lam_proj(F.silu(lemb))[:, :, None, None]
         return (self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))) / math.sqrt(2)
 
 
@@ -384,7 +619,7 @@ class UNet(nn.Module):
     `down`, `mid`, `up` hold the same blocks in the same order as tauLDR's downsampling, middle and
     upsampling module lists, so a tauLDR checkpoint maps onto it key by key (`tauldr_to_ours`).
     With lam=True it also takes lambda: two embeddings of (lambda, t) -- the second also sees the
-    bottleneck's spatial mean -- feed a zero-initialised `dense1` in every ResBlock, so the
+    bottleneck's spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the
     student is exactly the teacher at initialisation.
     """
 
@@ -421,12 +656,12 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 2 * C, 3, padding=1))
         if lam:
-            self.lemb_down = nn.Sequential(nn.Linear(2 * ch, ch), nn.SiLU(), nn.Linear(ch, emb),
+            self.lam_emb_down = nn.Sequential(nn.Linear(2 * ch, ch), nn.SiLU(), nn.Linear(ch, emb),
                                            nn.SiLU(), nn.Linear(emb, emb))
-            self.lemb_up = nn.Sequential(nn.Linear(2 * ch + c_mid, ch),
+            self.lam_emb_up = nn.Sequential(nn.Linear(2 * ch + c_mid, ch),
                                          nn.SiLU(), nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
 
-    def forward(self, x_t, t, lam=None):
+    def forward(self, x_t, t, lam=None, cond=None):
         N = x_t.shape[0]
         dt = self.conv_in.weight.dtype                                              # float32 unless .double()
         x = x_t.view(N, self.C, self.H, self.H).to(dt) / (self.S - 1) * 2 - 1       # (N, C, H, W)
@@ -435,7 +670,7 @@ class UNet(nn.Module):
         lemb = None
         if self.lam:
             e_lam = sinusoid(lam[:, 0], self.ch).to(dt)
-            lemb = self.lemb_down(torch.cat([e_lam, e_t], -1))
+            lemb = self.lam_emb_down(torch.cat([e_lam, e_t], -1))
         h, skips = self.conv_in(x), []
         skips.append(h)
         for blk in self.down:
@@ -445,7 +680,7 @@ class UNet(nn.Module):
             else:
                 skips[-1] = h
         if self.lam:
-            lemb = self.lemb_up(torch.cat([e_lam, e_t, h.mean((2, 3))], -1))
+            lemb = self.lam_emb_up(torch.cat([e_lam, e_t, h.mean((2, 3))], -1))
         for blk in self.mid:
             h = blk(h, temb, lemb)
         for blk in self.up:
@@ -479,15 +714,12 @@ def build_unet(cfg: Config, C: int, H: int, lam: bool) -> UNet:
 
 
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
-    """Student = teacher weights + fresh lambda modules; any other missing/unexpected key is an error."""
+    """Student = the teacher's weights + a fresh, zero-initialised lambda path (strict)."""
     student = build_unet(cfg, teacher.C, teacher.H, lam=True).to(next(teacher.parameters()).device)
-    own, init = student.state_dict(), teacher.state_dict()
-    unexpected = [k for k in init if k not in own]
-    extra = [k for k in own if k not in init and not (k.startswith("lemb_") or ".dense1." in k)]
-    if extra or unexpected:
-        raise SystemExit(f"error: teacher/student keys disagree: missing {extra}, unexpected {unexpected}")
-    student.load_state_dict({**own, **init})           # strict: only the lambda path stays fresh
-    return student
+    try:
+        return core.student_from_teacher(student, teacher.state_dict())
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -529,12 +761,13 @@ def teacher_loss(model, proc: core.CTMCProcess, x0: torch.Tensor, cfg: Config, g
 
 
 # -----------------------------------------------------------------------------
-# Di4C step: the tauLDR variant of SPEC §C.3 on the core's losses
+# Di4C step: the tauLDR variant (docs/method.md [[VAR]], [[TAUT]]) on the core's losses
 
 
 def di4c_step(student, student_raw, teacher_fns, proc, x0, cfg: Config, g):
-    """delta ~ LogU[1e-3, 1e-2], t ~ U[min_time + delta, 1], u = t - delta; separate x_tau at
-    tau in {0.01} or U[0.01, 0.02]; alpha(t) = alpha_const sigmoid(20 (t - 1/2)). Returns (loss, terms)."""
+    """delta ~ LogU[1e-3, 1e-2], t ~ U[min_time + delta, 1], u = t - delta; a separate x_tau
+    at tau = min_time or U[min_time, min_time + 0.01]; alpha(t) = alpha_const sigmoid(20 (t -
+    1/2)); distillation weight distil_weight. Returns (loss (B,), terms)."""
     B, dev = x0.shape[0], x0.device
     rand = lambda: torch.rand(B, generator=g, device=dev)
     delta = 10 ** (-3 + rand())
@@ -542,134 +775,91 @@ def di4c_step(student, student_raw, teacher_fns, proc, x0, cfg: Config, g):
     u = t - delta
     tau = cfg.min_time + (rand() < 0.5).float() * rand() * 0.01
     x_t, x_tau = proc.add_noise(x0, t, g), proc.add_noise(x0, tau, g)
-
-    def student_target(x, s, lam):             # current weights, dropout off, no grad (SPEC §G.4)
-        student_raw.eval()
-        out = student_raw(x, s, lam)
-        student_raw.train()
-        return out
-
+    weights = core.variant_weights("tauldr", t, alpha_const=cfg.alpha_const)
+    weights["distil"] = weights["distil"] * cfg.distil_weight
     marginal, step = teacher_fns
-    return core.di4c_loss(student, x0, x_t, t, u, teacher_marginal=marginal, teacher_step=step,
-                          L=cfg.L, student_target=student_target,
-                          alpha=core.alpha_t(t, "sigmoid", cfg.alpha_const),
-                          distil_weight=torch.full((B,), cfg.distil_weight, device=dev),
+    return core.di4c_loss(student, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
+                          teacher_step=step, L=cfg.L, student_target=core.eval_target(student_raw),
                           x_tau=x_tau, tau=tau, control_variate=cfg.control_variate, generator=g)
 
 
 # -----------------------------------------------------------------------------
-# Training loop (teacher, Di4C student and control share it)
+# Stages: teacher (tauLDR objective), distill (Di4C + control)
 
 
-def train(cfg: Config, name: str, raw: nn.Module, loss_fn, iters: int, lr: float, batch: int,
-          images, dist_info, log, wall_budget: float = 0.0) -> tuple:
-    """Adam, grad clip, EMA, grad accumulation, DDP; `{name}_last.pt` every ckpt_every steps.
-
-    Every random draw of step k comes from generators seeded by (seed, rank, k), and the data
-    order from DistributedSampler(seed, epoch), so `--resume` continues exactly.
-    wall_budget > 0 stops after that many seconds of training (the control run).
-    Returns (raw, ema, seconds of training).
-    """
-    rank, world, dev = dist_info
-    per_rank, rem = divmod(batch, world * cfg.grad_accum)
-    if rem or per_rank == 0:
-        raise SystemExit(f"error: batch {batch} must be a positive multiple of "
-                         f"world_size ({world}) x grad_accum ({cfg.grad_accum})")
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    lam_path = lambda n: n.startswith("lemb_") or ".dense1." in n
-    groups = [{"params": [p for n, p in raw.named_parameters() if not lam_path(n)], "lr": lr},
-              {"params": [p for n, p in raw.named_parameters() if lam_path(n)], "lr": lr * cfg.lam_lr_mult}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
-    path, step, elapsed = os.path.join(cfg.out_dir, f"{name}_last.pt"), 0, 0.0
-    if cfg.resume and os.path.exists(path):
-        st = load_checkpoint(path, dataclasses.asdict(cfg), ("S", "ch", "ch_mult", "dataset", "L"))
-        raw.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["optimizer"])
-        step, elapsed = st["step"], st["elapsed"]
-        log(f"{name}: resumed from {path} at step {step}")
-    model = DDP(raw) if world > 1 else raw
-    sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    log(f"{name}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | batch {batch} = "
-        f"{per_rank} x {cfg.grad_accum} accum x {world} ranks | {iters} iters")
-    raw.train()
-    salt = sum(map(ord, name)) % 8                  # teacher, student, control draw different noise
-    while step < iters:
-        t0 = time.time()
-        for micro in range(cfg.grad_accum):
-            seed = (((cfg.seed * 1000 + rank) * 1_000_003 + step) * 64 + micro) * 8 + salt
-            torch.manual_seed(seed)
-            g = torch.Generator(device=dev).manual_seed(seed)
-            x0 = batch_at(step * cfg.grad_accum + micro, images, sampler, per_rank,
-                          torch.Generator().manual_seed(seed)).flatten(1).to(dev)   # (B, D)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else _null()):
-                loss, terms = loss_fn(model, raw, x0, g)
-                (loss.mean() / cfg.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        update_ema(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        elapsed += time.time() - t0
-        last = step == iters
-        if step % cfg.log_every == 0 or last:
-            vals = all_reduce_mean(torch.stack([loss.mean().detach()] + [v.mean() for v in terms.values()]), world)
-            log(f"{name} step {step:07d} | loss {vals[0].item():.4f} | "
-                + " | ".join(f"{k} {v.item():.4f}" for k, v in zip(terms, vals[1:]))
-                + f" | {1000 * (time.time() - t0):.0f} ms | {elapsed:.0f} s")
-        stop = torch.tensor(float(wall_budget > 0 and elapsed >= wall_budget), device=dev)
-        if all_reduce_mean(stop, world).item() > 0:
-            last = True
-        if rank == 0 and (step % cfg.ckpt_every == 0 or last):
-            save_checkpoint(path, {"model": raw.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                                   "config": dataclasses.asdict(cfg)})
-        if last:
-            break
-    if world > 1:
-        dist.barrier()
-    return raw, ema, elapsed
+def stage_teacher(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
+    """Train the tauLDR teacher from scratch (skipped when --teacher_ckpt is given)."""
+    if cfg.teacher_ckpt:
+        ctx.log(f"teacher: using --teacher_ckpt {cfg.teacher_ckpt}, nothing to train")
+        return
+    torch.manual_seed(cfg.seed)
+    raw = build_unet(cfg, images.shape[1], images.shape[2], lam=False).to(ctx.device)
+    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
+    ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
+            f"{len(images)} images {tuple(images.shape[1:])}, S = {cfg.S}")
+    out = fit(cfg, ctx, "teacher", raw,
+              lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g), {}),
+              data, cfg.teacher_iters, cfg.teacher_lr, ema_decay=cfg.ema_decay,
+              accum=cfg.grad_accum)
+    update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def export(cfg: Config, name: str, ema: nn.Module, extra: dict, rank: int):
-    """Inference snapshot `{name}.pt` = EMA weights + config (what sample/eval stages read)."""
-    if rank == 0:
-        save_checkpoint(os.path.join(cfg.out_dir, f"{name}.pt"),
-                        {"model": ema.state_dict(), "config": dataclasses.asdict(cfg), **extra})
-    if dist.is_initialized():
-        dist.barrier()                 # other ranks read the snapshot next
+def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
+    """Di4C (tauLDR variant) from the teacher, then (with --control) the control: the teacher
+    fine-tuned with its own loss for the same wall time (so a gain is Di4C's, not training's)."""
+    C, H = images.shape[1], images.shape[2]
+    teacher, _ = load_net(cfg, "teacher", C, H, False, ctx.device)
+    student = student_from_teacher(teacher, cfg).train()
+    fns = core.make_teacher(teacher, proc)
+    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.batch_size, cfg.grad_accum))
+    ctx.log(f"distill: {data.per_rank} x L = {cfg.L} rows per rank and micro-step")
+    out = fit(cfg, ctx, "student", student,
+              lambda model, batch, g: di4c_step(model, student, fns, proc, flip_batch(batch, g),
+                                                cfg, g),
+              data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum)
+    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
+    if not cfg.control:
+        return
+    control = copy.deepcopy(teacher).train().requires_grad_(True)
+    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
+    cout = fit(cfg, ctx, "control", control,
+               lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g),
+                                        {}),
+               data, 0, cfg.lr, ema_decay=cfg.ema_decay, seconds=out["wall"],
+               accum=cfg.grad_accum)
+    update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
-    """EMA network `{name}.pt` of this run, or the teacher from --teacher_ckpt: ours, or tauLDR's
-    (detected by its keys; EMA weights, see pretrained/tauldr.py). Every key must match (strict)."""
-    path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else os.path.join(cfg.out_dir, f"{name}.pt")
+    """The finished network `{name}.pt` of this run (EMA weights), or the teacher from
+    --teacher_ckpt: ours, or tauLDR's (detected by its keys; its EMA weights, see
+    pretrained/tauldr.py). Every key must match (strict). Returns (net in eval mode, state)."""
+    path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else ckpt_path(cfg, name)
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path!r} not found: run --stage {'teacher' if name == 'teacher' else 'distill'} "
-                         f"first (same --out_dir), or pass --teacher_ckpt")
+        raise SystemExit(f"error: {path!r} not found: run --stage "
+                         f"{'teacher' if name == 'teacher' else 'distill'} first (same --out_dir), "
+                         "or pass --teacher_ckpt")
     net = build_unet(cfg, C, H, lam).to(dev)
-    st = torch.load(path, map_location="cpu", weights_only=True) if path == cfg.teacher_ckpt else None
-    if st is not None:
-        from pretrained import tauldr  # andrew-cr/tauLDR's checkpoint layout, recognised by its keys
-    if st is not None and tauldr.is_tauldr_checkpoint(st):
-        if lam:
-            raise SystemExit(f"error: {path!r} is a tauLDR checkpoint: it can only be the teacher")
+    st = None
+    if path == cfg.teacher_ckpt:
+        from pretrained import tauldr  # andrew-cr/tauLDR's checkpoint layout, recognised by keys
         try:
-            st = {"model": tauldr.check_and_convert(net, st["model"], path), "format": "tauLDR (EMA weights)"}
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    else:                              # ours: also refuse one written with another config
-        st = load_checkpoint(path, dataclasses.asdict(cfg), ("S", "ch", "ch_mult", "num_res_blocks", "attn_res"))
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__})") from None
+        if tauldr.is_tauldr_checkpoint(st):
+            try:
+                st = {"ema": tauldr.check_and_convert(net, st["model"], path),
+                      "format": "tauLDR (EMA weights)"}
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        else:
+            st = None
+    if st is None:                     # ours: also refuse one written with another config
+        st = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
+    sd = st["ema"] if st.get("ema") is not None else st["model"]
     try:
-        net.load_state_dict(st["model"])
+        net.load_state_dict(sd)
     except RuntimeError as e:
         raise SystemExit(f"error: {path!r} does not match this network ({str(e)[:300]})") from None
     return net.eval().requires_grad_(False), st
@@ -707,32 +897,46 @@ def sampler_runs(cfg: Config) -> list:
     return runs
 
 
-def stage_sample(cfg: Config, proc, C, H, dist_info, log):
+def stage_sample(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
+    """Every sample set of sampler_runs, split over ranks -> out_dir/samples_<label>.pt (uint8
+    images) and grid_<label>.png."""
     import torchvision
-    rank, world, dev = dist_info
-    nets = {}
-    for label, name, lam_dim, n_steps, n_teacher in sampler_runs(cfg):
+    C, H = images.shape[1], images.shape[2]
+    nets, runs = {}, sampler_runs(cfg)
+    bar = ctx.progress(len(runs), "sample", unit="set")
+    for label, name, lam_dim, n_steps, n_teacher in runs:
         if name not in nets:
-            nets[name] = load_net(cfg, name, C, H, lam_dim > 0, dev)[0]
-        per_rank = math.ceil(cfg.n_samples / world)
-        lo, hi = rank * per_rank, min(cfg.n_samples, (rank + 1) * per_rank)
-        x, nfe = sample_images(nets[name], lam_dim, proc, cfg, n_steps, hi - lo, C, H, dev,
-                               teacher=nets.get("teacher"), n_teacher=n_teacher, seed=cfg.seed + lo)
-        torch.save(x, os.path.join(cfg.out_dir, f"samples_{label}_rank{rank}.pt"))
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            parts = [torch.load(os.path.join(cfg.out_dir, f"samples_{label}_rank{r}.pt")) for r in range(world)]
-            allx = torch.cat(parts)
-            torch.save(allx, os.path.join(cfg.out_dir, f"samples_{label}.pt"))
+            nets[name] = load_net(cfg, name, C, H, lam_dim > 0, ctx.device)[0]
+        if n_teacher and "teacher" not in nets:
+            nets["teacher"] = load_net(cfg, "teacher", C, H, False, ctx.device)[0]
+        share = math.ceil(cfg.n_samples / ctx.world_size)
+        lo, hi = ctx.rank * share, min(cfg.n_samples, (ctx.rank + 1) * share)
+        x, nfe = sample_images(nets[name], lam_dim, proc, cfg, n_steps, hi - lo, C, H,
+                               ctx.device, teacher=nets.get("teacher"), n_teacher=n_teacher,
+                               seed=cfg.seed + lo)
+        part = os.path.join(cfg.out_dir, f"samples_{label}_rank{ctx.rank}.pt")
+        torch.save(x, part)
+        ctx.barrier()
+        if ctx.rank == 0:
+            parts = [os.path.join(cfg.out_dir, f"samples_{label}_rank{r}.pt")
+                     for r in range(ctx.world_size)]
+            allx = torch.cat([torch.load(f, weights_only=True) for f in parts])
+            save_checkpoint(os.path.join(cfg.out_dir, f"samples_{label}.pt"),
+                            {"images": allx, "nfe": nfe, "steps": n_steps, "model": name,
+                             "config": asdict(cfg)})
+            for f in parts:
+                os.remove(f)
             torchvision.utils.save_image(allx[:256].float() / (cfg.S - 1),
                                          os.path.join(cfg.out_dir, f"grid_{label}.png"), nrow=16)
-            log(f"sampled {label}: {len(allx)} images, {nfe} NFE")
+            ctx.log(f"sample: {label}: {len(allx)} images, {nfe} NFE")
+        ctx.barrier()
+        bar.update(1)
+    bar.close()
 
 
 @torch.no_grad()
-def latency(net, lam_dim, proc, cfg, n_steps, C, H, dev, repeats=5) -> tuple:
-    """Wall time of one sampler call on a batch of sample_batch (mean, std over runs after a warm-up)."""
+def latency(net, lam_dim, proc, cfg, n_steps, C, H, dev, repeats=5) -> list:
+    """Seconds per sampler call on a batch of sample_batch images, after one warm-up call."""
     times = []
     for r in range(repeats + 1):
         if dev.type == "cuda":
@@ -742,106 +946,99 @@ def latency(net, lam_dim, proc, cfg, n_steps, C, H, dev, repeats=5) -> tuple:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    t = torch.tensor(times[1:])
-    return t.mean().item(), t.std().item()
+    return times[1:]
 
 
-def stage_eval(cfg: Config, images, proc, C, H, dist_info, log) -> dict:
-    """Fréchet distance (digits classifier features) or FID/IS (Inception) for every sample set."""
-    rank, world, dev = dist_info
-    metrics = {}
-    if rank == 0:
-        metrics["quality"] = {}
+def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
+    """Fréchet distance of digit-classifier features (digits) or FID/IS (Inception) for every
+    sample set, student vs teacher latency; metrics.json, quality_vs_steps.png, the table."""
+    if ctx.rank != 0:
+        return ctx.barrier()
+    C, H = images.shape[1], images.shape[2]
+    paths = {label: os.path.join(cfg.out_dir, f"samples_{label}.pt") for label, *_ in
+             sampler_runs(cfg)}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"error: {missing[0]!r} not found: run --stage sample first")
+    res = {}
+    if cfg.dataset == "digits":
+        from eval import digits
+        clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
+        real = _requantise(images, cfg.S, 17)
+    else:
+        from eval import inception
+    bar = ctx.progress(len(paths), "eval", unit="set")
+    for label, path in paths.items():
+        bar.update(1)
+        s = load_checkpoint(path, asdict(cfg))
         if cfg.dataset == "digits":
-            from eval import digits
-            clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
-            real = _requantise(images, cfg.S, 17)
-            for label, *_ in sampler_runs(cfg):
-                x = _requantise(torch.load(os.path.join(cfg.out_dir, f"samples_{label}.pt")), cfg.S, 17)
-                metrics["quality"][label] = {"frechet": digits.digits_frechet(clf, x, real)}
+            score = {"frechet": digits.digits_frechet(clf, _requantise(s["images"], cfg.S, 17),
+                                                      real)}
         else:
-            from eval import inception
-            for label, *_ in sampler_runs(cfg):
-                x = torch.load(os.path.join(cfg.out_dir, f"samples_{label}.pt"))
-                x = (x.long() * 256 // cfg.S).to(torch.uint8)
-                metrics["quality"][label] = inception.fid_is(x, reference=images)
-        teacher = load_net(cfg, "teacher", C, H, False, dev)[0]
-        student = load_net(cfg, "student", C, H, True, dev)[0]
-        metrics["latency_s"] = {}
-        for n in cfg.student_steps:
-            (tm, ts), (sm, ss) = (latency(teacher, 0, proc, cfg, n, C, H, dev),
-                                  latency(student, 1, proc, cfg, n, C, H, dev))
-            metrics["latency_s"][n] = {"teacher": [tm, ts], "student": [sm, ss], "overhead": sm / tm - 1}
-        log(format_table(metrics))
-    return metrics
+            score = inception.fid_is((s["images"].long() * 256 // cfg.S).to(torch.uint8),
+                                     reference=images)
+        res[label] = {**score, "nfe": s["nfe"], "steps": s["steps"]}
+    bar.close()
+    teacher = load_net(cfg, "teacher", C, H, False, ctx.device)[0]
+    student = load_net(cfg, "student", C, H, True, ctx.device)[0]
+    lat = {}
+    for n in cfg.student_steps:
+        t_s, s_s = (latency(net, d, proc, cfg, n, C, H, ctx.device) for net, d in
+                    ((teacher, 0), (student, 1)))
+        mean = lambda v: sum(v) / len(v)
+        lat[str(n)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),
+                           overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))
+    key = "frechet" if cfg.dataset == "digits" else "fid"
+    rows = [dict(model=label.split("@")[0], **r) for label, r in res.items()]
+    update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key})
+    plot_quality(cfg, rows, key)
+    print_table(res, lat, key)
+    ctx.barrier()
 
 
-def format_table(metrics: dict) -> str:
-    q = metrics["quality"]
-    key = "frechet" if "frechet" in next(iter(q.values())) else "fid"
-    lines = [f"{'sampler':>14} | {key}"]
-    lines += [f"{label:>14} | {v[key]:.3f}" for label, v in q.items()]
-    for n, v in metrics.get("latency_s", {}).items():
-        lines.append(f"latency @{n} NFE: teacher {v['teacher'][0]:.3f}s  student {v['student'][0]:.3f}s "
-                     f"(overhead {100 * v['overhead']:+.1f}%)")
-    return "\n".join(lines)
+def print_table(res: dict, lat: dict, key: str):
+    """The eval table, latency, and a RESULT line per student step count."""
+    print(f"\n{'sampler':<14}{'NFE':>5}{key:>10}")
+    for label in sorted(res, key=lambda k: (k.split("@")[0], res[k]["steps"])):
+        print(f"{label:<14}{res[label]['nfe']:>5}{res[label][key]:>10.3f}")
+    for n, v in lat.items():
+        print(f"latency @{n} NFE: teacher {v['teacher_s']:.3f} s, student {v['student_s']:.3f} s "
+              f"({v['overhead_pct']:+.1f}%)")
+    for label in sorted(res):
+        if label.startswith("student@") and label.replace("student", "teacher") in res:
+            t = res[label.replace("student", "teacher")]
+            print(f"RESULT {label} {key}={res[label][key]:.3f} teacher {key}={t[key]:.3f}")
 
 
 # -----------------------------------------------------------------------------
 # Main: teacher -> distill (+ control) -> sample -> eval
 
 
-def main(cfg: Config) -> dict:
-    stages = {"all": ["teacher", "distill", "sample", "eval"]}.get(cfg.stage, [cfg.stage])
-    if not set(stages) <= {"teacher", "distill", "sample", "eval"}:
-        raise SystemExit(f"error: --stage must be teacher, distill, sample, eval or all, got {cfg.stage!r}")
-    rank, _, world, dev = setup_dist(cfg.device)
+def main(cfg: Config):
+    if cfg.stage not in STAGES + ("all",):
+        raise SystemExit(f"error: --stage must be one of {STAGES + ('all',)}, got {cfg.stage!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    rank, world_size, device = setup_dist(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log, dist_info = Logger(rank, cfg.out_dir), (rank, world, dev)
-    log(f"config {json.dumps(dataclasses.asdict(cfg))}")
-    log(f"torch {torch.__version__} | device {dev} | world_size {world}")
+    ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
+    ctx.log(f"cifar10_gaussian.py | torch {torch.__version__} | python "
+            f"{platform.python_version()} | device {device} | world size {world_size}")
+    ctx.log("config " + json.dumps(asdict(cfg)))
     torch.manual_seed(cfg.seed)
-    images = load_images(cfg)                                                       # (N, C, H, W)
-    C, H = images.shape[1], images.shape[2]
-    proc = build_process(cfg, dev)
-    mpath = os.path.join(cfg.out_dir, "metrics.json")
-    metrics = json.load(open(mpath)) if os.path.exists(mpath) else {}
-
-    if "teacher" in stages and not cfg.teacher_ckpt:
-        t_start = time.time()
-        raw = build_unet(cfg, C, H, lam=False).to(dev)
-        loss_fn = lambda m, r, x0, g: (teacher_loss(m, proc, x0, cfg, g), {})
-        _, ema, secs = train(cfg, "teacher_train", raw, loss_fn, cfg.teacher_iters, cfg.teacher_lr,
-                             cfg.teacher_batch, images, dist_info, log)
-        export(cfg, "teacher", ema, {}, rank)
-        metrics["teacher_train_s"] = secs
-        metrics["teacher_stage_wall_s"] = time.time() - t_start
-    if "distill" in stages:
-        teacher, _ = load_net(cfg, "teacher", C, H, False, dev)
-        student = student_from_teacher(teacher, cfg).train()
-        fns = core.make_teacher(teacher, proc)
-        loss_fn = lambda m, r, x0, g: di4c_step(m, r, fns, proc, x0, cfg, g)
-        _, ema, secs = train(cfg, "student_train", student, loss_fn, cfg.distil_iters, cfg.lr,
-                             cfg.batch_size, images, dist_info, log)
-        export(cfg, "student", ema, {"train_s": secs}, rank)
-        metrics["distill_train_s"] = secs
-        if cfg.control:                       # the teacher fine-tuned with its own loss, same wall time
-            control = copy.deepcopy(teacher).train().requires_grad_(True)
-            loss_fn = lambda m, r, x0, g: (teacher_loss(m, proc, x0, cfg, g), {})
-            _, ema, csecs = train(cfg, "control_train", control, loss_fn, 10 ** 9, cfg.lr,
-                                  cfg.teacher_batch, images, dist_info, log, wall_budget=secs)
-            export(cfg, "control", ema, {"train_s": csecs}, rank)
-            metrics["control_train_s"] = csecs
-    if "sample" in stages:
-        stage_sample(cfg, proc, C, H, dist_info, log)
-    if "eval" in stages:
-        metrics.update(stage_eval(cfg, images, proc, C, H, dist_info, log))
-    if rank == 0:
-        with open(mpath + ".tmp", "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(mpath + ".tmp", mpath)
-    cleanup(world)
-    return metrics
+    images = load_images(cfg)                                                   # (N, C, H, W)
+    proc = build_process(cfg, device)
+    run = {"teacher": stage_teacher, "distill": stage_distill, "sample": stage_sample,
+           "eval": stage_eval}
+    walls, t_start = {}, time.time()
+    for name in STAGES if cfg.stage == "all" else (cfg.stage,):
+        t0 = time.time()
+        run[name](cfg, ctx, images, proc)
+        walls[name] = time.time() - t0
+        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
+    walls["total"] = time.time() - t_start
+    update_metrics(cfg, ctx, {"wall_seconds": walls})
+    cleanup(world_size)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ def test_student_equals_teacher_at_init_for_every_lambda():
     for lam in (0.0, 0.37, 1.0):
         torch.testing.assert_close(student(x, t, torch.full((3, 1), lam)), want)
     with torch.no_grad():
-        student.lemb_down[-1].bias.add_(1.0)
-        student.down[0].dense1.bias.add_(1.0)
+        student.lam_emb_down[-1].bias.add_(1.0)
+        student.down[0].lam_proj.bias.add_(1.0)
     assert not torch.allclose(student(x, t, torch.full((3, 1), 0.5)), want)
 
 
@@ -103,30 +103,31 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 
 
 def test_smoke_end_to_end_writes_metrics(tmp_path):
-    metrics = m.main(smoke(tmp_path))
+    m.main(smoke(tmp_path))
     saved = json.load(open(tmp_path / "metrics.json"))
     labels = ["teacher@2", "teacher@4", "student@2", "hybrid@2", "control@2"]
-    assert sorted(saved["quality"]) == sorted(labels)
-    assert all(v["frechet"] > 0 for v in saved["quality"].values())
-    assert "2" in saved["latency_s"] and metrics["distill_train_s"] > 0
+    assert sorted(saved["eval"]) == sorted(labels)
+    assert all(v["frechet"] > 0 for v in saved["eval"].values())
+    assert "2" in saved["latency"] and saved["student"]["train_seconds"] > 0
     assert (tmp_path / "grid_student@2.png").exists()
+    assert (tmp_path / "quality_vs_steps.png").exists()
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     m.main(smoke(a, stage="teacher", teacher_iters=4, ckpt_every=100))
     m.main(smoke(b, stage="teacher", teacher_iters=2, ckpt_every=100))      # "interrupted" at step 2
-    m.main(smoke(b, stage="teacher", teacher_iters=4, ckpt_every=100))      # resumes at step 2
-    sa = torch.load(a / "teacher_train_last.pt", weights_only=True)
-    sb = torch.load(b / "teacher_train_last.pt", weights_only=True)
+    m.main(smoke(b, stage="teacher", teacher_iters=4, ckpt_every=100, resume=True))  # from step 2
+    sa = torch.load(a / "teacher_state.pt", weights_only=True)
+    sb = torch.load(b / "teacher_state.pt", weights_only=True)
     assert sa["step"] == sb["step"] == 4
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     m.main(smoke(a, stage="distill", distil_iters=4, control=False, ckpt_every=100))
     m.main(smoke(b, stage="distill", distil_iters=2, control=False, ckpt_every=100))
-    m.main(smoke(b, stage="distill", distil_iters=4, control=False, ckpt_every=100))
-    sa = torch.load(a / "student_train_last.pt", weights_only=True)
-    sb = torch.load(b / "student_train_last.pt", weights_only=True)
+    m.main(smoke(b, stage="distill", distil_iters=4, control=False, ckpt_every=100, resume=True))
+    sa = torch.load(a / "student_state.pt", weights_only=True)
+    sb = torch.load(b / "student_state.pt", weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
@@ -139,6 +140,6 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world_size 2" in open(tmp_path / "log.txt").read()
+    assert "world size 2" in open(tmp_path / "log.txt").read()
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert "student@2" in saved["quality"]
+    assert "student@2" in saved["eval"]
