@@ -3,7 +3,8 @@ Di4C on pixels with a discretized-Gaussian CTMC (tauLDR teacher; Sec. 5.1 of arX
 
 Teacher: a tauLDR-style U-Net x0-predictor trained with the continuous-time ELBO plus an auxiliary
 cross-entropy. Student: the same U-Net plus a lambda path whose output layers start at zero (so it
-starts equal to the teacher), fine-tuned with the Di4C losses of di4c_core (SPEC §C.3).
+starts equal to the teacher), fine-tuned with the Di4C losses of di4c_core (tauLDR variant,
+docs/method.md (30)-(31)).
 
 Embedded CPU demo (8x8 digits, 17 grey levels; teacher, student, control, metrics):
     python cifar10_gaussian.py --preset demo
@@ -34,7 +35,7 @@ from tqdm import tqdm
 import di4c_core as core
 
 # -----------------------------------------------------------------------------
-# Config: defaults are the paper preset (SPEC §C.3, §E); presets override a few fields
+# Config: defaults are the paper preset (tauLDR's CIFAR-10 settings); presets override a few
 
 
 @dataclass
@@ -48,13 +49,13 @@ class Config:
     download: bool = False         # let torchvision download CIFAR-10 into data_dir
     image_size: int = 32           # folder datasets are resized to this
     S: int = 256                   # grey levels per channel
-    # forward process (tauLDR, SPEC §A.3)
+    # forward process (tauLDR, docs/method.md (4)-(5))
     rate_sigma: float = 6.0
     q_sigma: float = 512.0
     time_base: float = 3.0         # beta_bar(t) = time_base (time_exp^t - 1)
     time_exp: float = 100.0
     min_time: float = 0.01
-    # network (tauLDR U-Net, SPEC §B.2)
+    # network (tauLDR U-Net + the lambda path, docs/method.md (14))
     ch: int = 128
     ch_mult: tuple = (1, 2, 2, 2)
     num_res_blocks: int = 2
@@ -67,7 +68,7 @@ class Config:
     teacher_lr: float = 2e-4
     nll_weight: float = 0.001      # auxiliary cross-entropy weight of the tauLDR objective
     # (the demo weights the cross-entropy 100: on CPU budgets the one-jump ELBO alone is too noisy)
-    # Di4C (SPEC §C.3)
+    # Di4C (tauLDR variant, docs/method.md (30)-(31))
     distil_iters: int = 320000
     batch_size: int = 8            # x_t per step (global); the network sees batch_size * L rows
     L: int = 16
@@ -509,7 +510,7 @@ def flip_batch(batch: tuple, g: torch.Generator) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Forward process: tauLDR's Gaussian-target rate matrix (SPEC §A.3)
+# Forward process: tauLDR's Gaussian-target rate matrix (docs/method.md (4))
 
 
 def gaussian_rate_matrix(S: int, rate_sigma: float, q_sigma: float) -> tuple:
@@ -613,7 +614,7 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """x0-predictor: x_t (N, D) long -> logits (N, D, S), D = C H W (SPEC §A.3, §B.2).
+    """x0-predictor: x_t (N, D) long -> logits (N, D, S), D = C H W (docs/method.md (14)).
 
     Computes the same function as tauLDR's `UNet` + `ImageX0PredBase` head (fix_logistic=False);
     `down`, `mid`, `up` hold the same blocks in the same order as tauLDR's downsampling, middle and
@@ -692,7 +693,7 @@ class UNet(nn.Module):
 
 
 def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
-    """Log-mass of a logistic(mu, s) over S equal bins of [-1, 1] (tauLDR head, SPEC §A.3).
+    """Log-mass of a logistic(mu, s) over S equal bins of [-1, 1] (tauLDR's head).
 
     mu = tanh(x + raw_mu), s = exp(raw_log_scale - 2); log(sigma(r) - sigma(l)) as
     log sigma(r) + log1p(1e-6 - exp(log sigma(l) - log sigma(r))), tauLDR's fix_logistic=False form
@@ -761,7 +762,7 @@ def teacher_loss(model, proc: core.CTMCProcess, x0: torch.Tensor, cfg: Config, g
 
 
 # -----------------------------------------------------------------------------
-# Di4C step: the tauLDR variant (docs/method.md [[VAR]], [[TAUT]]) on the core's losses
+# Di4C step: the tauLDR variant (docs/method.md (30), (31)) on the core's losses
 
 
 def di4c_step(student, student_raw, teacher_fns, proc, x0, cfg: Config, g):
@@ -872,7 +873,8 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
 @torch.no_grad()
 def sample_images(net, lam_dim, proc, cfg: Config, n_steps: int, n: int, C: int, H: int, dev,
                   teacher=None, n_teacher: int = 0, seed: int = 0) -> tuple:
-    """SPEC §D.1: N NFEs on linspace(1, min_time, N), fresh lambda per sample per step, last NFE argmax.
+    """docs/method.md (37): N NFEs on linspace(1, min_time, N), a fresh lambda per sample per
+    step, the last NFE an argmax.
     Returns (images (n, C, H, H) uint8, NFE per sample)."""
     times = torch.linspace(1, cfg.min_time, n_steps)
     out, nfe = [], 0

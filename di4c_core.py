@@ -20,17 +20,17 @@ The logits are unnormalised log-probabilities of x0 given x_t (an "x0-prediction
 network ignores lam; `cond` carries class labels or anything else the network is conditioned on,
 and is repeated with x_t whenever rows are (never inferred from row counts). The mixture student
     p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]^k} prod_d p^{theta,d}_{0|t}(x0^d | x_t; lambda)
-has every expectation over lambda estimated with L draws [[MIX]].
+has every expectation over lambda estimated with L draws (12).
 
 Paper -> code (docs/method.md has the full table)
-    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       [[POST]]
-    mixture model, lambda-batch                      draw_lambda, student_log_probs   [[MIX]]
+    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       (2)-(3)
+    mixture model, lambda-batch                      draw_lambda, student_log_probs   (12)
     J^, log m^, C^ (control variate), K              mixture_joint_loglik, mixture_marginal_logp,
-                                                     cv_loglik, marginal_kl           [[CV]]
+                                                     cv_loglik, marginal_kl           (15)-(19)
     data / consistency / distillation terms          data_loss_*, consis_loss_*, distil_loss
-    the three variants, one Di4C objective           variant_weights, di4c_loss       [[LOSS]]
+    the three variants, one Di4C objective           variant_weights, di4c_loss       (29)
     student = teacher + fresh lambda path            student_from_teacher, lam_param_groups
-    N-step ancestral and hybrid sampling             ancestral_sample                 [[SAMP]]
+    N-step ancestral and hybrid sampling             ancestral_sample                 (37)
 """
 import math
 from typing import Callable, Optional
@@ -49,7 +49,7 @@ def sample_categorical(log_p: Tensor, generator: Optional[torch.Generator] = Non
     """Draw one state per row from Cat(softmax(log_p)) by Gumbel-max in float64.
 
     float32 Gumbel noise lowers the effective temperature (Zheng et al., arXiv 2409.02908;
-    [[CAT]]), so the noise and the comparison are done in float64, in chunks of about `chunk`
+    (36)), so the noise and the comparison are done in float64, in chunks of about `chunk`
     elements. Rows whose
     runner-up is more than 1000 nats below the top (e.g. revealed tokens under SUBS) are exactly
     deterministic in float64 and take the argmax without drawing noise.
@@ -93,7 +93,7 @@ def _per_row(t: Tensor, B: int, device) -> Tensor:
 
 
 class CTMCProcess:
-    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; [[CTMC]]).
+    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; (4)-(5)).
 
     Q_{t|s} = expm((beta_bar(t) - beta_bar(s)) R), computed in float64 by scaling-and-squaring
     (stable for any R, reversible or not), clamped at 0 and renormalised. Times that repeat in a
@@ -129,7 +129,7 @@ class CTMCProcess:
         return sample_categorical(rows.clamp_min(1e-300).log(), generator)
 
     def posterior(self, log_p0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        """p_{s|t}(b | x_t) = sum_a p0(a) Q_{s|0}(a->b) Q_{t|s}(b->x_t) / Q_{t|0}(a->x_t) [[POST]].
+        """p_{s|t}(b | x_t) = sum_a p0(a) Q_{s|0}(a->b) Q_{t|s}(b->x_t) / Q_{t|0}(a->x_t) (2)-(3).
 
         The eps terms follow tauLDR: they keep the division finite where Q_{t|0}(a->x_t) ~ 0.
         Args: log_p0 (B, D, S); x_t (B, D); t, s (B,) or floats. Returns (B, D, S) float64.
@@ -158,7 +158,7 @@ class CTMCProcess:
 
 
 class MaskedProcess:
-    """Absorbing process: each token is [MASK] at time t with probability m(t) [[MASKED]].
+    """Absorbing process: each token is [MASK] at time t with probability m(t) (6)-(8).
 
     m: t (N,) -> mask probability (N,), increasing, m(0) = 0, m(1) = 1 (up to eps). MDLM's
     log-linear schedule is m(t) = (1 - eps) t; MaskGIT's arccos schedule is arccos(1 - t) / (pi/2).
@@ -233,7 +233,7 @@ class MaskedProcess:
 
 
 def draw_lambda(n: int, k: int = 1, generator=None, device=None) -> Tensor:
-    """lambda ~ U[0,1]^k, one row per network call [[MIX]]. Returns (n, k) float32."""
+    """lambda ~ U[0,1]^k, one row per network call (12). Returns (n, k) float32."""
     return torch.rand(n, k, generator=generator, device=device)
 
 
@@ -261,7 +261,7 @@ def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: 
 
 
 def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
-    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood [[J]].
+    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood (15).
 
     Args: log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t).
     Returns (B,) or (B, M).
@@ -276,7 +276,7 @@ def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
 
 
 def mixture_marginal_logp(log_p: Tensor) -> Tensor:
-    """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals [[M]].
+    """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals (16).
 
     Args: log_p (B, L, D, S). Returns (B, D, S).
     """
@@ -286,7 +286,7 @@ def mixture_marginal_logp(log_p: Tensor) -> Tensor:
 def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
               log_m: Optional[Tensor] = None) -> Tensor:
     """C^(y) = J^(y) - sum_d log m^d(y^d): the log-likelihood minus its dimension-wise control
-    variate [[C]]; E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly [[ID]].
+    variate (17); E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly (19).
     control_variate=False returns J^(y) itself.
     Args: log_p (B, L, D, S); y (B, D) or (B, M, D); log_m (B, D, S) to reuse.
     Returns (B,) or (B, M).
@@ -301,7 +301,7 @@ def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
 
 
 def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
-    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S [[K]].
+    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S (18).
 
     Zero-probability target states contribute 0 even where log m = -inf (no NaN gradients).
     Args: log_pi, log_m (..., D, S), broadcastable. Returns (...).
@@ -313,7 +313,7 @@ def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Loss terms (each per x_t, shape (B,), summed over dimensions) [[LOSS]]
+# Loss terms (each per x_t, shape (B,), summed over dimensions) (29)
 
 
 def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = True,
@@ -323,13 +323,13 @@ def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = Tru
 
 
 def data_loss_indep(log_p_teacher: Tensor, log_m: Tensor) -> Tensor:
-    """K(p^psi_{0|t}(.|x_t) || m^): the teacher's marginals stand in for the data's [[DATA]]. (B,)"""
+    """K(p^psi_{0|t}(.|x_t) || m^): the teacher's marginals stand in for the data's (24). (B,)"""
     return marginal_kl(log_p_teacher, log_m)
 
 
 def consis_loss_cor(log_p_student: Tensor, y: Tensor, control_variate: bool = True,
                     log_m: Optional[Tensor] = None) -> Tensor:
-    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t) [[CONS]].
+    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t) (25).
     y: (B, L, D). Returns (B,)."""
     return -cv_loglik(log_p_student, y, control_variate, log_m).mean(1)
 
@@ -340,7 +340,7 @@ def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
 
 
 def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
-    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) [[DIST]]: by
+    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27): by
     joint convexity it upper-bounds KL(teacher || mixture).
     Args: log_p_teacher (B, D, S); log_p_student (B, L, D, S). Returns (B,).
     """
@@ -348,7 +348,7 @@ def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
 
 
 def alpha_t(t: Tensor, schedule: str = "sigmoid", const: float = 1.0) -> Tensor:
-    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} [[ALPHA]]."""
+    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} (28)."""
     shapes = {"sigmoid": lambda: torch.sigmoid(20 * (t - 0.5)), "linear": lambda: t,
               "const": lambda: torch.ones_like(t), "zero": lambda: torch.zeros_like(t)}
     if schedule not in shapes:
@@ -361,7 +361,7 @@ VARIANTS = ("tauldr", "maskgit", "sdtt")
 
 def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
                     alpha_const: Optional[float] = None) -> dict:
-    """Per-row weights of the Di4C terms for one of the paper's three variants [[VAR]].
+    """Per-row weights of the Di4C terms for one of the paper's three variants (30).
 
       tauldr : distillation on a separate small-time sample x_tau (weight 1), consistency at
                every t, alpha_const 1 (paper Sec. 5.1, tauLDR teacher).
@@ -391,7 +391,7 @@ def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
 
 
 def make_teacher(teacher: Callable, process, lam_dim: int = 0, L: int = 16) -> tuple:
-    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser [[MT]].
+    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser (35).
 
     teacher_marginal(x (N, D), t (N,), cond, g) -> log p^psi_{0|t} (N, D, S): the product
         teacher's log-probs, or for a mixture teacher (lam_dim > 0) the L-sample lambda-average.
@@ -424,7 +424,7 @@ def lam_param_groups(model: nn.Module, mult: float = 1.0) -> list:
     """Optimizer groups: the lambda path learns `mult` times faster than the rest.
 
     At initialisation every mixture component is the same, where the correlation terms'
-    gradients vanish [[SYM]]; a larger step on the lambda path leaves that point sooner. Each
+    gradients vanish (14); a larger step on the lambda path leaves that point sooner. Each
     group carries its multiplier ("mult") so that LR schedules keep the ratio.
     """
     named = list(model.named_parameters())
@@ -434,7 +434,7 @@ def lam_param_groups(model: nn.Module, mult: float = 1.0) -> list:
 
 
 def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
-    """Load the teacher's weights into a student strictly; its lambda path stays fresh [[INIT]].
+    """Load the teacher's weights into a student strictly; its lambda path stays fresh (14).
 
     Every non-lambda key of the student must come from the teacher with the same shape and the
     teacher may not have keys the student lacks (a round-1 student used as teacher passes on its
@@ -454,7 +454,8 @@ def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
 
 
 def eval_target(net: nn.Module) -> Callable:
-    """The current student as a target: eval mode (no dropout), no grad, mode restored [[GRAD]]."""
+    """The current student as a target: eval mode (no dropout), no grad, mode restored
+    (docs/method.md §6, "Where gradients flow")."""
     @torch.no_grad()
     def target(x, t, lam, cond=None):
         if not isinstance(net, nn.Module):                 # a plain function has no mode
@@ -469,7 +470,7 @@ def eval_target(net: nn.Module) -> Callable:
 
 
 # -----------------------------------------------------------------------------
-# One Di4C training objective, shared by the three variants [[LOSS]]
+# One Di4C training objective, shared by the three variants (29)
 
 
 def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, *,
@@ -477,12 +478,12 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
               lam_dim: int = 1, cond=None, student_target: Optional[Callable] = None,
               x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
               control_variate: bool = True, generator=None) -> tuple:
-    """Di4C loss per x_t [[LOSS]]:
+    """Di4C loss per x_t (29):
         w_distil distil + alpha data_cor + data_indep + w_consis (consis_cor + consis_indep).
 
     weights: variant_weights(name, t, ...) or an explicit dict of that form; distil_on "tau"
     requires x_tau, tau (a separate small-time sample), "x_t" reuses x_t.
-    Gradients [[GRAD]]: only the student at (x_t, t) and at (x_tau, tau) gets gradients; the
+    Gradients (docs/method.md §6): only the student at (x_t, t) and at (x_tau, tau) gets them; the
     teacher, x_u, y and the student at (x_u, u) (`student_target`, default eval_target(student))
     run under no_grad. The L lambdas at t serve both data and consistency terms. Every term is
     computed for every row (no host-device sync); zero weights switch terms off. Without the
@@ -531,7 +532,7 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
 
 
 # -----------------------------------------------------------------------------
-# Samplers [[SAMP]]
+# Samplers (37)
 
 
 @torch.no_grad()
@@ -539,13 +540,13 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                      lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
                      n_teacher: int = 0, final_nfe: bool = True, reuse_unchanged: bool = False,
                      generator=None) -> tuple:
-    """N-step ancestral sampling with the analytic product step, mixture and hybrid [[SAMP]].
+    """N-step ancestral sampling with the analytic product step, mixture and hybrid (37).
 
     times (K+1,) decreasing, t_0 = start. NFE k < K evaluates the network at t_k and draws
     x_{t_{k+1}} ~ p_{t_{k+1}|t_k}; if final_nfe (and process.needs_final), one more NFE at t_K
     returns process.final (argmax of p_{0|t_K}). So tauLDR's N-NFE sampler is times =
     linspace(1, 0.01, N) and MDLM's is linspace(1, 1e-5, N + 1). A mixture denoiser
-    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid [[HYB]]: the last n_teacher
+    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid (38): the last n_teacher
     NFEs use `teacher` (a product denoiser). reuse_unchanged re-runs a product network only on
     the rows whose x changed since its last call (valid only for networks without a time input,
     e.g. MDLM/SDTT). cond (B, ...) is passed to every call. Returns (x_0 (B, D) long, NFEs).

@@ -1,15 +1,15 @@
 """
 Di4C on class-conditional masked image generation (Sec. 5.2 of arXiv:2410.08709; teacher =
 MaskGIT). Paper claim: a 4-step Di4C student matches or beats the 8-step MaskGIT teacher in
-FID-IS on ImageNet 256 (SPEC §F.2).
+FID-IS on ImageNet 256 (paper Sec. 5.2).
 
 Images become tokens once (stage `tokenize`: the taming-transformers f16 VQGAN released with
 MaskGIT-pytorch, a small VQ-VAE trained here on your images, or raw 17-level pixels of the 8x8
 digits). A bidirectional transformer with a class token is trained as the MaskGIT teacher
 (arccos schedule, masked cross-entropy, label dropout for classifier-free guidance), then a
 Di4C mixture student (the same network plus a lambda path that starts at zero) is distilled from
-it with the core's losses in the MaskGIT variant (SPEC §C.4). Samples come from MaskGIT's
-confidence sampler with CFG (SPEC §A.4, §D.2); eval/ scores them.
+it with the core's losses in the MaskGIT variant (docs/method.md (30), (32)). Samples come from
+MaskGIT's confidence sampler with CFG (docs/method.md (39)-(41)); eval/ scores them.
 
 ImageNet, paper settings:  python imagenet_masked.py --data_dir data/imagenet \\
                              --vqgan_ckpt pretrained_maskgit/VQGAN/last.ckpt \\
@@ -48,7 +48,7 @@ from tqdm import tqdm
 import di4c_core as core
 
 # -----------------------------------------------------------------------------
-# Config (defaults = the paper preset; STYLE §0, §3.4)
+# Config (defaults = the paper preset; --preset demo / smoke override a few fields)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Config:
     vqvae_iters: int = 100_000
     vqvae_lr: float = 2e-4
     num_workers: int = 8
-    # model (MaskGIT-pytorch's transformer, SPEC §B.2)
+    # model (MaskGIT-pytorch's transformer)
     n_layer: int = 24
     n_embd: int = 768
     n_head: int = 16
@@ -91,7 +91,7 @@ class Config:
     teacher_cosine: bool = False   # cosine decay of the teacher LR to 0 after warm-up (demo)
     label_smoothing: float = 0.1
     teacher_ema: float = 0.0       # MaskGIT-pytorch keeps no EMA
-    # di4c (SPEC §C.4, the "di4c-d" defaults)
+    # di4c (MaskGIT variant, docs/method.md (30), (32); the "di4c-d" defaults)
     distil_iters: int = 100_000
     distil_batch: int = 4          # global x_t per step (2 per GPU x 2 GPUs), L lambdas each
     lr: float = 1e-5               # Di4C and control; AdamW betas (0.9, 0.96), constant
@@ -106,7 +106,7 @@ class Config:
     student_dropout: float = 0.1   # dropout of the student in training (MaskGIT's 0.1, as the
                                    # official code); the demo uses 0, see init_student
     control: bool = True           # teacher fine-tuned with its own loss for Di4C's wall time
-    # sampling and evaluation (SPEC §A.4, §D.2, §F.1)
+    # sampling and evaluation (docs/method.md (39)-(41))
     steps: tuple = (4, 8)          # teacher step counts
     student_steps: tuple = (4,)    # student and control step counts
     cfg_w: float = 3.0             # every model is sampled with w = 0 and w = cfg_w
@@ -143,7 +143,8 @@ PRESETS = {
                  teacher_cosine=True, label_smoothing=0.0, teacher_ema=0.995, distil_iters=400,
                  distil_batch=16, lr=1e-4, lam_lr_mult=10.0, L=16, student_ema=0.99,
                  alpha_const=1.0, student_dropout=0.0, steps=(2, 4, 8, 16),
-                 student_steps=(2, 4), cfg_w=1.0, r_temp=20.0, n_per_class=200, sample_batch=500, latency_runs=5,
+                 student_steps=(2, 4), cfg_w=1.0, r_temp=20.0, n_per_class=200, sample_batch=500,
+                 latency_runs=5,
                  dtype="float32", log_every=100, ckpt_every=500),
     # seconds, for tests
     "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=8,
@@ -712,13 +713,13 @@ def train_vqvae(cfg: Config, ctx: Ctx, ds) -> nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# Model: MaskGIT-pytorch's bidirectional transformer (SPEC §A.4, §B.2) + the lambda path
+# Model: MaskGIT-pytorch's bidirectional transformer + the lambda path (docs/method.md (14))
 
 NEG = -1e6                                 # logit of an impossible state
 
 
 def sinusoid(v: torch.Tensor, dim: int = 128) -> torch.Tensor:
-    """Timestep embedding of 1000 v, half sin, half cos (SPEC §B.2): (N, k) -> (N, k dim)."""
+    """Timestep embedding of 1000 v, half sin, half cos: (N, k) -> (N, k dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=v.device) / (half - 1))
     ang = 1000 * v.float()[..., None] * freqs                                   # (N, k, dim/2)
@@ -744,17 +745,17 @@ class Block(nn.Module):
 class MaskTransformer(nn.Module):
     """denoiser(x_t (N, D) long, y (N,) long, lam (N, k) | None) -> logits (N, D, S), S = K + 1.
 
-    MaskGIT-pytorch's network (SPEC §B.2): D image tokens + 1 class token (index n_classes =
+    MaskGIT-pytorch's network: D image tokens + 1 class token (index n_classes =
     "dropped", for CFG) embedded in one table of K + 1 + n_classes + 1 rows, learned positions,
     an input MLP, pre-LN blocks, an output MLP, logits tied to the embedding plus a bias. No
     time input: the mask pattern tells the network where it is.
-    Two output rules (SPEC §G.11, where we differ from MaskGIT-pytorch): [MASK] is never
+    Two output rules (where we differ from MaskGIT-pytorch, docs/imagenet.md): [MASK] is never
     predicted, and revealed tokens are copied (log-prob 0), so revealed positions add exactly
     zero to every Di4C term; the sampler never changes them either way.
     Student (lam_dim > 0): sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU -> Linear(512, E)
     is added to every token's input embedding. Its last layer starts at zero, so at init the
-    student is the teacher exactly, for every lambda (SPEC §G.21). The official code appends
-    lambda as an extra token instead; a token changes every attention normaliser even with a
+    student is the teacher exactly, for every lambda (docs/method.md (14)). The official code
+    appends lambda as an extra token instead; a token changes every attention normaliser even with a
     zero embedding, so it cannot start equal to the teacher.
     """
 
@@ -838,7 +839,7 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
 
 
 # -----------------------------------------------------------------------------
-# MaskGIT schedule, confidence-based reveal, sampler (SPEC §A.4, §D.2)
+# MaskGIT schedule, confidence-based reveal, sampler (docs/method.md (7), (39)-(41))
 
 
 def gamma(r: torch.Tensor) -> torch.Tensor:
@@ -852,8 +853,8 @@ def mask_rate(t: torch.Tensor) -> torch.Tensor:
 
 
 def reveal_counts(K_steps: int, D: int) -> list:
-    """Tokens revealed at each of K steps (SPEC §A.4): n_k = round(D gamma(k / K)), count_k =
-    n_k - n_{k+1}, zeros raised to 1, the last count absorbs the remainder (sum = D)."""
+    """Tokens revealed at each of K steps (docs/method.md (39)): n_k = round(D gamma(k / K)),
+    count_k = n_k - n_{k+1}, zeros raised to 1, the last count absorbs the remainder (sum = D)."""
     n = (gamma(torch.linspace(0, 1, K_steps + 1, dtype=torch.float64)) * D).round().long()
     counts = n[:-1] - n[1:]
     counts[counts == 0] = 1
@@ -869,7 +870,7 @@ def confidence_reveal(x: torch.Tensor, log_p: torch.Tensor, n: torch.Tensor,
 
     x_hat^d ~ p^d (float64 Gumbel-max), confidence c^d = log p^d(x_hat^d) + noise * Gumbel,
     c^d = -inf where x^d is revealed; exactly min(n, #masked) tokens are revealed (ties broken
-    by position, where MaskGIT-pytorch's `>= threshold` may reveal more, SPEC §G.13) and
+    by position, where MaskGIT-pytorch's `>= threshold` may reveal more, docs/method.md (40)) and
     revealed tokens never change.
     Args: x (N, D) long; log_p (N, D, S) log-probs; n (N,) long; noise (N,) >= 0.
     Returns x (N, D) long.
@@ -890,13 +891,13 @@ def confidence_reveal(x: torch.Tensor, log_p: torch.Tensor, n: torch.Tensor,
 def teacher_noise(r: torch.Tensor, K_T: int) -> torch.Tensor:
     """Gumbel ramp of the training-time teacher step: 1 - r K_T / (K_T - 1), mimicking step
     r K_T of a K_T-step sampler, clamped at 0 (MaskGIT's ramp turns negative for r > 1 - 1/K_T,
-    flipping the noise's sign; SPEC §G.12)."""
+    flipping the noise's sign; docs/method.md (34))."""
     return (1 - r * K_T / (K_T - 1)).clamp_min(0)
 
 
 def make_teacher_step(cfg: Config, D: int, mask_id: int):
     """teacher_step for core.di4c_loss: ONE MaskGIT confidence step r -> r' = r + delta on
-    x_t (SPEC §C.4 step 3), reusing the teacher's log-probs at x_t (no CFG in training).
+    x_t (docs/method.md (34)), reusing the teacher's log-probs at x_t (no CFG in training).
 
     Reveal n = floor((1 - gamma(r')) D - #revealed), clamped to [0, #masked]; tokens from
     softmax(sm_temp logits); Gumbel scale r_temp * teacher_noise(r). t = 1 - r, u = 1 - r'.
@@ -916,7 +917,7 @@ def make_teacher_step(cfg: Config, D: int, mask_id: int):
 @torch.no_grad()
 def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int, w: float,
                    generator=None, uncond=None) -> torch.Tensor:
-    """MaskGIT's confidence sampler with classifier-free guidance (SPEC §A.4, §D.2).
+    """MaskGIT's confidence sampler with classifier-free guidance (docs/method.md (39)-(41)).
 
     Start all [MASK]; at step k (ratio k / (K - 1)): a fresh lambda per image for a student
     (shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
@@ -951,7 +952,7 @@ def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
     gamma(r), cross-entropy on the masked tokens (label smoothing over the K codes), labels
     dropped with probability label_drop. Per-image losses average to the batch's mean
     masked-token CE. (MaskGIT-pytorch also scores revealed tokens; the original MaskGIT and
-    this script do not: our network copies them, SPEC §G.11.)"""
+    this script do not: our network copies them, docs/imagenet.md.)"""
     K = process.mask_id
 
     def loss_fn(model, batch, g):
@@ -972,7 +973,7 @@ def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
 
 def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
               process: core.MaskedProcess, n_classes: int):
-    """The Di4C objective in the MaskGIT variant (docs/method.md [[VAR]], [[MGT]]), in diffusion
+    """The Di4C objective in the MaskGIT variant (docs/method.md (30), (32)), in diffusion
     time t = 1 - r: r ~ U(0, 1), x_t masked with gamma(r), labels dropped w.p. label_drop and
     passed to every network call as the core's `cond`; teacher_step = one teacher confidence
     step r -> r + r_delta; L lambdas; alpha = alpha_const sigmoid(20 (t - 1/2)) ("di4c-d",
@@ -1140,7 +1141,7 @@ def stage_sample(cfg: Config, ctx: Ctx, meta: dict):
 @torch.no_grad()
 def latency(cfg: Config, ctx: Ctx, net, lam_dim: int, n_steps: int, n_classes: int) -> list:
     """Seconds per sampler call on one batch of sample_batch images, w = 0, after one warm-up
-    call (SPEC §D.4); token decoding excluded."""
+    call; token decoding excluded."""
     y = torch.arange(cfg.sample_batch, device=ctx.device) % n_classes
     g = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     out = []

@@ -3,10 +3,10 @@ Di4C on a masked diffusion language model (Sec. 5.3 of arXiv:2410.08709; teacher
 
 An MDLM teacher (DiT-style bidirectional transformer, SUBS parameterisation, log-linear
 schedule) is trained from scratch with its NELBO, then distilled into a Di4C mixture student
-(the same network plus a lambda input) with the core's losses in the SDTT variant (SPEC §C.5).
-Samples come from the ancestral sampler (SPEC §D.3) with float64 categorical draws; they are
-scored by generative perplexity under a judge LM, unigram entropy and prefix-conditional
-self-BLEU (eval/text_metrics.py).
+(the same network plus a lambda input) with the core's losses in the SDTT variant (docs/method.md
+(30), (33)). Samples come from the ancestral sampler (docs/method.md (37)) with float64
+categorical draws; they are scored by generative perplexity under a judge LM, unigram entropy
+and prefix-conditional self-BLEU (eval/text_metrics.py).
 
 1 GPU:          python owt_masked.py                      (paper preset: OpenWebText, GPT-2 BPE)
 8 GPUs:         torchrun --standalone --nproc_per_node=8 owt_masked.py
@@ -41,7 +41,7 @@ import di4c_core as core
 from eval import text_metrics
 
 # -----------------------------------------------------------------------------
-# Config (defaults = the paper preset; STYLE §0, §3.4)
+# Config (defaults = the paper preset; --preset demo / smoke override a few fields)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Config:
     seq_len: int = 1024            # D, tokens per sequence (MDLM wraps documents in 1024)
     val_docs: int = 100_000        # last documents held out (MDLM's openwebtext-split)
     remap_vocab: bool = False      # ids seen in training + UNK instead of all 50257 (demo)
-    # model (MDLM-small DiT, SPEC §B.2)
+    # model (MDLM-small DiT)
     n_layer: int = 12
     n_embd: int = 768
     n_head: int = 12
@@ -71,7 +71,7 @@ class Config:
     teacher_lr: float = 3e-4
     ema: float = 0.9999            # teacher EMA; the teacher samples with it (MDLM)
     teacher_cosine: bool = False   # cosine decay of the teacher LR to 0 after warm-up (demo)
-    # di4c (SPEC §C.5)
+    # di4c (SDTT variant, docs/method.md (30), (33))
     distil_iters: int = 50_000
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
     lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
@@ -85,7 +85,7 @@ class Config:
     teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round
     control_iters: int = -1        # MDLM fine-tuning of the teacher: -1 = Di4C's wall time
     student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
-    # sampling and evaluation (SPEC §D.3, §F.1)
+    # sampling and evaluation (docs/method.md (37); MDLM's gen-PPL protocol)
     steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
     student_steps: tuple = (8, 16, 32, 64)               # student and control step counts
     n_samples: int = 1024
@@ -570,7 +570,7 @@ class Corpus:
     """Blocks of D token ids (vocabulary ids of the model) plus encode/decode.
 
     remap_vocab: model ids are the GPT-2 ids seen in the training split (sorted), then UNK,
-    then [MASK]; GPT-2 tokenisation is unchanged (CALIBRATION.md: the 50258-wide head is
+    then [MASK]; GPT-2 tokenisation is unchanged (docs/owt.md: the 50258-wide head is
     ~25x slower on CPU). Otherwise model ids are GPT-2 ids and [MASK] = 50257. S counts [MASK].
     """
 
@@ -629,7 +629,7 @@ class Corpus:
 
 
 # -----------------------------------------------------------------------------
-# Model: DiT-style transformer, rotary attention, adaLN, SUBS output (SPEC §A.4, §B.2)
+# Model: DiT-style transformer, rotary attention, adaLN, SUBS output (MDLM, arXiv 2406.07524)
 
 NEG = -1e6                                 # SUBS "impossible" logit
 
@@ -688,11 +688,11 @@ class DiT(nn.Module):
     constant (MDLM's embedding of sigma = 0), so the sampler may reuse an unchanged input's
     output. The student (lam_dim > 0) adds sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU
     -> Linear(512, cond_dim) to c, last layer zero-initialised: at init the student is the
-    teacher exactly (SPEC §G.21). SDTT appends lambda as an extra token instead; a token with a
-    zero embedding still changes every attention normaliser, so it cannot start equal to the
+    teacher exactly (docs/method.md (14)). SDTT appends lambda as an extra token instead; a token
+    with a zero embedding still changes every attention normaliser, so it cannot start equal to the
     teacher, which is why lambda enters through adaLN here.
-    SUBS (SPEC §A.4): revealed tokens are copied (log-prob 0), [MASK] is never predicted, and
-    the output layer runs only at masked positions. causal=True gives the autoregressive judge
+    SUBS (MDLM's substitution parameterisation): revealed tokens are copied (log-prob 0), [MASK]
+    is never predicted, and the output layer runs only at masked positions. causal=True gives the autoregressive judge
     (plain next-token logits, no SUBS).
     """
 
@@ -756,7 +756,7 @@ def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# Masked diffusion: log-linear schedule and the MDLM NELBO (SPEC §A.4)
+# Masked diffusion: log-linear schedule and the MDLM NELBO (docs/method.md (6)-(8))
 
 EPS = 1e-3                                 # m(t) = (1 - EPS) t, MDLM's log-linear schedule
 T_MIN_TRAIN, T_MIN_SAMPLE = 1e-3, 1e-5     # MDLM's sampling_eps and the sampler's last time
@@ -829,7 +829,7 @@ def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
 def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
     """Per-sample t (SDTT draws one t per batch): t ~ U[0, delta) with probability
     distil_prob, else U[delta, 1]; snapped once to {k / T, k = 1..T} (SDTT snaps twice); the
-    teacher step goes to u = t - min(1/T, t/2) (docs/method.md [[SDTT]]). Returns t, u (B,)."""
+    teacher step goes to u = t - min(1/T, t/2) (docs/method.md (33)). Returns t, u (B,)."""
     dev = g.device
     U = torch.rand(B, generator=g, device=dev)
     distil = torch.rand(B, generator=g, device=dev) < cfg.distil_prob
@@ -839,7 +839,7 @@ def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
 
 
 def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
-    """Di4C in the SDTT variant (docs/method.md [[VAR]]) from the teacher (a product MDLM, or a
+    """Di4C in the SDTT variant (docs/method.md (30)) from the teacher (a product MDLM, or a
     Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
     loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
@@ -886,7 +886,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
 @torch.no_grad()
 def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: int,
              x_T: torch.Tensor, salt: str) -> tuple:
-    """Ancestral sampling (SPEC §D.3) of the rows of x_T, split over ranks and gathered.
+    """Ancestral sampling (docs/method.md (37)) of the rows of x_T, split over ranks and gathered.
 
     times = linspace(1, 1e-5, N + 1) in float64, one extra NFE at the end if a [MASK] is left;
     a product model reuses its output when its input did not change (the caching trick); a
@@ -920,7 +920,7 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
 
 @torch.no_grad()
 def latency(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: int) -> list:
-    """Seconds per sampler call on one batch, after one warm-up call (SPEC §D.4); no caching,
+    """Seconds per sampler call on one batch, after one warm-up call; no caching,
     so teacher and student do the same number of network calls."""
     process = make_process(corpus.S)
     times = torch.linspace(1, T_MIN_SAMPLE, n_steps + 1, dtype=torch.float64, device=ctx.device)

@@ -1,5 +1,5 @@
 """
-Text metrics for owt_masked.py (SPEC §F.1, §G.24-G.25).
+Text metrics for owt_masked.py, as MDLM and SDTT compute them.
 
     gen_ppl          exp(mean over samples of the per-sample mean NLL) under a judge LM
     unigram_entropy  mean over samples of the entropy (nats) of each sample's token histogram
@@ -19,7 +19,7 @@ import torch
 
 def gen_ppl(nll_fn: Callable, samples: torch.Tensor, start: int = 1,
             batch_size: int = 64) -> float:
-    """Generative perplexity: exp(mean_n mean_{i >= start} NLL(x_n^i)) (SPEC §G.25).
+    """Generative perplexity: exp(mean_n mean_{i >= start} NLL(x_n^i)), MDLM's per-sample average.
 
     The per-sample mean comes first, then the mean over samples (not token-weighted), as in
     the official SDTT/MDLM evaluation. start = 1 scores tokens 2..D of unconditional samples;
@@ -49,7 +49,7 @@ def unigram_entropy(samples: torch.Tensor) -> float:
 
 
 def self_bleu(groups: Sequence[Sequence[Sequence[int]]], n_gram: int = 4) -> float:
-    """Prefix-conditional self-BLEU x100 (SPEC §F.1, §G.24).
+    """Prefix-conditional self-BLEU x100, SDTT's protocol (the prompt included).
 
     For each prefix, every continuation is scored against the other ones of the same prefix
     (4-gram BLEU, NLTK smoothing method 1); the result is averaged over continuations, then over
@@ -70,7 +70,7 @@ def self_bleu(groups: Sequence[Sequence[Sequence[int]]], n_gram: int = 4) -> flo
 
 
 def gpt2_large_nll(device, name: str = "gpt2-large") -> Callable:
-    """An nll_fn for GPT-2 Large in float32 (SPEC §F.1). Needs `pip install transformers`
+    """An nll_fn for GPT-2 Large in float32 (MDLM's judge). Needs `pip install transformers`
     and the weights in the HF cache (or internet). Inputs must be GPT-2 token ids."""
     try:
         from transformers import AutoModelForCausalLM

@@ -326,7 +326,7 @@ def test_losses_and_gradients_vanish_at_the_target():
 
 
 # -----------------------------------------------------------------------------
-# SPEC §C.7: correlated coins, product samplers have TV 1/(2N), a one-step mixture is exact
+# docs/method.md (11): correlated coins, product samplers have TV 1/(2N), a one-step mixture is exact
 
 
 def coins_denoiser(x, t, lam, cond=None):

@@ -21,7 +21,7 @@ def test_toy_distillation_beats_teacher_at_few_steps():
     print("\n steps | teacher TV | student TV")
     for n in (1, 2, 4):
         print(f" {n:5d} | {res['teacher_tv'][n]:10.4f} | {res['student_tv'][n]:10.4f}")
-    # SPEC §C.7: the exact product teacher is far from the data at few steps
+    # docs/method.md (11): the exact product teacher is far from the data at few steps
     assert res["teacher_tv"][1] > 0.8
     for n in (1, 2):
         assert res["student_tv"][n] < 0.5 * res["teacher_tv"][n]

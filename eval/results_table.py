@@ -1,0 +1,89 @@
+"""Markdown results tables from a run's metrics.json (the README's tables are made with it).
+
+    python -m eval.results_table runs/cifar10_demo [runs/imagenet_demo ...]
+
+One table per run (and per CFG weight / sample kind where the run has them): a row per model
+(teacher, student, hybrid, control), a column per NFE, the primary metric in each cell, and for
+every non-teacher cell the step speedup at matched quality: the teacher NFE that reaches the
+same score (log-linear interpolation on the measured teacher grid) divided by the cell's NFE;
+">x" where the model beats every teacher NFE measured, "<x" where it is worse than the fewest.
+"""
+import json
+import math
+import os
+import sys
+
+ORDER = ("teacher", "student", "hybrid", "control")
+LOWER_IS_BETTER = {"frechet": True, "fid": True, "gen_ppl": True, "is_mean": False}
+
+
+def matched_nfe(teacher: list, score: float, lower: bool = True) -> tuple:
+    """(NFE the teacher needs for `score`, relation) on the teacher's (nfe, score) points:
+    relation "=" when interpolated, ">" when `score` beats every point, "<" when it is worse
+    than the point with the fewest NFE."""
+    pts = sorted(teacher)
+    better = (lambda a, b: a <= b) if lower else (lambda a, b: a >= b)
+    if not better(score, pts[0][1]):
+        return pts[0][0], "<"
+    for (n0, s0), (n1, s1) in zip(pts, pts[1:]):
+        if better(score, s0) and not better(score, s1) or score == s1:
+            if s1 == s0:
+                return n1, "="
+            w = (score - s0) / (s1 - s0)
+            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0))), "="
+    return pts[-1][0], ">"
+
+
+def speedup(teacher: list, nfe: float, score: float, lower: bool = True) -> str:
+    n, rel = matched_nfe(teacher, score, lower)
+    return f"{rel if rel != '=' else ''}{n / nfe:.1f}x"
+
+
+def tables(metrics: dict, title: str = "") -> str:
+    """Markdown tables of one run's results (see the module docstring)."""
+    rows, key = metrics["results"], metrics["primary"]
+    lower = LOWER_IS_BETTER.get(key, True)
+    groups = {}
+    for r in rows:
+        tag = ", ".join(f"{k} = {r[k]}" for k in ("w", "kind") if k in r)
+        groups.setdefault(tag, []).append(r)
+    out = []
+    for tag, rs in sorted(groups.items()):
+        nfes = sorted({r["nfe"] for r in rs})
+        teacher = [(r["nfe"], r[key]) for r in rs if r["model"] == "teacher"]
+        head = f"{title} {key}" + (f" ({tag})" if tag else "")
+        out.append(f"| {head.strip()} | " + " | ".join(f"NFE {n:g}" for n in nfes) + " |")
+        out.append("|---|" + "---:|" * len(nfes))
+        for model in ORDER:
+            cells = {r["nfe"]: r[key] for r in rs if r["model"] == model}
+            if not cells:
+                continue
+            row = []
+            for n in nfes:
+                if n not in cells:
+                    row.append("")
+                elif model == "teacher" or not teacher:
+                    row.append(f"{cells[n]:.2f}")
+                else:
+                    row.append(f"{cells[n]:.2f} ({speedup(teacher, n, cells[n], lower)})")
+            out.append(f"| {model} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m eval.results_table RUN_DIR [RUN_DIR ...]")
+    for run in argv:
+        path = os.path.join(run, "metrics.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path!r} not found: run the eval stage first")
+        metrics = json.load(open(path))
+        if "results" not in metrics:
+            raise SystemExit(f"error: {path!r} has no results: run the eval stage first")
+        print(tables(metrics, os.path.basename(os.path.normpath(run))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""eval/results_table.py: matched-quality step speedups and the Markdown tables."""
+import json
+
+import pytest
+
+from eval import results_table as rt
+
+TEACHER = [(2, 8.0), (4, 4.0), (8, 2.0), (16, 1.0)]
+
+
+def test_matched_nfe_interpolates_in_log_nfe():
+    assert rt.matched_nfe(TEACHER, 4.0) == (4, "=")
+    n, rel = rt.matched_nfe(TEACHER, 3.0)                  # halfway: NFE 4 and 8 in log NFE
+    assert rel == "=" and n == pytest.approx(4 * 2 ** 0.5)
+    assert rt.matched_nfe(TEACHER, 0.5) == (16, ">")       # beats every teacher NFE
+    assert rt.matched_nfe(TEACHER, 9.0) == (2, "<")        # worse than the fewest
+    higher = [(n, -s) for n, s in TEACHER]                 # a higher-is-better metric
+    assert rt.matched_nfe(higher, -4.0, lower=False) == (4, "=")
+    assert rt.speedup(TEACHER, 4, 2.0) == "2.0x" and rt.speedup(TEACHER, 8, 0.5) == ">2.0x"
+
+
+def test_tables_from_metrics(tmp_path, capsys):
+    rows = [dict(model="teacher", nfe=n, steps=n, frechet=s) for n, s in TEACHER]
+    rows += [dict(model="student", nfe=4, steps=4, frechet=2.0),
+             dict(model="control", nfe=4, steps=4, frechet=4.0)]
+    (tmp_path / "metrics.json").write_text(json.dumps({"results": rows, "primary": "frechet"}))
+    rt.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| student |  | 2.00 (2.0x) |  |  |" in out and "| control |  | 4.00 (1.0x) |" in out
+    with pytest.raises(SystemExit, match="not found"):
+        rt.main([str(tmp_path / "nope")])
