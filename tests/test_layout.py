@@ -53,3 +53,19 @@ def test_infrastructure_blocks_are_identical_and_whole():
         defined = {n.name for n in ast.parse(rest).body
                    if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         assert not defined & names, (s, defined & names)
+
+
+def test_repo_documents_itself():
+    """docs/method.md exists, the README stays a short guide, and nothing points to files that are
+    not in the repository (the team's working notes)."""
+    assert os.path.exists(os.path.join(ROOT, "docs", "method.md"))
+    assert len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 260
+    bad = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "data")]
+        for f in files:
+            if f.endswith((".py", ".md")):
+                text = open(os.path.join(folder, f), encoding="utf-8").read()
+                bad += [f for marker in ("SPEC §", "STYLE §", "CALIBRATION", "../shared")
+                        if marker in text and f != "test_layout.py"]
+    assert not bad, bad
