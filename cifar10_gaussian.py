@@ -77,7 +77,8 @@ class Config:
     distil_weight: float = 1.0
     alpha_const: float = 1.0       # alpha(t) = alpha_const sigmoid(20 (t - 1/2))
     control_variate: bool = True
-    control: bool = False          # also fine-tune the teacher with its own loss for the same wall time
+    control_iters: int = 0         # the teacher fine-tuned with its own loss: -1 = the Di4C run's
+                                   # compute (core.di4c_rows_per_step), 0 = none, N = N steps
     # optimisation (AdamW without weight decay = Adam, grad clip 1)
     ema_decay: float = 0.9999
     grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
@@ -91,6 +92,7 @@ class Config:
     seed: int = 0
     device: str = ""
     dtype: str = "float32"         # float32 | bfloat16 (autocast; draws stay float64)
+    time_limit: float = 0.0        # hours of training per stage, then save and stop (0 = none)
     log_every: int = 100
     ckpt_every: int = 5000
     resume: bool = False           # continue every training stage from out_dir/<name>_state.pt
@@ -103,14 +105,14 @@ PRESETS = {
     "demo": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
                  ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=1500,
                  teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=400,
-                 batch_size=8, L=16, lr=2e-4, lam_lr_mult=10.0, ema_decay=0.99, control=True,
+                 batch_size=8, L=16, lr=2e-4, lam_lr_mult=10.0, ema_decay=0.99, control_iters=-1,
                  steps=(2, 4, 8, 16, 32), student_steps=(2, 4, 8), hybrid_teacher_steps=1,
                  n_samples=1000, sample_batch=500, log_every=100, ckpt_every=500,
                  out_dir="runs/cifar10_demo"),
     "smoke": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=8,
                   ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=4,
                   teacher_batch=8, teacher_lr=1e-3, nll_weight=100.0, distil_iters=4,
-                  batch_size=2, L=4, lr=1e-4, lam_lr_mult=10.0, ema_decay=0.9, control=True,
+                  batch_size=2, L=4, lr=1e-4, lam_lr_mult=10.0, ema_decay=0.9, control_iters=-1,
                   steps=(2, 4), student_steps=(2,), hybrid_teacher_steps=1, n_samples=16,
                   sample_batch=8, log_every=1, ckpt_every=2, out_dir="runs/cifar10_smoke"),
 }
@@ -308,12 +310,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
-    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
-    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps. With --time_limit (hours
+    of training per stage) it saves the state and stops with a message once the time is
+    used up. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
     batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
@@ -341,15 +344,23 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
-    def finished():                    # every rank stops at the same step
-        over = float(wall >= seconds) if seconds else float(step >= iters)
-        return ctx.mean(torch.tensor([over])).item() > 0
+    def flags():                       # every rank stops at the same step
+        limit = cfg.time_limit * 3600
+        over = torch.tensor([float(step >= iters), float(0 < limit <= wall)])
+        return ctx.mean(over).gt(0).tolist()
 
     model = DDP(raw) if ctx.world_size > 1 else raw
     raw.train()
-    bar = ctx.progress(None if seconds else iters, name, step)
+    bar = ctx.progress(iters, name, step)
     try:
-        while not finished():
+        while True:
+            done, out_of_time = flags()
+            if done:
+                break
+            if out_of_time:
+                snapshot(state_path)
+                raise SystemExit(f"{name}: --time_limit {cfg.time_limit} h used up at step "
+                                 f"{step}; state saved to {state_path}; rerun with --resume true")
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
@@ -806,8 +817,8 @@ def stage_teacher(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
 
 
 def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
-    """Di4C (tauLDR variant) from the teacher, then (with --control) the control: the teacher
-    fine-tuned with its own loss for the same wall time (so a gain is Di4C's, not training's)."""
+    """Di4C (tauLDR variant) from the teacher, then (with --control_iters) the control: the
+    teacher fine-tuned with its own loss for the same compute (so a gain is Di4C's)."""
     C, H = images.shape[1], images.shape[2]
     teacher, _ = load_net(cfg, "teacher", C, H, False, ctx.device)
     student = student_from_teacher(teacher, cfg).train()
@@ -819,15 +830,17 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
                                                 cfg, g),
               data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
-    if not cfg.control:
+    if cfg.control_iters == 0:
         return
     control = copy.deepcopy(teacher).train().requires_grad_(True)
     data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
+    iters = cfg.control_iters if cfg.control_iters > 0 else math.ceil(
+        cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
+        / (3 * cfg.teacher_batch))
     cout = fit(cfg, ctx, "control", control,
                lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g),
                                         {}),
-               data, 0, cfg.lr, ema_decay=cfg.ema_decay, seconds=out["wall"],
-               accum=cfg.grad_accum)
+               data, iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 
@@ -894,7 +907,7 @@ def sampler_runs(cfg: Config) -> list:
     runs += [(f"student@{n}", "student", 1, n, 0) for n in cfg.student_steps]
     runs += [(f"hybrid@{n}", "student", 1, n, cfg.hybrid_teacher_steps) for n in cfg.student_steps
              if n > cfg.hybrid_teacher_steps]
-    if cfg.control:
+    if cfg.control_iters:
         runs += [(f"control@{n}", "control", 0, n, 0) for n in cfg.student_steps]
     return runs
 

@@ -22,15 +22,9 @@ and is repeated with x_t whenever rows are (never inferred from row counts). The
     p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]^k} prod_d p^{theta,d}_{0|t}(x0^d | x_t; lambda)
 has every expectation over lambda estimated with L draws (12).
 
-Paper -> code (docs/method.md has the full table)
-    forward processes q_{t|s}, posterior p_{s|t}     CTMCProcess, MaskedProcess       (2)-(3)
-    mixture model, lambda-batch                      draw_lambda, student_log_probs   (12)
-    J^, log m^, C^ (control variate), K              mixture_joint_loglik, mixture_marginal_logp,
-                                                     cv_loglik, marginal_kl           (15)-(19)
-    data / consistency / distillation terms          data_loss_*, consis_loss_*, distil_loss
-    the three variants, one Di4C objective           variant_weights, di4c_loss       (29)
-    student = teacher + fresh lambda path            student_from_teacher, lam_param_groups
-    N-step ancestral and hybrid sampling             ancestral_sample                 (37)
+Sections below: processes and posteriors (1)-(9); the mixture student (12)-(14); estimators
+J^, log m^, C^, K (15)-(19); loss terms (23)-(28); variants and the Di4C objective (29)-(30);
+teachers and the student's initialisation (14), (35); samplers (36)-(38).
 """
 import math
 from typing import Callable, Optional
@@ -249,11 +243,8 @@ def log_probs(logits: Tensor) -> Tensor:
 
 def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: int = 1,
                       generator=None, lam: Optional[Tensor] = None, cond=None) -> Tensor:
-    """Run the student on the lambda-batch: L copies of each x_t, each with its own lambda.
-
-    Args: x (B, D) long; t (B,); lam (B*L, k) or None to draw it; cond (B, ...) or None.
-    Returns log p^{theta,d}_{0|t}(. | x_t; lambda_l): (B, L, D, S).
-    """
+    """log p^{theta,d}_{0|t}(. | x_t; lambda_l) on the lambda-batch (L copies of each x_t, each
+    with its own lambda): (B, L, D, S). x (B, D); t (B,); lam (B*L, k) or None; cond (B, ...)."""
     B, D = x.shape
     lam = draw_lambda(B * L, lam_dim, generator, x.device) if lam is None else lam
     logits = student(repeat_batch(x, L), repeat_batch(t, L), lam, repeat_batch(cond, L))
@@ -262,10 +253,7 @@ def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: 
 
 def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
     """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood (15).
-
-    Args: log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t).
-    Returns (B,) or (B, M).
-    """
+    log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t) -> (B,) or (B, M)."""
     B, L, D, S = log_p.shape
     y3 = y[:, None] if y.dim() == 2 else y                             # (B, M, D)
     M = y3.shape[1]
@@ -277,9 +265,7 @@ def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
 
 def mixture_marginal_logp(log_p: Tensor) -> Tensor:
     """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals (16).
-
-    Args: log_p (B, L, D, S). Returns (B, D, S).
-    """
+    log_p (B, L, D, S) -> (B, D, S)."""
     return torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
 
 
@@ -287,10 +273,8 @@ def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
               log_m: Optional[Tensor] = None) -> Tensor:
     """C^(y) = J^(y) - sum_d log m^d(y^d): the log-likelihood minus its dimension-wise control
     variate (17); E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly (19).
-    control_variate=False returns J^(y) itself.
-    Args: log_p (B, L, D, S); y (B, D) or (B, M, D); log_m (B, D, S) to reuse.
-    Returns (B,) or (B, M).
-    """
+    control_variate=False returns J^(y) itself. log_p (B, L, D, S); y (B, D) or (B, M, D);
+    log_m (B, D, S) to reuse. Returns (B,) or (B, M)."""
     J = mixture_joint_loglik(log_p, y)
     if not control_variate:
         return J
@@ -301,11 +285,8 @@ def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
 
 
 def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
-    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S (18).
-
-    Zero-probability target states contribute 0 even where log m = -inf (no NaN gradients).
-    Args: log_pi, log_m (..., D, S), broadcastable. Returns (...).
-    """
+    """K(pi || m) = sum_d sum_a pi^d(a) (log pi^d(a) - log m^d(a)), exact over S (18); states
+    with pi = 0 add 0 even where log m = -inf (no NaN gradients). (..., D, S) -> (...)."""
     p = log_pi.exp()
     pos = p > 0
     diff = torch.where(pos, log_pi, 0.0) - torch.where(pos, log_m, 0.0)
@@ -313,7 +294,7 @@ def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Loss terms (each per x_t, shape (B,), summed over dimensions) (29)
+# Loss terms (each per x_t, shape (B,), summed over dimensions) (23)-(28)
 
 
 def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = True,
@@ -340,10 +321,8 @@ def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
 
 
 def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
-    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27): by
-    joint convexity it upper-bounds KL(teacher || mixture).
-    Args: log_p_teacher (B, D, S); log_p_student (B, L, D, S). Returns (B,).
-    """
+    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27), an upper
+    bound of KL(teacher || mixture). log_p_teacher (B, D, S); log_p_student (B, L, D, S) -> (B,)."""
     return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
 
 
@@ -529,6 +508,18 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
     loss = (w["distil"] * terms["distil"] + w["alpha"] * terms["data_cor"] + terms["data_indep"]
             + w["consis"] * (terms["consis_cor"] + terms["consis_indep"]))
     return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def di4c_rows_per_step(B: int, L: int, distil_on: str = "x_t", teacher_L: int = 0) -> int:
+    """Network row-evaluations of one di4c_loss call on B x_t (a backward counted as two
+    forwards), to give a control run the same compute: the student on B L rows (2 B L with a
+    separate x_tau) forward and backward, the no-grad target on B L rows, the teacher at x_t
+    (and x_tau) on B rows each; a mixture teacher (teacher_L > 0) needs teacher_L B per
+    marginal and B L more for its steps."""
+    student = B * L * (2 if distil_on == "tau" else 1)
+    calls = 2 if distil_on == "tau" else 1
+    teacher = calls * B * max(teacher_L, 1) + (B * L if teacher_L else 0)
+    return 3 * student + B * L + teacher
 
 
 # -----------------------------------------------------------------------------

@@ -105,7 +105,8 @@ class Config:
     student_ema: float = 0.0
     student_dropout: float = 0.1   # dropout of the student in training (MaskGIT's 0.1, as the
                                    # official code); the demo uses 0, see init_student
-    control: bool = True           # teacher fine-tuned with its own loss for Di4C's wall time
+    control_iters: int = -1        # the teacher fine-tuned with its own loss: -1 = the Di4C run's
+                                   # compute (core.di4c_rows_per_step), 0 = none, N = N steps
     # sampling and evaluation (docs/method.md (39)-(41))
     steps: tuple = (4, 8)          # teacher step counts
     student_steps: tuple = (4,)    # student and control step counts
@@ -122,6 +123,7 @@ class Config:
     dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
     seed: int = 0
     grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
+    time_limit: float = 0.0        # hours of training per stage, then save and stop (0 = none)
     log_every: int = 100
     ckpt_every: int = 10_000
 
@@ -354,12 +356,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
-    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
-    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps. With --time_limit (hours
+    of training per stage) it saves the state and stops with a message once the time is
+    used up. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
     batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
@@ -387,15 +390,23 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
-    def finished():                    # every rank stops at the same step
-        over = float(wall >= seconds) if seconds else float(step >= iters)
-        return ctx.mean(torch.tensor([over])).item() > 0
+    def flags():                       # every rank stops at the same step
+        limit = cfg.time_limit * 3600
+        over = torch.tensor([float(step >= iters), float(0 < limit <= wall)])
+        return ctx.mean(over).gt(0).tolist()
 
     model = DDP(raw) if ctx.world_size > 1 else raw
     raw.train()
-    bar = ctx.progress(None if seconds else iters, name, step)
+    bar = ctx.progress(iters, name, step)
     try:
-        while not finished():
+        while True:
+            done, out_of_time = flags()
+            if done:
+                break
+            if out_of_time:
+                snapshot(state_path)
+                raise SystemExit(f"{name}: --time_limit {cfg.time_limit} h used up at step "
+                                 f"{step}; state saved to {state_path}; rerun with --resume true")
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
@@ -1029,7 +1040,7 @@ def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
 
 def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     """Di4C (MaskGIT variant) from the teacher, then the control: the teacher fine-tuned with its
-    own MaskGIT loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
+    own MaskGIT loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
     teacher, lam_T = load_model(cfg, meta, t_path, ctx.device)
     if lam_T:
@@ -1047,15 +1058,17 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
               cfg.distil_iters, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
               ema_decay=cfg.student_ema, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
-    if not cfg.control:
+    if cfg.control_iters == 0:
         return
     control = build_model(cfg, meta).to(ctx.device)
     control.load_state_dict(init)
     data = Batches((meta["codes"], meta["labels"]), cfg, ctx,
                    per_rank(ctx, cfg.batch_size, cfg.grad_accum))
+    iters = cfg.control_iters if cfg.control_iters > 0 else math.ceil(
+        cfg.distil_iters * core.di4c_rows_per_step(cfg.distil_batch, cfg.L) / (3 * cfg.batch_size))
     cout = fit(cfg, ctx, "control", control, maskgit_loss(cfg, process, meta["n_classes"]), data,
-               0, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
-               ema_decay=cfg.student_ema, seconds=out["wall"], accum=cfg.grad_accum)
+               iters, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
+               ema_decay=cfg.student_ema, accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 

@@ -83,7 +83,8 @@ class Config:
     T: int = 1024                  # SDTT time grid {k / T}
     alpha_const: float = 0.1       # alpha(t) = 0.1 sigmoid(20 (t - 1/2))
     teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round
-    control_iters: int = -1        # MDLM fine-tuning of the teacher: -1 = Di4C's wall time
+    control_iters: int = -1        # the teacher fine-tuned with its MDLM loss: -1 = the Di4C
+                                   # run's compute (core.di4c_rows_per_step), 0 = none, N = N steps
     student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
     # sampling and evaluation (docs/method.md (37); MDLM's gen-PPL protocol)
     steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
@@ -101,6 +102,7 @@ class Config:
     dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
     seed: int = 0
     grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
+    time_limit: float = 0.0        # hours of training per stage, then save and stop (0 = none)
     log_every: int = 100
     ckpt_every: int = 5000
 
@@ -324,12 +326,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, seconds: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
-    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps or, with seconds > 0, at
-    that much training wall time. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
+    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps. With --time_limit (hours
+    of training per stage) it saves the state and stops with a message once the time is
+    used up. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
     batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
@@ -357,15 +360,23 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
-    def finished():                    # every rank stops at the same step
-        over = float(wall >= seconds) if seconds else float(step >= iters)
-        return ctx.mean(torch.tensor([over])).item() > 0
+    def flags():                       # every rank stops at the same step
+        limit = cfg.time_limit * 3600
+        over = torch.tensor([float(step >= iters), float(0 < limit <= wall)])
+        return ctx.mean(over).gt(0).tolist()
 
     model = DDP(raw) if ctx.world_size > 1 else raw
     raw.train()
-    bar = ctx.progress(None if seconds else iters, name, step)
+    bar = ctx.progress(iters, name, step)
     try:
-        while not finished():
+        while True:
+            done, out_of_time = flags()
+            if done:
+                break
+            if out_of_time:
+                snapshot(state_path)
+                raise SystemExit(f"{name}: --time_limit {cfg.time_limit} h used up at step "
+                                 f"{step}; state saved to {state_path}; rerun with --resume true")
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
@@ -841,7 +852,7 @@ def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
 def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Di4C in the SDTT variant (docs/method.md (30)) from the teacher (a product MDLM, or a
     Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
-    loss for the same wall time (so that a gain is Di4C's, not extra training's)."""
+    loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
     teacher, lam_T = load_model(cfg, corpus, t_path, use_ema=True)
     torch.manual_seed(cfg.seed)
@@ -873,11 +884,12 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     control = build_model(cfg, corpus.S).to(ctx.device)
     control.load_state_dict(teacher.state_dict())
     Bc = per_rank(ctx, cfg.batch_size, cfg.grad_accum)
-    seconds = out["wall"] if cfg.control_iters < 0 else 0.0
+    rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t", cfg.L if lam_T else 0)
+    iters = cfg.control_iters if cfg.control_iters > 0 else \
+        math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
     cout = fit(cfg, ctx, "control", control, lambda model, x0, g: mdlm_loss(model, x0, process, g),
-               lambda i, g: corpus.batch(Bc, g), max(cfg.control_iters, 0), cfg.lr,
-               warmup=cfg.warmup, ema_decay=cfg.student_ema, seconds=seconds,
-               accum=cfg.grad_accum)
+               lambda i, g: corpus.batch(Bc, g), iters, cfg.lr, warmup=cfg.warmup,
+               ema_decay=cfg.student_ema, accum=cfg.grad_accum)
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})

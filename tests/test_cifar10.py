@@ -123,9 +123,11 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     assert sa["step"] == sb["step"] == 4
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
-    m.main(smoke(a, stage="distill", distil_iters=4, control=False, ckpt_every=100))
-    m.main(smoke(b, stage="distill", distil_iters=2, control=False, ckpt_every=100))
-    m.main(smoke(b, stage="distill", distil_iters=4, control=False, ckpt_every=100, resume=True))
+    m.main(smoke(a, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100))
+    with pytest.raises(SystemExit, match="time_limit .* used up at step 1"):   # stops, saves
+        m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100,
+                     time_limit=1e-9))
+    m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100, resume=True))
     sa = torch.load(a / "student_state.pt", weights_only=True)
     sb = torch.load(b / "student_state.pt", weights_only=True)
     for k in sa["model"]:

@@ -348,7 +348,7 @@ def test_smoke_end_to_end(tmp_path):
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
-    common = dict(control=False, ckpt_every=100, student_ema=0.9, lam_lr_mult=10.0)
+    common = dict(control_iters=0, ckpt_every=100, student_ema=0.9, lam_lr_mult=10.0)
     full = smoke(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
     for stage in ("tokenize", "teacher", "distill"):
         m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
