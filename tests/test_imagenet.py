@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import imagenet_masked as m
+from tests.runs import metrics_without_timings
 from pretrained.maskgit import maskgit_to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,10 +331,21 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "steps": 4, "w": 1.0}
 
 
-def test_smoke_end_to_end(tmp_path):
-    cfg = smoke(tmp_path)
-    m.main(cfg)
+def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
+    """Two identical runs give identical metrics (timings aside); a teacher trained for 300
+    steps samples far closer to the digits, and to its labels, than uniform noise does."""
+    for run in ("a", "b"):
+        m.main(smoke(tmp_path, run, teacher_iters=300))
+    assert metrics_without_timings(tmp_path / "a" / "metrics.json") == \
+        metrics_without_timings(tmp_path / "b" / "metrics.json")
+    cfg = smoke(tmp_path, "a")
     metrics = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))
+    from eval import digits
+    clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
+    real, _ = digits.load_digits_uint()
+    noise = torch.randint(0, 17, (20, 8, 8), generator=torch.Generator().manual_seed(0))
+    fd_noise = digits.digits_frechet(clf, noise, real)
+    assert metrics["eval"]["teacher@4_w0"]["frechet"] < 0.5 * fd_noise, fd_noise
     ev = metrics["eval"]
     want = {"teacher@2_w0", "teacher@2_w1", "teacher@4_w0", "teacher@4_w1", "student@2_w0",
             "student@2_w1", "control@2_w0", "control@2_w1"}
