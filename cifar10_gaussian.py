@@ -120,6 +120,22 @@ STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
 RESUME_KEYS = ARCH_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
                            "seed")
+CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
+           "dtype": ("float32", "bfloat16")}
+INF, TINY = float("inf"), 1e-12
+LIMITS = {                             # (lo, hi), inclusive; check_config applies them
+    "image_size": (4, INF), "S": (2, 256), "rate_sigma": (TINY, INF), "q_sigma": (TINY, INF),
+    "time_base": (TINY, INF), "time_exp": (1 + 1e-6, INF), "min_time": (TINY, 0.5),
+    "ch": (4, INF), "ch_mult": (1, INF), "num_res_blocks": (1, INF), "attn_res": (1, INF),
+    "dropout": (0, 0.99), "teacher_iters": (1, INF), "teacher_batch": (1, INF),
+    "teacher_lr": (TINY, 1), "nll_weight": (0, INF), "distil_iters": (1, INF),
+    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
+    "distil_weight": (0, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
+    "ema_decay": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
+    "hybrid_teacher_steps": (0, INF), "n_samples": (2, INF), "sample_batch": (1, INF),
+    "seed": (0, INF), "grad_accum": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
+    "ckpt_every": (1, INF),
+}
 
 # -----------------------------------------------------------------------------
 # Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
@@ -156,6 +172,21 @@ def make_config(cls, **overrides):
     if unknown:
         raise SystemExit(f"error: unknown config field(s) {unknown}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_config(cfg):
+    """One validation of the whole config before any work: CHOICES (allowed values) and LIMITS
+    ((lo, hi) inclusive, every element of a step list) of the script; one line names the field."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
+                             f"got {getattr(cfg, name)!r}")
+    for name, (lo, hi) in LIMITS.items():
+        v = getattr(cfg, name)
+        if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in
+                                                  (v if isinstance(v, tuple) else (v,))):
+            raise SystemExit(f"error: --{name} must be {'values ' if isinstance(v, tuple) else ''}"
+                             f"in [{lo}, {hi}]; got {v}")
 
 
 def setup_dist(device: str = ""):
@@ -1030,10 +1061,9 @@ def print_table(res: dict, lat: dict, key: str):
 
 
 def main(cfg: Config):
-    if cfg.stage not in STAGES + ("all",):
-        raise SystemExit(f"error: --stage must be one of {STAGES + ('all',)}, got {cfg.stage!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    check_config(cfg)
+    if cfg.ch % 4:
+        raise SystemExit(f"error: --ch must be a multiple of 4 (GroupNorm), got {cfg.ch}")
     rank, world_size, device = setup_dist(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)

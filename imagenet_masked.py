@@ -166,6 +166,27 @@ ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd"
 RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",
                            "grad_accum",
                            "r_delta", "data_term", "seed", "vqvae_lr")
+CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
+           "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
+INF, TINY = float("inf"), 1e-12
+LIMITS = {                             # (lo, hi), inclusive; check_config applies them
+    "label_div": (1, 10), "img_size": (8, INF), "vq_codes": (2, INF), "vq_dim": (1, INF),
+    "vq_ch": (1, INF), "vq_ch_mult": (1, INF), "vq_res_blocks": (1, INF),
+    "vq_attn_res": (1, INF), "vqvae_iters": (1, INF), "vqvae_lr": (TINY, 1),
+    "num_workers": (0, INF), "n_layer": (1, INF), "n_embd": (1, INF), "n_head": (1, INF),
+    "mlp_dim": (1, INF), "dropout": (0, 0.99), "label_drop": (0, 1), "teacher_iters": (1, INF),
+    "batch_size": (1, INF), "teacher_lr": (TINY, 1), "warmup": (0, INF),
+    "label_smoothing": (0, 0.99), "teacher_ema": (0, 1 - 1e-9), "distil_iters": (1, INF),
+    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
+    "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
+    "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
+    "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
+    "student_steps": (1, INF), "cfg_w": (0, INF), "sm_temp": (TINY, INF), "r_temp": (0, INF),
+    "n_per_class": (1, INF), "sample_batch": (1, INF), "grid_classes": (0, INF),
+    "latency_runs": (1, INF),
+    "seed": (0, INF), "grad_accum": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
+    "ckpt_every": (1, INF),
+}
 
 # -----------------------------------------------------------------------------
 # Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
@@ -202,6 +223,21 @@ def make_config(cls, **overrides):
     if unknown:
         raise SystemExit(f"error: unknown config field(s) {unknown}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_config(cfg):
+    """One validation of the whole config before any work: CHOICES (allowed values) and LIMITS
+    ((lo, hi) inclusive, every element of a step list) of the script; one line names the field."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
+                             f"got {getattr(cfg, name)!r}")
+    for name, (lo, hi) in LIMITS.items():
+        v = getattr(cfg, name)
+        if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in
+                                                  (v if isinstance(v, tuple) else (v,))):
+            raise SystemExit(f"error: --{name} must be {'values ' if isinstance(v, tuple) else ''}"
+                             f"in [{lo}, {hi}]; got {v}")
 
 
 def setup_dist(device: str = ""):
@@ -1267,17 +1303,8 @@ def print_table(res: dict, lat: dict):
 
 def check(cfg: Config):
     """Reject bad values before any work, with the flag to fix."""
-    choices = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
-               "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
-    for field, allowed in choices.items():
-        if getattr(cfg, field) not in allowed:
-            raise SystemExit(f"error: --{field} must be one of {allowed}, got "
-                             f"{getattr(cfg, field)!r}")
-    if min(cfg.steps + cfg.student_steps) < 1 or cfg.n_per_class < 1 or cfg.L < 1:
-        raise SystemExit("error: --steps, --student_steps, --n_per_class and --L must be >= 1")
-    if not 0 < cfg.r_delta < 1 or cfg.teacher_steps < 2:
-        raise SystemExit("error: need 0 < --r_delta < 1 and --teacher_steps >= 2")
-    if not 1 <= cfg.label_div <= 10 or cfg.label_div > 1 and cfg.dataset != "digits":
+    check_config(cfg)
+    if cfg.label_div > 1 and cfg.dataset != "digits":
         raise SystemExit(f"error: --label_div must be 1..10, and 1 unless --dataset digits; got "
                          f"{cfg.label_div}")
     if cfg.n_embd % cfg.n_head:

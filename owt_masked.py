@@ -136,6 +136,21 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr", "grad_accum",
                            "teacher_lr", "warmup", "seed")
+CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16")}
+INF, TINY = float("inf"), 1e-12
+LIMITS = {                             # (lo, hi), inclusive; check_config applies them
+    "seq_len": (2, INF), "val_docs": (1, INF), "n_layer": (1, INF), "n_embd": (1, INF),
+    "n_head": (1, INF), "cond_dim": (1, INF), "dropout": (0, 0.99), "teacher_iters": (1, INF),
+    "judge_iters": (1, INF), "batch_size": (1, INF), "teacher_lr": (TINY, 1),
+    "ema": (0, 1 - 1e-9), "distil_iters": (1, INF), "distil_batch": (1, INF), "lr": (TINY, 1),
+    "lam_lr_mult": (0, INF), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
+    "distil_prob": (0, 1), "T": (1, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
+    "student_ema": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
+    "n_samples": (1, INF), "sample_batch": (1, INF), "prefix_len": (1, INF),
+    "cont_len": (1, INF), "n_prefix": (1, INF), "n_cont": (2, INF), "latency_runs": (1, INF),
+    "seed": (0, INF), "grad_accum": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
+    "ckpt_every": (1, INF),
+}
 
 # -----------------------------------------------------------------------------
 # Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
@@ -172,6 +187,21 @@ def make_config(cls, **overrides):
     if unknown:
         raise SystemExit(f"error: unknown config field(s) {unknown}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_config(cfg):
+    """One validation of the whole config before any work: CHOICES (allowed values) and LIMITS
+    ((lo, hi) inclusive, every element of a step list) of the script; one line names the field."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
+                             f"got {getattr(cfg, name)!r}")
+    for name, (lo, hi) in LIMITS.items():
+        v = getattr(cfg, name)
+        if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in
+                                                  (v if isinstance(v, tuple) else (v,))):
+            raise SystemExit(f"error: --{name} must be {'values ' if isinstance(v, tuple) else ''}"
+                             f"in [{lo}, {hi}]; got {v}")
 
 
 def setup_dist(device: str = ""):
@@ -1095,16 +1125,12 @@ def print_table(res: dict):
 
 
 def main(cfg: Config):
-    if cfg.stage not in STAGES + ("all",):
-        raise SystemExit(f"error: --stage must be one of {STAGES + ('all',)}, got {cfg.stage!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    check_config(cfg)
+    if cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")
-    if cfg.prefix_len < 1 or cfg.cont_len < 1 or cfg.n_cont < 2 \
-            or min(cfg.steps + cfg.student_steps) < 1:
-        raise SystemExit("error: need prefix_len, cont_len >= 1, n_cont >= 2 and steps >= 1")
     rank, world_size, device = setup_dist(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
