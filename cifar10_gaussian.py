@@ -16,6 +16,7 @@ Stages: --stage teacher | distill | sample | eval | all (each reads what earlier
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -120,6 +122,7 @@ STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
 RESUME_KEYS = ARCH_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
                            "seed")
+SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
            "dtype": ("float32", "bfloat16")}
 INF, TINY = float("inf"), 1e-12
@@ -288,6 +291,27 @@ def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
     return state
 
 
+def weights_id(state_dict: dict) -> str:
+    """A short content hash of a state dict (names, shapes, bytes): the identity by which a
+    checkpoint's children and the samples drawn from it know it."""
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().reshape(-1).contiguous()
+        h.update(f"{k}{tuple(state_dict[k].shape)}{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_lineage(path: str, state: dict, parents: dict):
+    """Refuse a checkpoint or sample file made from other parents than the current ones."""
+    have = state.get("parents", {})
+    bad = {k: (have.get(k), v) for k, v in parents.items() if have.get(k) != v}
+    if bad:
+        diffs = ", ".join(f"{k} {a} vs now {b}" for k, (a, b) in bad.items())
+        raise SystemExit(f"error: {path!r} was made from another {diffs}; rerun the stage that "
+                         "writes it (or start in a fresh --out_dir)")
+
+
 def ckpt_path(cfg, name: str) -> str:
     return os.path.join(cfg.out_dir, f"{name}.pt")
 
@@ -341,7 +365,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1, parents: Optional[dict] = None) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
@@ -352,8 +376,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
     step and the terms; the last good state stays on disk. The finished model goes to
-    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
+    ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
+    resumed. Returns {ema, step, wall, id}.
     """
+    parents = parents or {}
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -361,6 +388,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     step, wall = 0, 0.0
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        check_lineage(state_path, state, parents)
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -370,9 +398,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
     def snapshot(path, with_optimizer=True):
         if ctx.rank == 0:
+            final = (ema or raw).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       parents=parents, id=weights_id(final),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
     def flags():                       # every rank stops at the same step
@@ -435,7 +465,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     snapshot(state_path)
     snapshot(ckpt_path(cfg, name), with_optimizer=False)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "id": weights_id((ema or raw).state_dict())}
 
 
 class Batches:
@@ -851,7 +881,8 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     """Di4C (tauLDR variant) from the teacher, then (with --control_iters) the control: the
     teacher fine-tuned with its own loss for the same compute (so a gain is Di4C's)."""
     C, H = images.shape[1], images.shape[2]
-    teacher, _ = load_net(cfg, "teacher", C, H, False, ctx.device)
+    teacher, t_state = load_net(cfg, "teacher", C, H, False, ctx.device)
+    parents = {"teacher": t_state["id"]}
     student = student_from_teacher(teacher, cfg).train()
     fns = core.make_teacher(teacher, proc)
     data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.batch_size, cfg.grad_accum))
@@ -859,7 +890,8 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     out = fit(cfg, ctx, "student", student,
               lambda model, batch, g: di4c_step(model, student, fns, proc, flip_batch(batch, g),
                                                 cfg, g),
-              data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum)
+              data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
+              parents=parents)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
@@ -871,7 +903,8 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     cout = fit(cfg, ctx, "control", control,
                lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g),
                                         {}),
-               data, iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum)
+               data, iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
+               parents=parents)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 
@@ -894,8 +927,8 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
             raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__})") from None
         if tauldr.is_tauldr_checkpoint(st):
             try:
-                st = {"ema": tauldr.check_and_convert(net, st["model"], path),
-                      "format": "tauLDR (EMA weights)"}
+                sd = tauldr.check_and_convert(net, st["model"], path)
+                st = {"ema": sd, "format": "tauLDR (EMA weights)", "id": weights_id(sd)}
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
         else:
@@ -943,22 +976,34 @@ def sampler_runs(cfg: Config) -> list:
     return runs
 
 
+def load_nets(cfg: Config, C: int, H: int, dev) -> dict:
+    """{name: (net, state)} of the teacher, the student and (if --control_iters) the control,
+    each checked to descend from the current teacher."""
+    names = ("teacher", "student", "control") if cfg.control_iters else ("teacher", "student")
+    nets = {name: load_net(cfg, name, C, H, name == "student", dev) for name in names}
+    for name in names[1:]:
+        check_lineage(ckpt_path(cfg, name), nets[name][1], {"teacher": nets["teacher"][1]["id"]})
+    return nets
+
+
+def sample_parents(nets: dict, name: str, n_teacher: int) -> dict:
+    """The identities of the networks that draw a sample set (the teacher too in a hybrid)."""
+    return {name: nets[name][1]["id"], **({"teacher": nets["teacher"][1]["id"]} if n_teacher
+                                          else {})}
+
+
 def stage_sample(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     """Every sample set of sampler_runs, split over ranks -> out_dir/samples_<label>.pt (uint8
     images) and grid_<label>.png."""
     import torchvision
     C, H = images.shape[1], images.shape[2]
-    nets, runs = {}, sampler_runs(cfg)
+    nets, runs = load_nets(cfg, C, H, ctx.device), sampler_runs(cfg)
     bar = ctx.progress(len(runs), "sample", unit="set")
     for label, name, lam_dim, n_steps, n_teacher in runs:
-        if name not in nets:
-            nets[name] = load_net(cfg, name, C, H, lam_dim > 0, ctx.device)[0]
-        if n_teacher and "teacher" not in nets:
-            nets["teacher"] = load_net(cfg, "teacher", C, H, False, ctx.device)[0]
         share = math.ceil(cfg.n_samples / ctx.world_size)
         lo, hi = ctx.rank * share, min(cfg.n_samples, (ctx.rank + 1) * share)
-        x, nfe = sample_images(nets[name], lam_dim, proc, cfg, n_steps, hi - lo, C, H,
-                               ctx.device, teacher=nets.get("teacher"), n_teacher=n_teacher,
+        x, nfe = sample_images(nets[name][0], lam_dim, proc, cfg, n_steps, hi - lo, C, H,
+                               ctx.device, teacher=nets["teacher"][0], n_teacher=n_teacher,
                                seed=cfg.seed + lo)
         part = os.path.join(cfg.out_dir, f"samples_{label}_rank{ctx.rank}.pt")
         torch.save(x, part)
@@ -969,7 +1014,8 @@ def stage_sample(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
             allx = torch.cat([torch.load(f, weights_only=True) for f in parts])
             save_checkpoint(os.path.join(cfg.out_dir, f"samples_{label}.pt"),
                             {"images": allx, "nfe": nfe, "steps": n_steps, "model": name,
-                             "config": asdict(cfg)})
+                             "config": asdict(cfg), "parents": sample_parents(nets, name,
+                                                                              n_teacher)})
             for f in parts:
                 os.remove(f)
             torchvision.utils.save_image(allx[:256].float() / (cfg.S - 1),
@@ -1001,11 +1047,14 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     if ctx.rank != 0:
         return ctx.barrier()
     C, H = images.shape[1], images.shape[2]
+    nets = load_nets(cfg, C, H, ctx.device)
     paths = {label: os.path.join(cfg.out_dir, f"samples_{label}.pt") for label, *_ in
              sampler_runs(cfg)}
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f"error: {missing[0]!r} not found: run --stage sample first")
+    for (label, path), (_, name, _, _, n_teacher) in zip(paths.items(), sampler_runs(cfg)):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path!r} not found: run --stage sample first")
+        check_lineage(path, load_checkpoint(path, asdict(cfg), SAMPLE_KEYS),
+                      sample_parents(nets, name, n_teacher))
     res = {}
     if cfg.dataset == "digits":
         from eval import digits
@@ -1016,7 +1065,7 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     bar = ctx.progress(len(paths), "eval", unit="set")
     for label, path in paths.items():
         bar.update(1)
-        s = load_checkpoint(path, asdict(cfg))
+        s = torch.load(path, weights_only=True)
         if cfg.dataset == "digits":
             score = {"frechet": digits.digits_frechet(clf, _requantise(s["images"], cfg.S, 17),
                                                       real)}
@@ -1025,8 +1074,7 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
                                      reference=images)
         res[label] = {**score, "nfe": s["nfe"], "steps": s["steps"]}
     bar.close()
-    teacher = load_net(cfg, "teacher", C, H, False, ctx.device)[0]
-    student = load_net(cfg, "student", C, H, True, ctx.device)[0]
+    teacher, student = nets["teacher"][0], nets["student"][0]
     lat = {}
     for n in cfg.student_steps:
         t_s, s_s = (latency(net, d, proc, cfg, n, C, H, ctx.device) for net, d in

@@ -28,7 +28,7 @@ Stages:                    --stage tokenize | teacher | distill | sample | eval 
 import argparse
 import copy
 import dataclasses
-import glob
+import hashlib
 import json
 import math
 import os
@@ -36,6 +36,7 @@ import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -166,6 +167,7 @@ ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd"
 RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",
                            "grad_accum",
                            "r_delta", "data_term", "seed", "vqvae_lr")
+SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
 INF, TINY = float("inf"), 1e-12
@@ -339,6 +341,27 @@ def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
     return state
 
 
+def weights_id(state_dict: dict) -> str:
+    """A short content hash of a state dict (names, shapes, bytes): the identity by which a
+    checkpoint's children and the samples drawn from it know it."""
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().reshape(-1).contiguous()
+        h.update(f"{k}{tuple(state_dict[k].shape)}{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_lineage(path: str, state: dict, parents: dict):
+    """Refuse a checkpoint or sample file made from other parents than the current ones."""
+    have = state.get("parents", {})
+    bad = {k: (have.get(k), v) for k, v in parents.items() if have.get(k) != v}
+    if bad:
+        diffs = ", ".join(f"{k} {a} vs now {b}" for k, (a, b) in bad.items())
+        raise SystemExit(f"error: {path!r} was made from another {diffs}; rerun the stage that "
+                         "writes it (or start in a fresh --out_dir)")
+
+
 def ckpt_path(cfg, name: str) -> str:
     return os.path.join(cfg.out_dir, f"{name}.pt")
 
@@ -392,7 +415,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1, parents: Optional[dict] = None) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
@@ -403,8 +426,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
     step and the terms; the last good state stays on disk. The finished model goes to
-    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
+    ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
+    resumed. Returns {ema, step, wall, id}.
     """
+    parents = parents or {}
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -412,6 +438,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     step, wall = 0, 0.0
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        check_lineage(state_path, state, parents)
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -421,9 +448,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
     def snapshot(path, with_optimizer=True):
         if ctx.rank == 0:
+            final = (ema or raw).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       parents=parents, id=weights_id(final),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
     def flags():                       # every rank stops at the same step
@@ -486,7 +515,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     snapshot(state_path)
     snapshot(ckpt_path(cfg, name), with_optimizer=False)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "id": weights_id((ema or raw).state_dict())}
 
 
 class Batches:
@@ -862,8 +891,9 @@ def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransf
 
 
 def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True) -> tuple:
-    """Frozen network -> (model in eval mode, lam_dim): a checkpoint of this script (EMA
-    weights if it has them) or MaskGIT-pytorch's transformer (`model_state_dict`, strict)."""
+    """Frozen network -> (model in eval mode, lam_dim, {"id", "parents"}): a finished
+    checkpoint of this script (EMA weights if it has them) or MaskGIT-pytorch's transformer
+    (`model_state_dict`, strict; its id is the hash of its weights)."""
     if not os.path.exists(path):
         raise SystemExit(f"error: checkpoint {path!r} not found: run the stage that writes it "
                          "first (same --out_dir), or pass --teacher_ckpt")
@@ -874,15 +904,17 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
     if isinstance(state, dict) and "model_state_dict" in state and "config" not in state:
         from pretrained.maskgit import maskgit_to_ours
         sd, lam_dim = maskgit_to_ours(state["model_state_dict"]), 0
+        info = {"id": weights_id(sd), "parents": {}}
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         lam_dim = state["lam_dim"]
         sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+        info = {"id": state.get("id"), "parents": state.get("parents", {})}
     net = load_strict(build_model(cfg, meta, lam_dim), sd,
                       f"{path!r} does not fit this transformer (K = {meta['K']}, D = "
                       f"{meta['grid'] ** 2}, {meta['n_classes']} classes, --n_layer/--n_embd/"
                       "--n_head/--mlp_dim)")
-    return net.to(device).eval().requires_grad_(False), lam_dim
+    return net.to(device).eval().requires_grad_(False), lam_dim, info
 
 
 # -----------------------------------------------------------------------------
@@ -1078,7 +1110,7 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     """Di4C (MaskGIT variant) from the teacher, then the control: the teacher fine-tuned with its
     own MaskGIT loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
-    teacher, lam_T = load_model(cfg, meta, t_path, ctx.device)
+    teacher, lam_T, t_info = load_model(cfg, meta, t_path, ctx.device)
     if lam_T:
         raise SystemExit(f"error: {t_path!r} is a Di4C student; the teacher must be a "
                          "product model")
@@ -1092,7 +1124,7 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     out = fit(cfg, ctx, "student", student,
               di4c_loss(cfg, teacher, student, process, meta["n_classes"]), data,
               cfg.distil_iters, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
-              ema_decay=cfg.student_ema, accum=cfg.grad_accum)
+              ema_decay=cfg.student_ema, accum=cfg.grad_accum, parents={"teacher": t_info["id"]})
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
@@ -1104,29 +1136,32 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
         cfg.distil_iters * core.di4c_rows_per_step(cfg.distil_batch, cfg.L) / (3 * cfg.batch_size))
     cout = fit(cfg, ctx, "control", control, maskgit_loss(cfg, process, meta["n_classes"]), data,
                iters, cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay,
-               ema_decay=cfg.student_ema, accum=cfg.grad_accum)
+               ema_decay=cfg.student_ema, accum=cfg.grad_accum, parents={"teacher": t_info["id"]})
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
 
 def sample_runs(cfg: Config) -> list:
     """(label, checkpoint, steps, w) of every sample set; CFG off and on for each."""
-    nets = [("teacher", cfg.steps), ("student", cfg.student_steps), ("control", cfg.student_steps)]
+    nets = [("teacher", cfg.steps), ("student", cfg.student_steps)]
+    nets += [("control", cfg.student_steps)] if cfg.control_iters else []
     return [(f"{name}@{N}_w{w:g}", name, N, w) for name, steps in nets for N in steps
             for w in dict.fromkeys((0.0, cfg.cfg_w))]
 
 
 def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
-    """{name: (frozen net, lam_dim)} for the checkpoints that exist."""
+    """{name: (frozen net, lam_dim, info)} of the teacher, the student and (if --control_iters)
+    the control, each checked to descend from the current teacher."""
     paths = {"teacher": cfg.teacher_ckpt or ckpt_path(cfg, "teacher"),
-             "student": ckpt_path(cfg, "student"), "control": ckpt_path(cfg, "control")}
-    nets = {}
+             "student": ckpt_path(cfg, "student")}
+    if cfg.control_iters:
+        paths["control"] = ckpt_path(cfg, "control")
     for name, path in paths.items():
-        if os.path.exists(path):
-            nets[name] = load_model(cfg, meta, path, ctx.device)
-        else:
-            ctx.log(f"no {path}, skipping the {name}")
-    if "teacher" not in nets:
-        raise SystemExit(f"error: {paths['teacher']!r} not found: run --stage teacher first")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path!r} not found: run --stage "
+                             f"{'teacher' if name == 'teacher' else 'distill'} first")
+    nets = {name: load_model(cfg, meta, path, ctx.device) for name, path in paths.items()}
+    for name in nets.keys() - {"teacher"}:
+        check_lineage(paths[name], nets[name][2], {"teacher": nets["teacher"][2]["id"]})
     return nets
 
 
@@ -1173,17 +1208,20 @@ def stage_sample(cfg: Config, ctx: Ctx, meta: dict):
     y = torch.arange(meta["n_classes"]).repeat_interleave(cfg.n_per_class)    # (N,)
     os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
     uncond = nets["teacher"][0] if cfg.lfg else None
-    for label, name, N, w in sample_runs(cfg):
-        if name not in nets:
-            continue
-        net, lam_dim = nets[name]
+    runs = sample_runs(cfg)
+    bar = ctx.progress(len(runs), "sample", unit="set")
+    for label, name, N, w in runs:
+        net, lam_dim, info = nets[name]
         t0 = time.time()
         codes = generate(cfg, ctx, net, lam_dim, y, N, w, uncond if name != "teacher" else None)
         if ctx.rank == 0:
-            torch.save({"codes": codes, "labels": y, "steps": N, "w": w, "model": name},
-                       os.path.join(cfg.out_dir, "samples", f"{label}.pt"))
+            save_checkpoint(os.path.join(cfg.out_dir, "samples", f"{label}.pt"),
+                            {"codes": codes, "labels": y, "steps": N, "w": w, "model": name,
+                             "parents": {name: info["id"]}, "config": asdict(cfg)})
             save_grids(cfg, tokens, label, codes, y, meta["classes"])
         ctx.log(f"sample: {label}: {len(codes)} images in {time.time() - t0:.1f} s")
+        bar.update(1)
+    bar.close()
     ctx.barrier()
 
 
@@ -1259,14 +1297,18 @@ def fid_reference(cfg: Config) -> str:
 def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
     """Score every sample set (rank 0), then time the sampler: student vs teacher at equal
     steps. Writes metrics.json["eval"], ["latency"] and prints the table."""
-    files = sorted(glob.glob(os.path.join(cfg.out_dir, "samples", "*.pt")))
-    if not files:
-        raise SystemExit(f"error: no samples in {cfg.out_dir}/samples: run --stage sample first")
     if ctx.rank == 0:
-        res = score_samples(cfg, ctx, meta, files)
         nets, lat = load_nets(cfg, ctx, meta), {}
-        for N in cfg.student_steps if "student" in nets else ():
-            t_s, s_s = (latency(cfg, ctx, *nets[k], N, meta["n_classes"])
+        files = []
+        for label, name, *_ in sample_runs(cfg):
+            files.append(os.path.join(cfg.out_dir, "samples", f"{label}.pt"))
+            if not os.path.exists(files[-1]):
+                raise SystemExit(f"error: {files[-1]!r} not found: run --stage sample first")
+            check_lineage(files[-1], load_checkpoint(files[-1], asdict(cfg), SAMPLE_KEYS),
+                          {name: nets[name][2]["id"]})
+        res = score_samples(cfg, ctx, meta, files)
+        for N in cfg.student_steps:
+            t_s, s_s = (latency(cfg, ctx, *nets[k][:2], N, meta["n_classes"])
                         for k in ("teacher", "student"))
             mean = lambda v: sum(v) / len(v)
             lat[str(N)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),

@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -136,6 +138,8 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr", "grad_accum",
                            "teacher_lr", "warmup", "seed")
+SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
+               "dtype")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
@@ -303,6 +307,27 @@ def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
     return state
 
 
+def weights_id(state_dict: dict) -> str:
+    """A short content hash of a state dict (names, shapes, bytes): the identity by which a
+    checkpoint's children and the samples drawn from it know it."""
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().reshape(-1).contiguous()
+        h.update(f"{k}{tuple(state_dict[k].shape)}{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_lineage(path: str, state: dict, parents: dict):
+    """Refuse a checkpoint or sample file made from other parents than the current ones."""
+    have = state.get("parents", {})
+    bad = {k: (have.get(k), v) for k, v in parents.items() if have.get(k) != v}
+    if bad:
+        diffs = ", ".join(f"{k} {a} vs now {b}" for k, (a, b) in bad.items())
+        raise SystemExit(f"error: {path!r} was made from another {diffs}; rerun the stage that "
+                         "writes it (or start in a fresh --out_dir)")
+
+
 def ckpt_path(cfg, name: str) -> str:
     return os.path.join(cfg.out_dir, f"{name}.pt")
 
@@ -356,7 +381,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
         betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, accum: int = 1) -> dict:
+        ema_decay: float = 0.0, accum: int = 1, parents: Optional[dict] = None) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
     (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
     accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
@@ -367,8 +392,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
     Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
     step and the terms; the last good state stays on disk. The finished model goes to
-    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config}). Returns {ema, step, wall}.
+    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
+    ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
+    resumed. Returns {ema, step, wall, id}.
     """
+    parents = parents or {}
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -376,6 +404,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     step, wall = 0, 0.0
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
+        check_lineage(state_path, state, parents)
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -385,9 +414,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
     def snapshot(path, with_optimizer=True):
         if ctx.rank == 0:
+            final = (ema or raw).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
+                                       parents=parents, id=weights_id(final),
                                        optimizer=opt.state_dict() if with_optimizer else None))
 
     def flags():                       # every rank stops at the same step
@@ -450,7 +481,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     snapshot(state_path)
     snapshot(ckpt_path(cfg, name), with_optimizer=False)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "id": weights_id((ema or raw).state_dict())}
 
 
 class Batches:
@@ -788,12 +819,41 @@ def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False) -> 
     return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal)
 
 
-def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool) -> tuple:
-    """Frozen model from a checkpoint of this script -> (model in eval mode, lam_dim)."""
+def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> tuple:
+    """Frozen model from a finished checkpoint of this script -> (model in eval mode, lam_dim,
+    {"id", "parents"}): the EMA weights if it has them."""
     state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
     net = build_model(cfg, corpus.S, state["lam_dim"]).to(corpus.device)
     net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None else state["model"])
-    return net.eval().requires_grad_(False), state["lam_dim"]
+    meta = {"id": state.get("id"), "parents": state.get("parents", {})}
+    return net.eval().requires_grad_(False), state["lam_dim"], meta
+
+
+def load_models(cfg: Config, corpus: Corpus) -> dict:
+    """{name: (net, lam_dim, meta)} of the teacher, the student and (if --control_iters) the
+    control, each checked to descend from the current teacher."""
+    paths = {"teacher": cfg.teacher_ckpt or ckpt_path(cfg, "teacher"),
+             "student": ckpt_path(cfg, "student")}
+    if cfg.control_iters:
+        paths["control"] = ckpt_path(cfg, "control")
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path!r} not found: run --stage "
+                             f"{'teacher' if name == 'teacher' else 'distill'} first")
+    nets = {name: load_model(cfg, corpus, path) for name, path in paths.items()}
+    for name in nets.keys() - {"teacher"}:
+        check_lineage(paths[name], nets[name][2], {"teacher": nets["teacher"][2]["id"]})
+    return nets
+
+
+def sample_sets(cfg: Config) -> list:
+    """(model, kind, steps) of every sample set of this configuration: unconditional at each
+    step count, prefix-conditional at the student's step counts."""
+    models = {"teacher": cfg.steps, "student": cfg.student_steps}
+    if cfg.control_iters:
+        models["control"] = cfg.student_steps
+    return [(name, kind, N) for name, steps in models.items() for N in steps
+            for kind in ("uncond", "cond") if kind == "uncond" or N in cfg.student_steps]
 
 
 # -----------------------------------------------------------------------------
@@ -884,7 +944,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
     loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
-    teacher, lam_T = load_model(cfg, corpus, t_path, use_ema=True)
+    teacher, lam_T, t_meta = load_model(cfg, corpus, t_path)
     torch.manual_seed(cfg.seed)
     try:
         student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
@@ -907,7 +967,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
 
     out = fit(cfg, ctx, "student", student, loss_fn, lambda i, g: corpus.batch(B, g),
               cfg.distil_iters, cfg.lr, warmup=cfg.warmup, ema_decay=cfg.student_ema,
-              accum=cfg.grad_accum)
+              accum=cfg.grad_accum, parents={"teacher": t_meta["id"]})
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
@@ -919,7 +979,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
         math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
     cout = fit(cfg, ctx, "control", control, lambda model, x0, g: mdlm_loss(model, x0, process, g),
                lambda i, g: corpus.batch(Bc, g), iters, cfg.lr, warmup=cfg.warmup,
-               ema_decay=cfg.student_ema, accum=cfg.grad_accum)
+               ema_decay=cfg.student_ema, accum=cfg.grad_accum, parents={"teacher": t_meta["id"]})
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
@@ -986,42 +1046,35 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
     step counts -> out_dir/samples/<model>_<uncond|cond>_<N>.{pt,txt}; latency per step count."""
     sample_dir = os.path.join(cfg.out_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
-    models = {"teacher": ("teacher", True, cfg.steps),
-              "student": ("student", True, cfg.student_steps),
-              "control": ("control", True, cfg.student_steps)}
+    nets = load_models(cfg, corpus)
     process = make_process(corpus.S)
     n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
     prefix = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].cpu()  # (P, prefix_len)
     x_cond = process.prior(n_prefix * cfg.n_cont, cfg.prefix_len + cfg.cont_len)
     x_cond[:, :cfg.prefix_len] = prefix.repeat_interleave(cfg.n_cont, 0)      # (P C, D')
     x_uncond = process.prior(cfg.n_samples, cfg.seq_len)                      # (N, D)
-    nets = {}
-    bar = ctx.progress(sum(len(st) for *_, st in models.values()) + 3 * len(cfg.student_steps),
-                       "sample", unit="set")
-    for name, (ck, use_ema, steps) in models.items():
-        if not os.path.exists(ckpt_path(cfg, ck)):
-            ctx.log(f"sample: no {ckpt_path(cfg, ck)}, skipping the {name}")
-            continue
-        net, lam_dim = nets[name] = load_model(cfg, corpus, ckpt_path(cfg, ck), use_ema)
-        for N in steps:
-            for kind, x_T in (("uncond", x_uncond), ("cond", x_cond)):
-                if kind == "cond" and N not in cfg.student_steps:
-                    continue
-                bar.update(1)
-                t0 = time.time()
-                x0, nfe = generate(cfg, ctx, corpus, net, lam_dim, N, x_T, f"{kind}{N}")
-                if ctx.rank == 0:
-                    stem = os.path.join(sample_dir, f"{name}_{kind}_{N}")
-                    torch.save({"tokens": x0, "nfe": nfe, "steps": N}, stem + ".pt")
-                    with open(stem + ".txt", "w") as f:
-                        f.write("\n\n=====\n\n".join(corpus.decode(r) for r in x0.tolist()))
-                ctx.log(f"sample: {name} {kind} N={N}: {x0.shape[0]} x {x0.shape[1]} tokens, "
-                        f"NFE {nfe:.1f}, {time.time() - t0:.1f} s")
+    sets = sample_sets(cfg)
+    bar = ctx.progress(len(sets), "sample", unit="set")
+    for name, kind, N in sets:
+        net, lam_dim, meta = nets[name]
+        t0 = time.time()
+        x_T = x_uncond if kind == "uncond" else x_cond
+        x0, nfe = generate(cfg, ctx, corpus, net, lam_dim, N, x_T, f"{kind}{N}")
+        if ctx.rank == 0:
+            stem = os.path.join(sample_dir, f"{name}_{kind}_{N}")
+            save_checkpoint(stem + ".pt", {"tokens": x0, "nfe": nfe, "steps": N,
+                                           "parents": {name: meta["id"]}, "config": asdict(cfg)})
+            with open(stem + ".txt", "w") as f:
+                f.write("\n\n=====\n\n".join(corpus.decode(r) for r in x0.tolist()))
+        ctx.log(f"sample: {name} {kind} N={N}: {x0.shape[0]} x {x0.shape[1]} tokens, "
+                f"NFE {nfe:.1f}, {time.time() - t0:.1f} s")
+        bar.update(1)
     bar.close()
     if "teacher" in nets and "student" in nets:
         lat = {}
         for N in cfg.student_steps:
-            t_s, s_s = (latency(cfg, ctx, corpus, *nets[k], N) for k in ("teacher", "student"))
+            t_s, s_s = (latency(cfg, ctx, corpus, *nets[k][:2], N)
+                        for k in ("teacher", "student"))
             lat[str(N)] = dict(teacher_s=float(np.mean(t_s)), teacher_std=float(np.std(t_s)),
                                student_s=float(np.mean(s_s)), student_std=float(np.std(s_s)),
                                overhead_pct=100 * (np.mean(s_s) / np.mean(t_s) - 1))
@@ -1043,7 +1096,14 @@ def judge_nll_fn(judge, ctx: Ctx):
 
 def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Train (or reuse) the autoregressive judge, then score every sample file: gen-PPL under
-    the judge (and GPT-2 Large if --eval_gpt2), unigram entropy, prefix-conditional self-BLEU."""
+    the judge (and GPT-2 Large if --eval_gpt2), unigram entropy, prefix-conditional self-BLEU.
+    Only the sample sets of this configuration, each drawn by the current checkpoint."""
+    ids = {name: meta["id"] for name, (_, _, meta) in load_models(cfg, corpus).items()}
+    paths = {}
+    for name, kind, N in sample_sets(cfg):
+        paths[name, kind, N] = os.path.join(cfg.out_dir, "samples", f"{name}_{kind}_{N}.pt")
+        if not os.path.exists(paths[name, kind, N]):
+            raise SystemExit(f"error: {paths[name, kind, N]!r} not found: run --stage sample")
     torch.manual_seed(cfg.seed + 1)
     judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
     path, same = ckpt_path(cfg, "judge"), False
@@ -1074,11 +1134,9 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val")))).cpu()
     res = {"data": {k: text_metrics.gen_ppl(f, val) for k, f in scorers.items()}}
     res["data"]["entropy"] = text_metrics.unigram_entropy(val)
-    sample_dir = os.path.join(cfg.out_dir, "samples")
-    files = sorted(glob.glob(os.path.join(sample_dir, "*.pt")))
-    for path in files:
-        name, kind, N = os.path.basename(path)[:-3].rsplit("_", 2)
-        s = torch.load(path, weights_only=True)
+    for (name, kind, N), path in paths.items():
+        s = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
+        check_lineage(path, s, {name: ids[name]})
         start = 1 if kind == "uncond" else cfg.prefix_len
         row = {f"gen_ppl_{k}": text_metrics.gen_ppl(f, s["tokens"], start)
                for k, f in scorers.items()}

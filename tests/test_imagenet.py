@@ -183,7 +183,7 @@ def test_maskgit_pytorch_transformer_checkpoint_loads_strictly(tmp_path):
     path = tmp_path / "MaskGIT_ImageNet_256.pth"
     torch.save({"iter": 1, "global_epoch": 0, "model_state_dict": sd,
                 "optimizer_state_dict": {}}, path)
-    net, lam_dim = m.load_model(cfg, meta, str(path), torch.device("cpu"))
+    net, lam_dim, _ = m.load_model(cfg, meta, str(path), torch.device("cpu"))
     assert lam_dim == 0
     assert torch.equal(net.embed.weight, sd["module.tok_emb.weight"])
     assert torch.equal(net.blocks[1].attn.in_proj_weight,
@@ -316,7 +316,7 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     assert meta["labels"].tolist() == [0] * 6 + [1] * 6 and meta["codes"].max() < 16
     assert os.path.exists(os.path.join(cfg.out_dir, "vqvae.pt"))
     m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher", "teacher_iters": 2}))
-    net, _ = m.load_model(cfg, meta, m.ckpt_path(cfg, "teacher"), torch.device("cpu"))
+    net, _, _ = m.load_model(cfg, meta, m.ckpt_path(cfg, "teacher"), torch.device("cpu"))
     tokens = m.load_tokens(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir),
                                       "float32"), meta)
     x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
@@ -325,8 +325,9 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setattr(inception, "fid_is", lambda samples, reference: {
         "fid": float(len(os.listdir(samples))), "is_mean": float(len(os.listdir(reference))),
         "is_std": 0.0})
-    for stage in ("sample", "eval"):
-        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2}))
+    for stage in ("distill", "sample", "eval"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2,
+                                          "distil_iters": 1, "control_iters": 0}))
     ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
     assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "steps": 4, "w": 1.0}
 
@@ -422,8 +423,11 @@ def test_clear_errors(tmp_path):
     m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher"}))
     with pytest.raises(SystemExit, match="another config"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "distill", "n_embd": 16}))
-    with pytest.raises(SystemExit, match="run --stage sample"):
+    with pytest.raises(SystemExit, match="run --stage distill"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval"}))
+    m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "distill", "control_iters": 0}))
+    with pytest.raises(SystemExit, match="run --stage sample"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval", "control_iters": 0}))
     for argv, msg in ((["--L", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
                       (["--data_term", "maybe"], "true or false"),
                       (["--ste", "2"], "unrecognized")):

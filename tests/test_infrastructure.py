@@ -1,0 +1,149 @@
+"""The shared infrastructure block (identical in the three scripts, tests/test_layout.py): no run
+exits 0 with a wrong result. Stale checkpoints and samples are refused, a non-finite loss stops
+before the update, Ctrl-C and a full disk keep the last good state, bad files give one line."""
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import cifar10_gaussian as cifar
+import imagenet_masked as imagenet
+import owt_masked as owt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_of(m, tmp_path, name="run", **kw):
+    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / name), **kw)
+
+
+def stage(m, cfg, name, **kw):
+    m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": name, **kw}))
+
+
+# -----------------------------------------------------------------------------
+# Stale state: a retrained teacher invalidates its student and every sample drawn from them
+
+
+@pytest.mark.parametrize("m", [cifar, imagenet, owt], ids=["cifar", "imagenet", "owt"])
+def test_retrained_teacher_makes_student_and_samples_stale(m, tmp_path):
+    cfg = cfg_of(m, tmp_path)
+    first = ("tokenize", "teacher", "distill", "sample") if m is imagenet else \
+        ("teacher", "distill", "sample")
+    for s in first:
+        stage(m, cfg, s)
+    stage(m, cfg, "teacher", teacher_iters=cfg.teacher_iters + 1)       # the teacher changes
+    for s in ("sample", "eval"):                                         # its student is stale
+        with pytest.raises(SystemExit, match="made from another teacher"):
+            stage(m, cfg, s, teacher_iters=cfg.teacher_iters + 1)
+    with pytest.raises(SystemExit, match="made from another teacher"):   # so is its state
+        stage(m, cfg, "distill", teacher_iters=cfg.teacher_iters + 1, resume=True)
+    stage(m, cfg, "distill", teacher_iters=cfg.teacher_iters + 1)        # a fresh student is fine
+    with pytest.raises(SystemExit, match="made from another"):           # old samples are not
+        stage(m, cfg, "eval", teacher_iters=cfg.teacher_iters + 1)
+
+
+def test_samples_of_another_sampling_config_are_refused(tmp_path):
+    cfg = cfg_of(owt, tmp_path)
+    owt.main(cfg)
+    with pytest.raises(SystemExit, match="another config .*n_samples"):
+        stage(owt, cfg, "eval", n_samples=8)
+    with pytest.raises(SystemExit, match="run --stage sample"):          # a step count not drawn
+        stage(owt, cfg, "eval", steps=(2, 4, 8))
+    with pytest.raises(SystemExit, match="run --stage teacher"):         # nothing there yet
+        stage(owt, cfg_of(owt, tmp_path, "empty"), "eval")
+    with pytest.raises(SystemExit, match="run --stage teacher"):
+        stage(owt, cfg_of(owt, tmp_path, "empty"), "sample")
+
+
+# -----------------------------------------------------------------------------
+# Training: non-finite stop, Ctrl-C, full disk, time limit
+
+
+def fit_owt(tmp_path, loss_fn, iters=4, **kw):
+    cfg = cfg_of(owt, tmp_path, ckpt_every=2, **kw)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx = owt.Ctx(0, 1, torch.device("cpu"), owt.Logger(0, cfg.out_dir), "float32")
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    batches = lambda i, g: torch.randn(4, 3, generator=g)
+    return cfg, owt.fit(cfg, ctx, "toy", net, loss_fn, batches, iters, 1e-2)
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_state(tmp_path):
+    def loss_fn(model, x, g):
+        loss = model(x)[:, 0] ** 2
+        bad = loss_fn.calls == 3
+        loss_fn.calls += 1
+        return loss * (float("nan") if bad else 1.0), {"part": loss.detach()}
+    loss_fn.calls = 0
+    with pytest.raises(SystemExit, match="toy step 3: non-finite loss") as e:
+        fit_owt(tmp_path, loss_fn)
+    assert "last good state" in str(e.value)
+    state = torch.load(tmp_path / "run" / "toy_state.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not os.path.exists(tmp_path / "run" / "toy.pt")           # no finished model
+
+
+def test_ctrl_c_saves_the_state_and_resume_is_exact(tmp_path):
+    def loss_fn(model, x, g):
+        loss_fn.calls += 1
+        if loss_fn.calls == 4 and loss_fn.interrupt:
+            raise KeyboardInterrupt
+        return model(x)[:, 0] ** 2, {}
+    loss_fn.calls, loss_fn.interrupt = 0, False
+    fit_owt(tmp_path / "full", loss_fn, iters=6)
+    loss_fn.calls, loss_fn.interrupt = 0, True
+    with pytest.raises(SystemExit, match="interrupted: toy state at step 3 saved"):
+        fit_owt(tmp_path / "cut", loss_fn, iters=6)
+    loss_fn.interrupt = False
+    fit_owt(tmp_path / "cut", loss_fn, iters=6, resume=True)
+    a, b = (torch.load(tmp_path / d / "run" / "toy.pt", weights_only=True) for d in ("full", "cut"))
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_time_limit_saves_the_state_and_stops(tmp_path):
+    loss = lambda model, x, g: (model(x)[:, 0] ** 2, {})
+    with pytest.raises(SystemExit, match="time_limit .* used up at step 1"):
+        fit_owt(tmp_path, loss, time_limit=1e-9)
+    assert torch.load(tmp_path / "run" / "toy_state.pt", weights_only=True)["step"] == 1
+
+
+def test_full_disk_leaves_no_temp_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.pt")
+    owt.save_checkpoint(path, {"config": {}, "v": 1})
+
+    def full(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match="could not write checkpoint .*No space left.*kept"):
+        owt.save_checkpoint(path, {"config": {}, "v": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["x.pt"]
+    assert torch.load(path, weights_only=True)["v"] == 1
+
+
+def test_truncated_or_foreign_checkpoints_give_one_line(tmp_path):
+    cfg = cfg_of(owt, tmp_path)
+    stage(owt, cfg, "teacher")
+    path = os.path.join(cfg.out_dir, "teacher.pt")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*teacher\.pt"):
+        stage(owt, cfg, "distill")
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit, match="not a checkpoint written by this script"):
+        stage(owt, cfg, "distill")
+
+
+def test_identical_runs_and_one_resume_default():
+    for m in (cifar, imagenet, owt):
+        assert m.Config().resume is False
+    assert json.dumps(owt.weights_id({"a": torch.ones(2)})) == \
+        json.dumps(owt.weights_id({"a": torch.ones(2)}))
+    assert owt.weights_id({"a": torch.ones(2)}) != owt.weights_id({"a": torch.zeros(2)})
