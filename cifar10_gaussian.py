@@ -547,12 +547,25 @@ def load_images(cfg: Config) -> torch.Tensor:
                                              torchvision.transforms.CenterCrop(cfg.image_size),
                                              torchvision.transforms.PILToTensor()])
         try:
-            ds = torchvision.datasets.ImageFolder(cfg.data_dir, transform=tf)
+            ds = torchvision.datasets.ImageFolder(cfg.data_dir, transform=tf, loader=read_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"error: no images under --data_dir {cfg.data_dir!r} ({e})") from None
-        x = torch.stack([ds[i][0][:3] for i in range(len(ds))])                 # (N, C, H, W)
+        try:
+            x = torch.stack([ds[i][0][:3] for i in range(len(ds))])             # (N, C, H, W)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         return _requantise(x, 256, cfg.S)
     raise SystemExit(f"error: --dataset must be cifar10, folder or digits, got {cfg.dataset!r}")
+
+
+def read_image(path: str):
+    """ImageFolder's loader: an RGB PIL image, or a ValueError that names the unreadable file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {path!r} ({type(e).__name__})") from None
 
 
 def load_cifar10_batches(data_dir: str) -> torch.Tensor:
@@ -565,8 +578,15 @@ def load_cifar10_batches(data_dir: str) -> torch.Tensor:
                          "folder that holds cifar-10-batches-py, or add --download true")
     parts = []
     for f in files:
-        with open(os.path.join(folder, f), "rb") as fh:
-            parts.append(torch.as_tensor(pickle.load(fh, encoding="bytes")[b"data"], dtype=torch.uint8))
+        path = os.path.join(folder, f)
+        try:
+            with open(path, "rb") as fh:
+                data = torch.as_tensor(pickle.load(fh, encoding="bytes")[b"data"],
+                                       dtype=torch.uint8)
+            parts.append(data.view(-1, 3, 32, 32))
+        except Exception as e:
+            raise SystemExit(f"error: {path!r} is not a CIFAR-10 python batch "
+                             f"({type(e).__name__})") from None
     return torch.cat(parts).view(-1, 3, 32, 32)
 
 

@@ -579,6 +579,25 @@ def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
 # Data: labelled images with MaskGIT-pytorch's resize / crop, or the embedded digits
 
 
+def read_image(path: str):
+    """ImageFolder's loader: an RGB PIL image, or a ValueError that names the unreadable file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {path!r} ({type(e).__name__})") from None
+
+
+def decoded(loader):
+    """Iterate a DataLoader of images; an unreadable file stops the run with one line (a
+    worker's error arrives wrapped, its last line names the file)."""
+    try:
+        yield from loader
+    except ValueError as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+
+
 def image_folder(cfg: Config, split: str):
     """A torchvision ImageFolder of (3, img_size, img_size) uint8 images and class indices.
 
@@ -596,7 +615,7 @@ def image_folder(cfg: Config, split: str):
     tf = transforms.Compose([transforms.Resize(cfg.img_size), transforms.CenterCrop(cfg.img_size),
                              transforms.PILToTensor()])
     try:
-        return torchvision.datasets.ImageFolder(root, transform=tf)
+        return torchvision.datasets.ImageFolder(root, transform=tf, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: no images under {root!r} ({e})") from None
 
@@ -607,7 +626,7 @@ def load_images(ds, ctx: Ctx, idx=None, workers: int = 0) -> tuple:
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(idx)), batch_size=64,
                                          num_workers=workers)
     xs, ys = [], []
-    for x, y in loader:
+    for x, y in decoded(loader):
         xs.append(x[:, :3])
         ys.append(y)
     if not xs:
@@ -742,7 +761,7 @@ def encode_split(cfg: Config, ctx: Ctx, ds, vq) -> tuple:
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(mine)),
                                          batch_size=cfg.sample_batch, num_workers=cfg.num_workers)
     codes, labels = [], []
-    for x, y in loader:
+    for x, y in decoded(loader):
         x = x[:, :3].to(ctx.device).float() / 127.5 - 1                       # (B, 3, R, R)
         views = (x, x.flip(-1)) if cfg.flip else (x,)                          # float32 codes
         codes.append(torch.stack([vq.encode(v) for v in views], 1).int().cpu())  # (B, V, D)
@@ -1287,9 +1306,12 @@ def fid_reference(cfg: Config) -> str:
     if not os.path.isdir(folder):
         ds = image_folder(cfg, "val")
         os.makedirs(folder + ".tmp", exist_ok=True)
-        for i in range(len(ds)):
-            img = ds[i][0][:3].permute(1, 2, 0).numpy()
-            Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=cfg.num_workers)
+        i = 0
+        for x, _ in decoded(loader):
+            for img in x[:, :3].permute(0, 2, 3, 1).numpy():
+                Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+                i += 1
         os.replace(folder + ".tmp", folder)
     return folder
 

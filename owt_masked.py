@@ -547,6 +547,7 @@ def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = 50256                        # <|endoftext|>, joins documents
 N_GPT2 = 50257
+UNK_WARN = 0.05                    # warn when more validation tokens than this are unknown
 
 
 def gpt2_encoding(tokenizer_file: str):
@@ -590,7 +591,12 @@ def load_documents(cfg: Config):
             raise SystemExit(f"error: --data_files must all be one of {sorted(builders)}")
         kind = kinds.pop()
         extra = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+        except Exception as e:
+            raise SystemExit(f"error: could not read --data_files {cfg.data_files!r} as {kind} "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+                             ) from None
     elif cfg.dataset == "pydoc":
         import pydoc_data.topics
         topics = pydoc_data.topics.topics
@@ -656,6 +662,12 @@ class Corpus:
             self.to_local = np.full(N_GPT2, self.unk, dtype=np.int64)
             self.to_local[self.to_gpt2] = np.arange(self.unk)
             self.S = self.unk + 2
+            unknown = 1 - np.isin(ids["val"][:10 ** 7], self.to_gpt2).mean()  # first 10M tokens
+            ctx.log(f"data: {100 * unknown:.2f}% of validation tokens are unknown to the "
+                    "training vocabulary (UNK)")
+            if unknown > UNK_WARN:
+                ctx.log(f"warning: {100 * unknown:.1f}% unknown validation tokens (over "
+                        f"{100 * UNK_WARN:.0f}%): the validation text is unlike the training text")
         else:
             self.to_gpt2, self.unk, self.to_local = None, None, None
             self.S = N_GPT2 + 1

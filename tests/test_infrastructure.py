@@ -3,6 +3,7 @@ exits 0 with a wrong result. Stale checkpoints and samples are refused, a non-fi
 before the update, Ctrl-C and a full disk keep the last good state, bad files give one line."""
 import json
 import os
+import re
 from dataclasses import asdict
 
 import pytest
@@ -147,3 +148,43 @@ def test_identical_runs_and_one_resume_default():
     assert json.dumps(owt.weights_id({"a": torch.ones(2)})) == \
         json.dumps(owt.weights_id({"a": torch.ones(2)}))
     assert owt.weights_id({"a": torch.ones(2)}) != owt.weights_id({"a": torch.zeros(2)})
+
+
+# -----------------------------------------------------------------------------
+# Bad data files: one line naming the file
+
+
+def test_bad_image_files_and_batches_give_one_line(tmp_path):
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (12, 12)).save(tmp_path / "imgs" / cls / "ok.png")
+    (tmp_path / "imgs" / "b" / "bad.png").write_bytes(b"not a png")
+    cfg = cifar.make_config(cifar.Config, dataset="folder", data_dir=str(tmp_path / "imgs"),
+                            image_size=8, S=17)
+    with pytest.raises(SystemExit, match=r"cannot read image .*bad\.png"):
+        cifar.load_images(cfg)
+    cfg = imagenet.make_config(imagenet.Config, preset="smoke", dataset="folder",
+                               data_dir=str(tmp_path / "imgs"), img_size=8, tokenizer="vqvae")
+    ctx = imagenet.Ctx(0, 1, torch.device("cpu"), imagenet.Logger(0, str(tmp_path)), "float32")
+    with pytest.raises(SystemExit, match=r"cannot read image .*bad\.png"):
+        imagenet.load_images(imagenet.image_folder(cfg, "train"), ctx)
+    folder = tmp_path / "c" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(SystemExit, match=r"data_batch_1' is not a CIFAR-10 python batch"):
+        cifar.load_cifar10_batches(str(tmp_path / "c"))
+
+
+def test_binary_text_and_unknown_validation_tokens(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 50)
+    cfg = cfg_of(owt, tmp_path, data_files=str(tmp_path / "bin.txt"))
+    with pytest.raises(SystemExit, match="could not read --data_files"):
+        owt.load_documents(cfg)
+    import datasets                                   # validation text unlike the training text
+    docs = ["the cat sat on the mat " * 20] * 12 + ["zebra quartz jukebox vexed " * 20] * 4
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
+    cfg = cfg_of(owt, tmp_path, "unk", data_files=str(tmp_path / "c.parquet"), stage="teacher")
+    owt.main(cfg)
+    log = open(os.path.join(cfg.out_dir, "log.txt")).read()
+    assert re.search(r"warning: 9\d\.\d% unknown validation tokens", log), log  # all but EOT
