@@ -50,6 +50,8 @@ class Config:
     data_dir: str = "data/cifar10"
     download: bool = False         # let torchvision download CIFAR-10 into data_dir
     image_size: int = 32           # folder datasets are resized to this
+    flip: bool = True              # random horizontal flips (CIFAR-10; not for digits, which a
+                                   # mirror turns into non-digits)
     S: int = 256                   # grey levels per channel
     # forward process (tauLDR, docs/method.md (4)-(5))
     rate_sigma: float = 6.0
@@ -104,14 +106,14 @@ PRESETS = {
     "paper": {},
     # 8x8 digits bundled with scikit-learn: S = 17, D = 64. time_base 0.3 puts full noise near t = 1
     # (the paper's 3 fully noises 17 levels by t ~ 0.3; see README "time scale").
-    "demo": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
+    "demo": dict(dataset="digits", flip=False, S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
                  ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=1500,
                  teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=400,
                  batch_size=8, L=16, lr=2e-4, lam_lr_mult=10.0, ema_decay=0.99, control_iters=-1,
                  steps=(2, 4, 8, 16, 32), student_steps=(2, 4, 8), hybrid_teacher_steps=1,
                  n_samples=1000, sample_batch=500, log_every=100, ckpt_every=500,
                  out_dir="runs/cifar10_demo"),
-    "smoke": dict(dataset="digits", S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=8,
+    "smoke": dict(dataset="digits", flip=False, S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=8,
                   ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=4,
                   teacher_batch=8, teacher_lr=1e-3, nll_weight=100.0, distil_iters=4,
                   batch_size=2, L=4, lr=1e-4, lam_lr_mult=10.0, ema_decay=0.9, control_iters=-1,
@@ -120,7 +122,8 @@ PRESETS = {
 }
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
-RESUME_KEYS = ARCH_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
+DATA_KEYS = ("flip", "image_size", "data_dir")
+RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
                            "seed")
 SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
@@ -594,9 +597,12 @@ def _requantise(x: torch.Tensor, levels: int, S: int) -> torch.Tensor:
     return x if levels == S else (x.long() * S // levels).to(torch.uint8)
 
 
-def flip_batch(batch: tuple, g: torch.Generator) -> torch.Tensor:
-    """A Batches item -> x0 (B, D) long, each image mirrored with probability 1/2 (from g)."""
+def flip_batch(batch: tuple, g: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """A Batches item -> x0 (B, D) long, each image mirrored with probability 1/2 (from g, so
+    independent of every later draw of the step) if `flip`."""
     x = batch[0].long()                                                          # (B, C, H, W)
+    if not flip:
+        return x.flatten(1)
     flip = torch.rand(len(x), generator=g, device=g.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x).flatten(1)
 
@@ -853,6 +859,12 @@ def teacher_loss(model, proc: core.CTMCProcess, x0: torch.Tensor, cfg: Config, g
     return ((term1 - term2) / D).float() + cfg.nll_weight * ce
 
 
+def teacher_objective(cfg: Config, proc):
+    """fit's loss_fn for the teacher and the control: the tauLDR loss of a (flipped) batch."""
+    return lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g, cfg.flip),
+                                                 cfg, g), {})
+
+
 # -----------------------------------------------------------------------------
 # Di4C step: the tauLDR variant (docs/method.md (30), (31)) on the core's losses
 
@@ -890,8 +902,7 @@ def stage_teacher(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
     ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
             f"{len(images)} images {tuple(images.shape[1:])}, S = {cfg.S}")
-    out = fit(cfg, ctx, "teacher", raw,
-              lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g), {}),
+    out = fit(cfg, ctx, "teacher", raw, teacher_objective(cfg, proc),
               data, cfg.teacher_iters, cfg.teacher_lr, ema_decay=cfg.ema_decay,
               accum=cfg.grad_accum)
     update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
@@ -908,8 +919,8 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.batch_size, cfg.grad_accum))
     ctx.log(f"distill: {data.per_rank} x L = {cfg.L} rows per rank and micro-step")
     out = fit(cfg, ctx, "student", student,
-              lambda model, batch, g: di4c_step(model, student, fns, proc, flip_batch(batch, g),
-                                                cfg, g),
+              lambda model, batch, g: di4c_step(model, student, fns, proc,
+                                                flip_batch(batch, g, cfg.flip), cfg, g),
               data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
               parents=parents)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
@@ -920,9 +931,7 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     iters = cfg.control_iters if cfg.control_iters > 0 else math.ceil(
         cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
         / (3 * cfg.teacher_batch))
-    cout = fit(cfg, ctx, "control", control,
-               lambda model, batch, g: (teacher_loss(model, proc, flip_batch(batch, g), cfg, g),
-                                        {}),
+    cout = fit(cfg, ctx, "control", control, teacher_objective(cfg, proc),
                data, iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
                parents=parents)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
@@ -944,7 +953,8 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__})") from None
+            raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__})"
+                             ) from None
         if tauldr.is_tauldr_checkpoint(st):
             try:
                 sd = tauldr.check_and_convert(net, st["model"], path)
