@@ -448,7 +448,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
     def snapshot(path, with_optimizer=True):
         if ctx.rank == 0:
-            final = (ema or raw).state_dict()
+            final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
@@ -492,8 +492,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                 bad = [k for k, v in zip([*logged, "grad_norm"], vals.tolist())
                        if not math.isfinite(v)]
                 raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
-                                 f"stopped before the update (last good state: {state_path}); "
-                                 "try a lower --lr")
+                                 f"stopped before the update, {state_path} (if any) is the last "
+                                 "good state; try a lower --lr")
             opt.step()
             if ema is not None:        # warm-up: early EMAs must not keep the random init
                 update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
@@ -515,7 +515,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     snapshot(state_path)
     snapshot(ckpt_path(cfg, name), with_optimizer=False)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall, "id": weights_id((ema or raw).state_dict())}
+    final = (raw if ema is None else ema).state_dict()
+    return {"ema": ema, "step": step, "wall": wall, "id": weights_id(final)}
 
 
 class Batches:
