@@ -340,17 +340,12 @@ VARIANTS = ("tauldr", "maskgit", "sdtt")
 
 def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
                     alpha_const: Optional[float] = None) -> dict:
-    """Per-row weights of the Di4C terms for one of the paper's three variants (30).
-
-      tauldr : distillation on a separate small-time sample x_tau (weight 1), consistency at
-               every t, alpha_const 1 (paper Sec. 5.1, tauLDR teacher).
-      maskgit: distillation reuses x_t with weight 1[t <= delta] / delta, consistency where
-               t > delta, alpha_const 0.1 ("di4c-d"; 0 gives "di4c") (Sec. 5.2).
-      sdtt   : distillation reuses x_t with weight 1[t < delta], consistency where t >= delta,
-               alpha_const 0.1 (Sec. 5.3).
-    Returns {"distil", "consis", "alpha": (B,) tensors, "distil_on": "tau" | "x_t"}; any dict of
-    that form (explicit weights) is accepted by di4c_loss as well.
-    """
+    """Per-row weights of the Di4C terms in one of the paper's three variants (30): tauldr
+    (Sec. 5.1) distils on a separate small-time x_tau, consistency everywhere, alpha_const 1;
+    maskgit (5.2) reuses x_t, distil weight 1[t <= delta] / delta, consistency where t > delta,
+    alpha_const 0.1 ("di4c-d"; 0 is "di4c"); sdtt (5.3) reuses x_t, distil 1[t < delta],
+    consistency where t >= delta, alpha_const 0.1. Returns {"distil", "consis", "alpha": (B,),
+    "distil_on": "tau" | "x_t"}; di4c_loss takes any dict of that form (explicit weights)."""
     a = {"tauldr": 1.0, "maskgit": 0.1, "sdtt": 0.1}.get(variant)
     if a is None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -531,17 +526,14 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                      lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
                      n_teacher: int = 0, final_nfe: bool = True, reuse_unchanged: bool = False,
                      generator=None) -> tuple:
-    """N-step ancestral sampling with the analytic product step, mixture and hybrid (37).
+    """N-step ancestral sampling with the analytic product step, mixture and hybrid (37)-(38).
 
-    times (K+1,) decreasing, t_0 = start. NFE k < K evaluates the network at t_k and draws
-    x_{t_{k+1}} ~ p_{t_{k+1}|t_k}; if final_nfe (and process.needs_final), one more NFE at t_K
-    returns process.final (argmax of p_{0|t_K}). So tauLDR's N-NFE sampler is times =
-    linspace(1, 0.01, N) and MDLM's is linspace(1, 1e-5, N + 1). A mixture denoiser
-    (lam_dim > 0) gets a fresh lambda per sample per NFE. Hybrid (38): the last n_teacher
-    NFEs use `teacher` (a product denoiser). reuse_unchanged re-runs a product network only on
-    the rows whose x changed since its last call (valid only for networks without a time input,
-    e.g. MDLM/SDTT). cond (B, ...) is passed to every call. Returns (x_0 (B, D) long, NFEs).
-    """
+    times (K+1,) decreasing. NFE k < K runs the network at t_k and draws x_{t_{k+1}}; with
+    final_nfe (if process.needs_final) one more NFE at t_K returns process.final: tauLDR's N-NFE
+    sampler is times = linspace(1, 0.01, N), MDLM's linspace(1, 1e-5, N + 1). A mixture
+    (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher`;
+    reuse_unchanged re-runs a product network only on rows whose x changed (networks without a
+    time input only). cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""
     B = x_T.shape[0]
     K = times.numel() - 1
     n_total = K + int(final_nfe)
