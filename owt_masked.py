@@ -924,7 +924,11 @@ def val_nelbo(cfg: Config, ctx: Ctx, corpus: Corpus, net, n_blocks: int = 256,
 
 
 def stage_teacher(cfg: Config, ctx: Ctx, corpus: Corpus):
-    """Train the MDLM teacher from scratch; report its validation NELBO (EMA weights)."""
+    """Train the MDLM teacher from scratch (skipped when --teacher_ckpt is given); report its
+    validation NELBO (EMA weights)."""
+    if cfg.teacher_ckpt:
+        ctx.log(f"teacher: using --teacher_ckpt {cfg.teacher_ckpt}, nothing to train")
+        return
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, corpus.S).to(ctx.device)
     process, B = make_process(corpus.S), per_rank(ctx, cfg.batch_size, cfg.grad_accum)
@@ -958,6 +962,9 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
     teacher, lam_T, t_meta = load_model(cfg, corpus, t_path)
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
     torch.manual_seed(cfg.seed)
     try:
         student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
@@ -1182,13 +1189,14 @@ def print_table(res: dict):
         bleu = f"{r['self_bleu']:>11.1f}" if "self_bleu" in r else ""
         print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{r['gen_ppl_judge']:>10.1f}"
               f"{r['entropy']:>9.3f}{bleu}")
-    for N in ("8", "4"):
-        if f"student_uncond_{N}" in res and f"teacher_uncond_{N}" in res:
-            s, t = res[f"student_uncond_{N}"], res[f"teacher_uncond_{N}"]
+    for k in sorted((k for k in keys if k.startswith("student_uncond_")),
+                    key=lambda k: int(k.split("_")[2])):
+        N = k.split("_")[2]
+        if f"teacher_uncond_{N}" in res:
+            s, t = res[k], res[f"teacher_uncond_{N}"]
             print(f"RESULT student_gen_ppl@{N}={s['gen_ppl_judge']:.2f} "
                   f"teacher_gen_ppl@{N}={t['gen_ppl_judge']:.2f} "
                   f"student_entropy@{N}={s['entropy']:.3f} teacher_entropy@{N}={t['entropy']:.3f}")
-            break
 
 
 # -----------------------------------------------------------------------------

@@ -192,3 +192,22 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert np.isfinite(metrics["eval"]["student_uncond_2"]["gen_ppl_judge"])
     s = torch.load(out / "samples" / "teacher_uncond_2.pt", weights_only=True)
     assert s["tokens"].shape == (4, 32)
+
+
+def test_second_di4c_round_from_a_student(tmp_path):
+    """Round 2 (docs/method.md (35)): the round-1 student is the (mixture) teacher and the
+    student's initialisation, lambda path included; there is no control for a mixture."""
+    first = smoke_cfg(tmp_path, "round1")
+    m.main(first)
+    kw = dict(teacher_ckpt=os.path.join(first.out_dir, "student.pt"))
+    with pytest.raises(SystemExit, match="--control_iters 0"):
+        m.main(smoke_cfg(tmp_path, "bad", **kw))
+    second = smoke_cfg(tmp_path, "round2", control_iters=0, **kw)
+    m.main(second)
+    log = open(os.path.join(second.out_dir, "log.txt")).read()
+    assert "nothing to train" in log and "mixture (multi-round) teacher" in log
+    ev = json.load(open(os.path.join(second.out_dir, "metrics.json")))["eval"]
+    assert set(ev) >= {"teacher_uncond_2", "student_uncond_2"} and "control_uncond_2" not in ev
+    r1 = torch.load(os.path.join(first.out_dir, "student.pt"), weights_only=True)
+    r2 = torch.load(os.path.join(second.out_dir, "student.pt"), weights_only=True)
+    assert r2["parents"]["teacher"] == r1["id"]
