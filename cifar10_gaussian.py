@@ -381,7 +381,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     step and the terms; the last good state stays on disk. The finished model goes to
     out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
     ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
-    resumed. Returns {ema, step, wall, id}.
+    resumed. Returns {ema, step, wall}.
     """
     parents = parents or {}
     state_path = ckpt_path(cfg, f"{name}_state")
@@ -399,14 +399,15 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         step, wall = state["step"], state["wall"]
         ctx.log(f"{name}: resumed from {state_path} at step {step}")
 
-    def snapshot(path, with_optimizer=True):
+    def snapshot(path, finished=False):  # training state (with optimizer) or finished model
         if ctx.rank == 0:
             final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
-                                       parents=parents, id=weights_id(final),
-                                       optimizer=opt.state_dict() if with_optimizer else None))
+                                       parents=parents, id=weights_id(final) if finished
+                                       else None, optimizer=None if finished
+                                       else opt.state_dict()))
 
     def flags():                       # every rank stops at the same step
         limit = cfg.time_limit * 3600
@@ -466,10 +467,9 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     finally:
         bar.close()
     snapshot(state_path)
-    snapshot(ckpt_path(cfg, name), with_optimizer=False)
+    snapshot(ckpt_path(cfg, name), finished=True)
     ctx.barrier()
-    final = (raw if ema is None else ema).state_dict()
-    return {"ema": ema, "step": step, "wall": wall, "id": weights_id(final)}
+    return {"ema": ema, "step": step, "wall": wall}
 
 
 class Batches:
@@ -1081,11 +1081,12 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     nets = load_nets(cfg, C, H, ctx.device)
     paths = {label: os.path.join(cfg.out_dir, f"samples_{label}.pt") for label, *_ in
              sampler_runs(cfg)}
+    sets = {}
     for (label, path), (_, name, _, _, n_teacher) in zip(paths.items(), sampler_runs(cfg)):
         if not os.path.exists(path):
             raise SystemExit(f"error: {path!r} not found: run --stage sample first")
-        check_lineage(path, load_checkpoint(path, asdict(cfg), SAMPLE_KEYS),
-                      sample_parents(nets, name, n_teacher))
+        sets[label] = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
+        check_lineage(path, sets[label], sample_parents(nets, name, n_teacher))
     res = {}
     if cfg.dataset == "digits":
         from eval import digits
@@ -1093,10 +1094,9 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         real = _requantise(images, cfg.S, 17)
     else:
         from eval import inception
-    bar = ctx.progress(len(paths), "eval", unit="set")
-    for label, path in paths.items():
+    bar = ctx.progress(len(sets), "eval", unit="set")
+    for label, s in sets.items():
         bar.update(1)
-        s = torch.load(path, weights_only=True)
         if cfg.dataset == "digits":
             score = {"frechet": digits.digits_frechet(clf, _requantise(s["images"], cfg.S, 17),
                                                       real)}

@@ -428,7 +428,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     step and the terms; the last good state stays on disk. The finished model goes to
     out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
     ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
-    resumed. Returns {ema, step, wall, id}.
+    resumed. Returns {ema, step, wall}.
     """
     parents = parents or {}
     state_path = ckpt_path(cfg, f"{name}_state")
@@ -446,14 +446,15 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         step, wall = state["step"], state["wall"]
         ctx.log(f"{name}: resumed from {state_path} at step {step}")
 
-    def snapshot(path, with_optimizer=True):
+    def snapshot(path, finished=False):  # training state (with optimizer) or finished model
         if ctx.rank == 0:
             final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.state_dict() if ema
                                        else None, step=step, wall=wall, config=asdict(cfg),
                                        kind=name, lam_dim=getattr(raw, "lam_dim", 0),
-                                       parents=parents, id=weights_id(final),
-                                       optimizer=opt.state_dict() if with_optimizer else None))
+                                       parents=parents, id=weights_id(final) if finished
+                                       else None, optimizer=None if finished
+                                       else opt.state_dict()))
 
     def flags():                       # every rank stops at the same step
         limit = cfg.time_limit * 3600
@@ -513,10 +514,9 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     finally:
         bar.close()
     snapshot(state_path)
-    snapshot(ckpt_path(cfg, name), with_optimizer=False)
+    snapshot(ckpt_path(cfg, name), finished=True)
     ctx.barrier()
-    final = (raw if ema is None else ema).state_dict()
-    return {"ema": ema, "step": step, "wall": wall, "id": weights_id(final)}
+    return {"ema": ema, "step": step, "wall": wall}
 
 
 class Batches:
