@@ -45,6 +45,7 @@ class Config:
     preset: str = "paper"          # paper | demo | smoke
     stage: str = "all"             # teacher | distill | sample | eval | all
     out_dir: str = "runs/cifar10"
+    run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     # data
     dataset: str = "cifar10"       # cifar10 | folder (torchvision ImageFolder) | digits (embedded)
     data_dir: str = "data/cifar10"
@@ -125,6 +126,9 @@ ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
 DATA_KEYS = ("flip", "image_size", "data_dir")
 RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
                            "seed")
+RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
+                "nll_weight", "lam_lr_mult", "distil_weight", "alpha_const", "control_variate",
+                "ema_decay")   # the objective
 SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
            "dtype": ("float32", "bfloat16")}
@@ -316,7 +320,14 @@ def check_lineage(path: str, state: dict, parents: dict):
 
 
 def ckpt_path(cfg, name: str) -> str:
+    """Where a stage writes checkpoint `name`: out_dir/<name>.pt."""
     return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def run_path(cfg, *parts: str) -> str:
+    """A file a stage reads: under --run_dir if given (e.g. a finished, read-only run whose
+    samples are scored into a new --out_dir), else under --out_dir."""
+    return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
 
 
 def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
@@ -942,7 +953,8 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     """The finished network `{name}.pt` of this run (EMA weights), or the teacher from
     --teacher_ckpt: ours, or tauLDR's (detected by its keys; its EMA weights, see
     pretrained/tauldr.py). Every key must match (strict). Returns (net in eval mode, state)."""
-    path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else ckpt_path(cfg, name)
+    path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else \
+        run_path(cfg, f"{name}.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path!r} not found: run --stage "
                          f"{'teacher' if name == 'teacher' else 'distill'} first (same --out_dir), "
@@ -1013,7 +1025,8 @@ def load_nets(cfg: Config, C: int, H: int, dev) -> dict:
     names = ("teacher", "student", "control") if cfg.control_iters else ("teacher", "student")
     nets = {name: load_net(cfg, name, C, H, name == "student", dev) for name in names}
     for name in names[1:]:
-        check_lineage(ckpt_path(cfg, name), nets[name][1], {"teacher": nets["teacher"][1]["id"]})
+        check_lineage(run_path(cfg, f"{name}.pt"), nets[name][1],
+                      {"teacher": nets["teacher"][1]["id"]})
     return nets
 
 
@@ -1079,7 +1092,7 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         return ctx.barrier()
     C, H = images.shape[1], images.shape[2]
     nets = load_nets(cfg, C, H, ctx.device)
-    paths = {label: os.path.join(cfg.out_dir, f"samples_{label}.pt") for label, *_ in
+    paths = {label: run_path(cfg, f"samples_{label}.pt") for label, *_ in
              sampler_runs(cfg)}
     sets = {}
     for (label, path), (_, name, _, _, n_teacher) in zip(paths.items(), sampler_runs(cfg)):

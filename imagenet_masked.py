@@ -57,6 +57,7 @@ class Config:
     preset: str = "paper"          # paper | demo | smoke
     stage: str = "all"             # tokenize | teacher | distill | sample | eval | all
     out_dir: str = "runs/imagenet"
+    run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     resume: bool = False           # continue every training stage from its checkpoint
     # data and tokens
     dataset: str = "imagenet"      # imagenet (data_dir/{train,val}/<class>/) | folder | digits
@@ -167,6 +168,9 @@ ARCH_KEYS = ("dataset", "tokenizer", "img_size", "vq_codes", "n_layer", "n_embd"
 RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr", "warmup",
                            "grad_accum",
                            "r_delta", "data_term", "seed", "vqvae_lr")
+RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_lr_mult",
+                "weight_decay", "teacher_steps", "alpha_const", "student_ema",
+                "student_dropout", "sm_temp", "r_temp", "teacher_cosine")   # the objective
 SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
@@ -363,7 +367,14 @@ def check_lineage(path: str, state: dict, parents: dict):
 
 
 def ckpt_path(cfg, name: str) -> str:
+    """Where a stage writes checkpoint `name`: out_dir/<name>.pt."""
     return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def run_path(cfg, *parts: str) -> str:
+    """A file a stage reads: under --run_dir if given (e.g. a finished, read-only run whose
+    samples are scored into a new --out_dir), else under --out_dir."""
+    return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
 
 
 def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
@@ -699,7 +710,7 @@ def load_tokens(cfg: Config, ctx: Ctx, meta: dict) -> Tokens:
     if cfg.tokenizer == "vqgan":
         vq = load_vqgan(cfg, cfg.vqgan_ckpt)
     elif cfg.tokenizer == "vqvae":
-        state = load_checkpoint(ckpt_path(cfg, "vqvae"), asdict(cfg), TOKEN_KEYS)
+        state = load_checkpoint(run_path(cfg, "vqvae.pt"), asdict(cfg), TOKEN_KEYS)
         vq = build_vq(cfg)
         vq.load_state_dict(state["model"])
     if vq is not None:
@@ -709,7 +720,7 @@ def load_tokens(cfg: Config, ctx: Ctx, meta: dict) -> Tokens:
 
 def codes_meta(cfg: Config) -> dict:
     """codes.pt -> {"codes" (N, D) int16, "labels" (N,), "K", "grid", "n_classes", "classes"}."""
-    path = ckpt_path(cfg, "codes")
+    path = run_path(cfg, "codes.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path!r} not found: run --stage tokenize first (same --out_dir)")
     return load_checkpoint(path, asdict(cfg), TOKEN_KEYS)
@@ -1129,7 +1140,7 @@ def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
 def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     """Di4C (MaskGIT variant) from the teacher, then the control: the teacher fine-tuned with its
     own MaskGIT loss for the same compute (so that a gain is Di4C's, not extra training's)."""
-    t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
+    t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_info = load_model(cfg, meta, t_path, ctx.device)
     if lam_T:
         raise SystemExit(f"error: {t_path!r} is a Di4C student; the teacher must be a "
@@ -1171,10 +1182,10 @@ def sample_runs(cfg: Config) -> list:
 def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
     """{name: (frozen net, lam_dim, info)} of the teacher, the student and (if --control_iters)
     the control, each checked to descend from the current teacher."""
-    paths = {"teacher": cfg.teacher_ckpt or ckpt_path(cfg, "teacher"),
-             "student": ckpt_path(cfg, "student")}
+    paths = {"teacher": cfg.teacher_ckpt or run_path(cfg, "teacher.pt"),
+             "student": run_path(cfg, "student.pt")}
     if cfg.control_iters:
-        paths["control"] = ckpt_path(cfg, "control")
+        paths["control"] = run_path(cfg, "control.pt")
     for name, path in paths.items():
         if not os.path.exists(path):
             raise SystemExit(f"error: {path!r} not found: run --stage "
@@ -1286,7 +1297,8 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, files: list) -> dict:
     from eval import inception
     tokens, ref = load_tokens(cfg, ctx, meta), fid_reference(cfg)
     for path in files:
-        s, folder = torch.load(path, weights_only=True), path[:-3] + "_png"
+        s = torch.load(path, weights_only=True)
+        folder = os.path.join(cfg.out_dir, "samples", os.path.basename(path)[:-3] + "_png")
         os.makedirs(folder, exist_ok=True)
         for i in range(0, len(s["codes"]), 256):                               # bounded memory
             imgs = tokens.to_images(s["codes"][i:i + 256])                      # (n, 3, R, R)
@@ -1324,7 +1336,7 @@ def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
         nets, lat = load_nets(cfg, ctx, meta), {}
         files = []
         for label, name, *_ in sample_runs(cfg):
-            files.append(os.path.join(cfg.out_dir, "samples", f"{label}.pt"))
+            files.append(run_path(cfg, "samples", f"{label}.pt"))
             if not os.path.exists(files[-1]):
                 raise SystemExit(f"error: {files[-1]!r} not found: run --stage sample first")
             check_lineage(files[-1], load_checkpoint(files[-1], asdict(cfg), SAMPLE_KEYS),

@@ -51,6 +51,7 @@ class Config:
     preset: str = "paper"          # paper | demo | smoke
     stage: str = "all"             # teacher | distill | sample | eval | all
     out_dir: str = "runs/owt"
+    run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     resume: bool = False           # continue every stage from its checkpoint in out_dir
     # data
     dataset: str = "Skylion007/openwebtext"  # HF hub dataset (parquet) or "pydoc" (offline)
@@ -138,6 +139,8 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr", "grad_accum",
                            "teacher_lr", "warmup", "seed")
+RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "delta", "distil_prob",
+                "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
                "dtype")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16")}
@@ -329,7 +332,14 @@ def check_lineage(path: str, state: dict, parents: dict):
 
 
 def ckpt_path(cfg, name: str) -> str:
+    """Where a stage writes checkpoint `name`: out_dir/<name>.pt."""
     return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def run_path(cfg, *parts: str) -> str:
+    """A file a stage reads: under --run_dir if given (e.g. a finished, read-only run whose
+    samples are scored into a new --out_dir), else under --out_dir."""
+    return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
 
 
 def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
@@ -623,7 +633,9 @@ def token_cache(cfg: Config, ctx: Ctx, enc) -> dict:
     Documents [0, n - val_docs) form the training split, the last val_docs the validation
     split; each document is followed by <|endoftext|>. Rank 0 writes, the others wait.
     """
-    cache = cfg.cache_dir or os.path.join(cfg.out_dir, "data")
+    cache = cfg.cache_dir or run_path(cfg, "data")           # a --run_dir's cache is reused
+    if not os.path.isdir(cache):
+        cache = os.path.join(cfg.out_dir, "data")
     src = cfg.data_files or cfg.dataset
     tag = "".join(c if c.isalnum() else "_" for c in src)[-60:] + f"_v{cfg.val_docs}"
     paths = {s: os.path.join(cache, f"{tag}_{s}.bin") for s in ("train", "val")}
@@ -845,10 +857,10 @@ def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> 
 def load_models(cfg: Config, corpus: Corpus) -> dict:
     """{name: (net, lam_dim, meta)} of the teacher, the student and (if --control_iters) the
     control, each checked to descend from the current teacher."""
-    paths = {"teacher": cfg.teacher_ckpt or ckpt_path(cfg, "teacher"),
-             "student": ckpt_path(cfg, "student")}
+    paths = {"teacher": cfg.teacher_ckpt or run_path(cfg, "teacher.pt"),
+             "student": run_path(cfg, "student.pt")}
     if cfg.control_iters:
-        paths["control"] = ckpt_path(cfg, "control")
+        paths["control"] = run_path(cfg, "control.pt")
     for name, path in paths.items():
         if not os.path.exists(path):
             raise SystemExit(f"error: {path!r} not found: run --stage "
@@ -960,7 +972,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Di4C in the SDTT variant (docs/method.md (30)) from the teacher (a product MDLM, or a
     Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
     loss for the same compute (so that a gain is Di4C's, not extra training's)."""
-    t_path = cfg.teacher_ckpt or ckpt_path(cfg, "teacher")
+    t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_meta = load_model(cfg, corpus, t_path)
     if lam_T and cfg.control_iters:
         raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
@@ -1121,12 +1133,12 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     ids = {name: meta["id"] for name, (_, _, meta) in load_models(cfg, corpus).items()}
     paths = {}
     for name, kind, N in sample_sets(cfg):
-        paths[name, kind, N] = os.path.join(cfg.out_dir, "samples", f"{name}_{kind}_{N}.pt")
+        paths[name, kind, N] = run_path(cfg, "samples", f"{name}_{kind}_{N}.pt")
         if not os.path.exists(paths[name, kind, N]):
             raise SystemExit(f"error: {paths[name, kind, N]!r} not found: run --stage sample")
     torch.manual_seed(cfg.seed + 1)
     judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
-    path, same = ckpt_path(cfg, "judge"), False
+    path, same = run_path(cfg, "judge.pt"), False
     if os.path.exists(path):
         state = load_checkpoint(path, asdict(cfg))
         same = all(state["config"].get(k) == asdict(cfg)[k]

@@ -188,3 +188,40 @@ def test_binary_text_and_unknown_validation_tokens(tmp_path):
     owt.main(cfg)
     log = open(os.path.join(cfg.out_dir, "log.txt")).read()
     assert re.search(r"warning: 9\d\.\d% unknown validation tokens", log), log  # all but EOT
+
+
+# -----------------------------------------------------------------------------
+# Scoring a finished run that may not be written to, into a new --out_dir
+
+
+def snapshot_of(folder):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("m", [cifar, imagenet, owt], ids=["cifar", "imagenet", "owt"])
+def test_eval_of_a_read_only_run_into_a_new_out_dir(m, tmp_path):
+    run = cfg_of(m, tmp_path, "run")
+    m.main(run)
+    before = snapshot_of(run.out_dir)
+    os.chmod(run.out_dir, 0o555)                       # as far as this user's rights go
+    try:
+        new = cfg_of(m, tmp_path, "scores", stage="eval", run_dir=run.out_dir)
+        m.main(new)
+    finally:
+        os.chmod(run.out_dir, 0o755)
+    assert snapshot_of(run.out_dir) == before          # nothing written into the run
+    a = json.load(open(os.path.join(run.out_dir, "metrics.json")))["eval"]
+    b = json.load(open(os.path.join(new.out_dir, "metrics.json")))["eval"]
+    assert a == b and len(a) >= 5                      # the same scores, written elsewhere
+
+
+def test_resume_with_another_objective_is_refused(tmp_path):
+    """--resume continues a state only under the config that shaped it (the objective too)."""
+    cfg = cfg_of(owt, tmp_path, control_iters=0)
+    stage(owt, cfg, "teacher")
+    stage(owt, cfg, "distill")
+    with pytest.raises(SystemExit, match="another config .*alpha_const"):
+        stage(owt, cfg, "distill", resume=True, distil_iters=5, alpha_const=0.0)
+    stage(owt, cfg, "distill", resume=True, distil_iters=5)           # same objective: continues
+    assert torch.load(os.path.join(cfg.out_dir, "student.pt"), weights_only=True)["step"] == 5
