@@ -1275,20 +1275,20 @@ def latency(cfg: Config, ctx: Ctx, net, lam_dim: int, n_steps: int, n_classes: i
     return out[1:]
 
 
-def score_samples(cfg: Config, ctx: Ctx, meta: dict, files: list) -> dict:
+def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
     """digits: Fréchet distance of the digit classifier's features against all 1797 real
     digits, and the accuracy of that classifier on the conditioning labels (eval/digits.py).
     VQ tokens: FID and IS at img_size (eval/inception.py, torch-fidelity) against the
-    reference images, after MaskGIT-pytorch's per-image min-max rescaling to uint8."""
+    reference images, after MaskGIT-pytorch's per-image min-max rescaling to uint8.
+    sets: {label: loaded sample file}."""
     res = {}
     if cfg.tokenizer == "pixels":
         from eval import digits
         clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
         real, _ = digits.load_digits_uint()
-        for path in files:
-            s = torch.load(path, weights_only=True)
+        for label, s in sets.items():
             imgs = s["codes"].view(-1, 8, 8)
-            res[os.path.basename(path)[:-3]] = dict(
+            res[label] = dict(
                 frechet=digits.digits_frechet(clf, imgs, real),
                 class_acc=digits.class_accuracy(clf, imgs, s["labels"], cfg.label_div),
                 steps=s["steps"], w=s["w"])
@@ -1296,9 +1296,8 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, files: list) -> dict:
     from PIL import Image
     from eval import inception
     tokens, ref = load_tokens(cfg, ctx, meta), fid_reference(cfg)
-    for path in files:
-        s = torch.load(path, weights_only=True)
-        folder = os.path.join(cfg.out_dir, "samples", os.path.basename(path)[:-3] + "_png")
+    for label, s in sets.items():
+        folder = os.path.join(cfg.out_dir, "samples", label + "_png")
         os.makedirs(folder, exist_ok=True)
         for i in range(0, len(s["codes"]), 256):                               # bounded memory
             imgs = tokens.to_images(s["codes"][i:i + 256])                      # (n, 3, R, R)
@@ -1306,8 +1305,8 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, files: list) -> dict:
             imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
             for j, img in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
                 Image.fromarray(img).save(os.path.join(folder, f"{i + j:06d}.png"))
-        res[os.path.basename(path)[:-3]] = {**inception.fid_is(folder, reference=ref),
-                                            "steps": s["steps"], "w": s["w"]}
+        res[label] = {**inception.fid_is(folder, reference=ref),
+                      "steps": s["steps"], "w": s["w"]}
     return res
 
 
@@ -1334,14 +1333,14 @@ def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
     steps. Writes metrics.json["eval"], ["latency"] and prints the table."""
     if ctx.rank == 0:
         nets, lat = load_nets(cfg, ctx, meta), {}
-        files = []
+        sets = {}                      # each sample file read once: checked, then scored
         for label, name, *_ in sample_runs(cfg):
-            files.append(run_path(cfg, "samples", f"{label}.pt"))
-            if not os.path.exists(files[-1]):
-                raise SystemExit(f"error: {files[-1]!r} not found: run --stage sample first")
-            check_lineage(files[-1], load_checkpoint(files[-1], asdict(cfg), SAMPLE_KEYS),
-                          {name: nets[name][2]["id"]})
-        res = score_samples(cfg, ctx, meta, files)
+            path = run_path(cfg, "samples", f"{label}.pt")
+            if not os.path.exists(path):
+                raise SystemExit(f"error: {path!r} not found: run --stage sample first")
+            sets[label] = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
+            check_lineage(path, sets[label], {name: nets[name][2]["id"]})
+        res = score_samples(cfg, ctx, meta, sets)
         for N in cfg.student_steps:
             t_s, s_s = (latency(cfg, ctx, *nets[k][:2], N, meta["n_classes"])
                         for k in ("teacher", "student"))
