@@ -24,6 +24,7 @@ import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import di4c_core as core
@@ -86,7 +87,11 @@ class Config:
                                    # compute (core.di4c_rows_per_step), 0 = none, N = N steps
     # optimisation (AdamW without weight decay = Adam, grad clip 1)
     ema_decay: float = 0.9999
-    grad_accum: int = 1            # micro-batches per optimizer step (global batch unchanged)
+    micro_batch: int = 0           # rows per forward pass and GPU (gradient accumulation over
+                                   # the rest of the global batch); 0 = the GPU's whole share
+    dist_timeout: float = 60.0     # minutes a rank waits for the others in a collective
+    compile: bool = False          # torch.compile the network in training
+    count_flops: bool = False      # count the FLOPs of each training stage's first step
     # sampling / eval
     steps: tuple = (10, 20, 40)
     student_steps: tuple = (10, 20, 40)
@@ -124,7 +129,7 @@ PRESETS = {
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
 DATA_KEYS = ("flip", "image_size", "data_dir")
-RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr", "grad_accum",
+RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr",
                            "seed")
 RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
                 "nll_weight", "lam_lr_mult", "distil_weight", "alpha_const", "control_variate",
@@ -143,7 +148,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "distil_weight": (0, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "ema_decay": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "hybrid_teacher_steps": (0, INF), "n_samples": (2, INF), "sample_batch": (1, INF),
-    "seed": (0, INF), "grad_accum": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
+    "seed": (0, INF), "micro_batch": (0, INF), "dist_timeout": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
     "ckpt_every": (1, INF),
 }
 
@@ -199,8 +204,25 @@ def check_config(cfg):
                              f"in [{lo}, {hi}]; got {v}")
 
 
-def setup_dist(device: str = ""):
-    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one."""
+def package_needs(packages: dict) -> list:
+    """[(problem, fix)] for every {import name: (pip name, what needs it)} not installed."""
+    import importlib.util
+    return [(f"{why} needs the package {pip}", "pip install -r requirements-paper.txt")
+            for module, (pip, why) in packages.items() if importlib.util.find_spec(module) is None]
+
+
+def preflight(needs: list):
+    """Stop before any work when a later stage of the run would fail: `needs` are the
+    (problem, fix) pairs the script found (metric packages, checkpoints, data, judge weights)."""
+    if needs:
+        raise SystemExit("error: a later stage of this run would fail, so nothing was started: "
+                         + "; ".join(f"{problem} ({fix})" for problem, fix in needs))
+
+
+def setup_dist(device: str = "", timeout_min: float = 60.0):
+    """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one.
+    timeout_min (--dist_timeout): how long a rank waits in a collective for the others (long
+    rank-0 work such as tokenising or FID waits behind a barrier)."""
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return 0, 1, dev
@@ -210,13 +232,14 @@ def setup_dist(device: str = ""):
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                            timeout=timedelta(minutes=timeout_min))
     return rank, world_size, dev
 
 
-def cleanup(world_size: int):
-    if world_size > 1:
-        dist.barrier()                 # without it gloo aborts intermittently at exit
+def cleanup(ctx):
+    if ctx.world_size > 1:
+        ctx.barrier()                  # without it gloo aborts intermittently at exit
         dist.destroy_process_group()
 
 
@@ -248,17 +271,31 @@ class Ctx:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    # Every collective of the scripts goes through these four methods (tests/test_scale.py):
+    # tensors move to the training device first, since nccl serves CUDA tensors only.
     def barrier(self):
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(**{"device_ids": [self.device.index]} if self.device.type == "cuda"
+                         else {})
 
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """All-reduce mean over ranks, on the training device (nccl serves CUDA tensors only)."""
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce sum over ranks (float32, on the training device)."""
         x = x.detach().float().to(self.device).clone()
         if self.world_size > 1:
             dist.all_reduce(x)
-            x /= self.world_size
         return x
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce mean over ranks (float32, on the training device)."""
+        return self.sum(x) / self.world_size
+
+    def gather(self, obj) -> list:
+        """Every rank's picklable `obj` (keep tensors on the CPU), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
 
     def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
         """A tqdm bar with rate and ETA on rank 0 (disabled elsewhere)."""
@@ -352,12 +389,30 @@ def update_metrics(cfg, ctx: Ctx, new: dict):
     os.replace(path + ".tmp", path)
 
 
-def per_rank(ctx: Ctx, global_batch: int, accum: int = 1) -> int:
-    """Per-rank micro-batch of a global batch split over ranks and accumulation steps."""
-    if global_batch < 1 or global_batch % (ctx.world_size * accum):
-        raise SystemExit(f"error: batch {global_batch} must be a positive multiple of world size "
-                         f"{ctx.world_size} x grad_accum {accum}")
-    return global_batch // (ctx.world_size * accum)
+def batch_plan(ctx: Ctx, global_batch: int, micro_batch: int = 0) -> list:
+    """This rank's rows of a global batch, one slice per micro-step (gradient accumulation).
+
+    The global batch is split over the W ranks as evenly as possible (the first B mod W ranks
+    take one row more), each share into micro-batches of at most micro_batch rows (0: the whole
+    share at once). Every rank has the same number of micro-steps, so any W <= B works; only a
+    rank's last micro-step (the one that synchronises gradients) is sure to be non-empty.
+    """
+    B, W, r = global_batch, ctx.world_size, ctx.rank
+    if B < W:
+        raise SystemExit(f"error: a global batch of {B} cannot be split over {W} ranks (each "
+                         "rank needs a row); use fewer GPUs or a larger batch")
+    share, start = B // W + (r < B % W), r * (B // W) + min(r, B % W)
+    k = 1 if micro_batch <= 0 else -(-(-(-B // W)) // micro_batch)     # ceil(ceil(B/W) / m)
+    cut = [start + share * j // k for j in range(k + 1)]
+    return [slice(a, b) for a, b in zip(cut, cut[1:])]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
@@ -377,24 +432,28 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
             be.copy_(bm)
 
 
-def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float, *,
-        betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0, cosine: bool = False,
-        ema_decay: float = 0.0, accum: int = 1, parents: Optional[dict] = None) -> dict:
+def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
+        global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
+        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
     """The training loop of every stage: AdamW with the lambda path's LR multiplier
-    (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), gradient
-    accumulation over `accum` micro-batches (DDP syncs on the last), grad clip 1, EMA with
-    warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps. With --time_limit (hours
-    of training per stage) it saves the state and stops with a message once the time is
-    used up. batches(i, g) -> the rank's micro-batch i; loss_fn(model,
-    batch, g) -> (loss (B,), terms {name: (B,)}); g comes from step_rng, so with --resume a
-    run continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps and on
-    Ctrl-C). A non-finite loss or gradient stops the run before the optimizer step, naming the
-    step and the terms; the last good state stays on disk. The finished model goes to
-    out_dir/<name>.pt ({model, ema, lam_dim, step, wall, config, id, parents}); `parents`
-    ({name: weights_id}) are the checkpoints it derives from: a state from other parents is not
-    resumed. Returns {ema, step, wall}.
+    (core.lam_param_groups), LR warm-up then constant or cosine (lr_factor), grad clip 1, EMA
+    with warm-up min(decay, (1 + n) / (10 + n)), a stop at `iters` steps.
+
+    Each step's gradient is that of the mean loss over `global_batch` rows, at any world size:
+    batch_plan splits the rows over ranks and micro-batches of at most --micro_batch rows
+    (gradient accumulation, DDP syncing on the last), and every row's loss is weighted W / B.
+    batches(step, rows, g) -> the rows `rows` (a slice) of global batch `step`; loss_fn(model,
+    batch, g) -> (loss (b,), terms {name: (b,)}); g comes from step_rng, so with --resume a run
+    continues exactly from out_dir/<name>_state.pt (written every ckpt_every steps, on Ctrl-C
+    and when --time_limit hours are used up). A non-finite loss or gradient stops the run
+    before the optimizer step, naming the step and the terms; the last good state stays on
+    disk. The finished model goes to out_dir/<name>.pt ({model, ema, lam_dim, step, wall,
+    config, id, parents}); `parents` ({name: weights_id}) are the checkpoints it derives from:
+    a state from other parents is not resumed. --compile runs torch.compile(model) (checkpoints
+    keep the plain names). metrics.json "train"/<name> gets parameters, seconds per step, peak
+    memory and (with --count_flops) FLOPs per step. Returns {ema, step, wall}.
     """
-    parents = parents or {}
+    parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -425,9 +484,12 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         over = torch.tensor([float(step >= iters), float(0 < limit <= wall)])
         return ctx.mean(over).gt(0).tolist()
 
-    model = DDP(raw) if ctx.world_size > 1 else raw
+    ddp = DDP(raw) if ctx.world_size > 1 else raw
+    model = torch.compile(ddp) if cfg.compile else ddp
     raw.train()
-    bar = ctx.progress(iters, name, step)
+    ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
+            f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
+    bar, start, wall0, first_s, flops = ctx.progress(iters, name, step), step, wall, 0.0, 0.0
     try:
         while True:
             done, out_of_time = flags()
@@ -441,33 +503,30 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
             opt.zero_grad(set_to_none=True)
-            for micro in range(accum):
-                i = step * accum + micro
-                g = step_rng(cfg, ctx, name, i)
-                batch = batches(i, g)
-                last = micro == accum - 1 or ctx.world_size == 1
-                with nullcontext() if last else model.no_sync():
-                    with ctx.autocast():
-                        loss, terms = loss_fn(model, batch, g)
-                    (loss.mean() / accum).backward()
+            counter = FlopCounterMode(display=False) if cfg.count_flops and step == start \
+                else nullcontext()
+            with counter:
+                names, sums = accumulate(cfg, ctx, name, model, ddp, loss_fn, batches, step,
+                                         plan, global_batch)
+            flops = counter.get_total_flops() if step == start and cfg.count_flops else flops
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-            logged = {"loss": loss.detach().mean(), **{k: v.mean() for k, v in terms.items()}}
-            vals = ctx.mean(torch.stack([*logged.values(), norm.float()]))
+            vals = ctx.sum(torch.cat([sums / global_batch, norm.float()[None] / ctx.world_size]))
+            names.append("grad_norm")
             if not torch.isfinite(vals).all():
-                bad = [k for k, v in zip([*logged, "grad_norm"], vals.tolist())
-                       if not math.isfinite(v)]
+                bad = [k for k, v in zip(names, vals.tolist()) if not math.isfinite(v)]
                 raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
                                  f"stopped before the update, {state_path} (if any) is the last "
                                  "good state; try a lower --lr")
             opt.step()
             if ema is not None:        # warm-up: early EMAs must not keep the random init
                 update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+            first_s = first_s or time.perf_counter() - t0
             step, wall = step + 1, wall + time.perf_counter() - t0
             bar.update(1)
             if step % cfg.log_every == 0 or step == iters:
                 bar.set_postfix(loss=f"{vals[0].item():.4f}")
                 ctx.log(f"{name} step {step:06d} | " + " | ".join(
-                    f"{k} {v:.4f}" for k, v in zip(logged, vals.tolist()))
+                    f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
             if step % cfg.ckpt_every == 0:
                 snapshot(state_path)
@@ -479,35 +538,63 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         bar.close()
     snapshot(state_path)
     snapshot(ckpt_path(cfg, name), finished=True)
+    ran = step - start                 # seconds per step leave out the first (warm-up, compile)
+    update_metrics(cfg, ctx, {"train": {name: dict(
+        params=sum(p.numel() for p in raw.parameters()), global_batch=global_batch,
+        world_size=ctx.world_size, micro_steps=len(plan),
+        sec_per_step=(wall - wall0 - first_s) / (ran - 1) if ran > 1 else first_s,
+        peak_mem_gb=ctx.mean(torch.tensor([peak_memory_gb(ctx.device)])).item(),
+        flops_per_step=ctx.sum(torch.tensor([float(flops)])).item() if cfg.count_flops
+        else None)}})
     ctx.barrier()
     return {"ema": ema, "step": step, "wall": wall}
 
 
-class Batches:
-    """The rank's (micro-)batch `step` of in-memory tensors, a pure function of (seed, step), so
-    resume is exact; use it as fit's `batches`.
+def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,
+               global_batch: int) -> tuple:
+    """The backward passes of one optimizer step over this rank's micro-batches (`plan`), each
+    row's loss weighted W / B so that DDP's mean over ranks gives the global batch's mean.
+    Returns (names, (n,) row sums of the loss and of every term)."""
+    names, sums = [], torch.zeros(0)
+    for j, rows in enumerate(plan):
+        if rows.start == rows.stop:    # a rank with fewer rows: nothing to do (not a sync step)
+            continue
+        g = step_rng(cfg, ctx, name, step * len(plan) + j)
+        batch = batches(step, rows, g)
+        sync = j == len(plan) - 1 or ctx.world_size == 1
+        with nullcontext() if sync else ddp.no_sync():
+            with ctx.autocast():
+                loss, terms = loss_fn(model, batch, g)
+            (loss.sum() * (ctx.world_size / global_batch)).backward()
+        names = ["loss", *terms]
+        row_sums = torch.stack([v.detach().float().sum() for v in (loss, *terms.values())])
+        sums = row_sums if not len(sums) else sums + row_sums
+    return names, sums
 
-    A DistributedSampler with the shared seed shards every epoch's permutation over the ranks
-    (set_epoch at each epoch boundary); step s of a rank takes its next per_rank indices.
+
+class Batches:
+    """Global batches of in-memory tensors, a pure function of (seed, step), so resume is exact
+    and every world size sees the same data; use it as fit's `batches`.
+
+    Epoch e is a permutation of the items drawn from seed + e (DistributedSampler's, so one
+    process reproduces earlier single-GPU runs); global batch s of the epoch is its items
+    [s B, (s + 1) B), the rest of an epoch is dropped; a rank takes the rows batch_plan gives it.
     """
 
-    def __init__(self, tensors: tuple, cfg: Config, ctx: Ctx, per_rank: int):
-        self.tensors, self.per_rank, self.device = tensors, per_rank, ctx.device
-        self.sampler = DistributedSampler(range(len(tensors[0])), num_replicas=ctx.world_size,
-                                          rank=ctx.rank, shuffle=True, seed=cfg.seed,
-                                          drop_last=True)
-        self.per_epoch = len(self.sampler) // per_rank
+    def __init__(self, tensors: tuple, cfg, ctx: Ctx, global_batch: int):
+        self.tensors, self.B, self.seed, self.device = tensors, global_batch, cfg.seed, ctx.device
+        self.per_epoch = len(tensors[0]) // global_batch
         if self.per_epoch == 0:
-            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a batch of "
-                             f"{per_rank} per rank x {ctx.world_size} ranks")
+            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a global "
+                             f"batch of {global_batch}")
         self.epoch, self.order = -1, None
 
-    def __call__(self, step: int, g=None) -> tuple:
+    def __call__(self, step: int, rows: slice, g=None) -> tuple:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self.epoch:
-            self.sampler.set_epoch(epoch)
-            self.epoch, self.order = epoch, torch.tensor(list(iter(self.sampler)))
-        idx = self.order[i * self.per_rank:(i + 1) * self.per_rank]
+            perm = torch.Generator().manual_seed(self.seed + epoch)
+            self.epoch, self.order = epoch, torch.randperm(len(self.tensors[0]), generator=perm)
+        idx = self.order[i * self.B + rows.start:i * self.B + rows.stop]
         return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
                      else t[idx].to(self.device) for t in self.tensors)
 
@@ -911,12 +998,12 @@ def stage_teacher(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         return
     torch.manual_seed(cfg.seed)
     raw = build_unet(cfg, images.shape[1], images.shape[2], lam=False).to(ctx.device)
-    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
+    data = Batches((images,), cfg, ctx, cfg.teacher_batch)
     ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
             f"{len(images)} images {tuple(images.shape[1:])}, S = {cfg.S}")
     out = fit(cfg, ctx, "teacher", raw, teacher_objective(cfg, proc),
-              data, cfg.teacher_iters, cfg.teacher_lr, ema_decay=cfg.ema_decay,
-              accum=cfg.grad_accum)
+              data, cfg.teacher_iters, cfg.teacher_lr, cfg.teacher_batch,
+              ema_decay=cfg.ema_decay)
     update_metrics(cfg, ctx, {"teacher": dict(iters=out["step"], train_seconds=out["wall"])})
 
 
@@ -928,23 +1015,23 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     parents = {"teacher": t_state["id"]}
     student = student_from_teacher(teacher, cfg).train()
     fns = core.make_teacher(teacher, proc)
-    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.batch_size, cfg.grad_accum))
-    ctx.log(f"distill: {data.per_rank} x L = {cfg.L} rows per rank and micro-step")
+    data = Batches((images,), cfg, ctx, cfg.batch_size)
+    ctx.log(f"distill: {cfg.batch_size} images x L = {cfg.L} lambdas per step")
     out = fit(cfg, ctx, "student", student,
               lambda model, batch, g: di4c_step(model, student, fns, proc,
                                                 flip_batch(batch, g, cfg.flip), cfg, g),
-              data, cfg.distil_iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
+              data, cfg.distil_iters, cfg.lr, cfg.batch_size, ema_decay=cfg.ema_decay,
               parents=parents)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
     control = copy.deepcopy(teacher).train().requires_grad_(True)
-    data = Batches((images,), cfg, ctx, per_rank(ctx, cfg.teacher_batch, cfg.grad_accum))
+    data = Batches((images,), cfg, ctx, cfg.teacher_batch)
     iters = cfg.control_iters if cfg.control_iters > 0 else math.ceil(
         cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
         / (3 * cfg.teacher_batch))
     cout = fit(cfg, ctx, "control", control, teacher_objective(cfg, proc),
-               data, iters, cfg.lr, ema_decay=cfg.ema_decay, accum=cfg.grad_accum,
+               data, iters, cfg.lr, cfg.teacher_batch, ema_decay=cfg.ema_decay,
                parents=parents)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
 
@@ -1152,11 +1239,24 @@ def print_table(res: dict, lat: dict, key: str):
 # Main: teacher -> distill (+ control) -> sample -> eval
 
 
+def run_needs(cfg: Config) -> list:
+    """What the stages of this run need beyond the config, checked before any work (preflight):
+    a given teacher checkpoint, and torch-fidelity for FID / IS unless the data are digits."""
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    needs = []
+    if cfg.teacher_ckpt and not os.path.exists(cfg.teacher_ckpt):
+        needs.append((f"--teacher_ckpt {cfg.teacher_ckpt!r} does not exist", "fix the path"))
+    if "eval" in stages and cfg.dataset != "digits":
+        needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
+    return needs
+
+
 def main(cfg: Config):
     check_config(cfg)
     if cfg.ch % 4:
         raise SystemExit(f"error: --ch must be a multiple of 4 (GroupNorm), got {cfg.ch}")
-    rank, world_size, device = setup_dist(cfg.device)
+    preflight(run_needs(cfg))
+    rank, world_size, device = setup_dist(cfg.device, cfg.dist_timeout)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
     ctx.log(f"cifar10_gaussian.py | torch {torch.__version__} | python "
@@ -1175,7 +1275,7 @@ def main(cfg: Config):
         ctx.log(f"stage {name} done in {walls[name]:.1f} s")
     walls["total"] = time.time() - t_start
     update_metrics(cfg, ctx, {"wall_seconds": walls})
-    cleanup(world_size)
+    cleanup(ctx)
 
 
 if __name__ == "__main__":

@@ -146,15 +146,3 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
-
-@pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "cifar10_gaussian.py", "--preset", "smoke", "--out_dir", str(tmp_path), "--device", "cpu",
-           "--teacher_batch", "8", "--batch_size", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size 2" in open(tmp_path / "log.txt").read()
-    saved = json.load(open(tmp_path / "metrics.json"))
-    assert "student@2" in saved["eval"]

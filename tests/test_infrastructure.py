@@ -69,8 +69,8 @@ def fit_owt(tmp_path, loss_fn, iters=4, **kw):
     ctx = owt.Ctx(0, 1, torch.device("cpu"), owt.Logger(0, cfg.out_dir), "float32")
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
-    batches = lambda i, g: torch.randn(4, 3, generator=g)
-    return cfg, owt.fit(cfg, ctx, "toy", net, loss_fn, batches, iters, 1e-2)
+    batches = lambda step, rows, g: torch.randn(rows.stop - rows.start, 3, generator=g)
+    return cfg, owt.fit(cfg, ctx, "toy", net, loss_fn, batches, iters, 1e-2, 4)
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_state(tmp_path):

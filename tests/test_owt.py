@@ -179,21 +179,6 @@ def test_resume_is_exact(tmp_path):
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0
 
 
-def test_torchrun_two_processes_cpu(tmp_path):
-    path, _ = write_corpus(tmp_path)
-    out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "owt_masked.py", "--preset", "smoke",
-                        "--out_dir", str(out), "--tokenizer_file", RANKS, "--data_files", path],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    metrics = json.load(open(out / "metrics.json"))
-    assert np.isfinite(metrics["eval"]["student_uncond_2"]["gen_ppl_judge"])
-    s = torch.load(out / "samples" / "teacher_uncond_2.pt", weights_only=True)
-    assert s["tokens"].shape == (4, 32)
-
-
 def test_second_di4c_round_from_a_student(tmp_path):
     """Round 2 (docs/method.md (35)): the round-1 student is the (mixture) teacher and the
     student's initialisation, lambda path included; there is no control for a mixture."""
