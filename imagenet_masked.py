@@ -269,6 +269,7 @@ def setup_dist(device: str = "", timeout_min: float = 60.0):
     """torchrun -> one process per GPU (nccl) or per CPU worker (gloo); plain python -> one.
     timeout_min (--dist_timeout): how long a rank waits in a collective for the others (long
     rank-0 work such as tokenising or FID waits behind a barrier)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs
     if "RANK" not in os.environ:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return 0, 1, dev
@@ -453,12 +454,25 @@ def batch_plan(ctx: Ctx, global_batch: int, micro_batch: int = 0) -> list:
     return [slice(a, b) for a, b in zip(cut, cut[1:])]
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set on a CPU."""
+def memory_gb(device: torch.device, peak: bool = False, reset: bool = False) -> float:
+    """This process's memory now (or its peak since the last reset): CUDA allocations on a GPU,
+    the resident set (Linux /proc) on a CPU; reset=True restarts the peak (NaN where unknown)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(
+            device) / 2 ** 30
+    try:
+        if reset:                      # hand freed heap pages back first (glibc), so that the
+            import ctypes              # next peak counts what the stage itself allocates
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        status = open("/proc/self/status").read()
+    except (OSError, AttributeError):  # not Linux / not glibc
+        return float("nan")
+    key = "VmHWM:" if peak else "VmRSS:"
+    return int(status.split(key)[1].split()[0]) / 2 ** 20
 
 
 def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
@@ -496,8 +510,9 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     disk. The finished model goes to out_dir/<name>.pt ({model, ema, lam_dim, step, wall,
     config, id, parents}); `parents` ({name: weights_id}) are the checkpoints it derives from:
     a state from other parents is not resumed. --compile runs torch.compile(model) (checkpoints
-    keep the plain names). metrics.json "train"/<name> gets parameters, seconds per step, peak
-    memory and (with --count_flops) FLOPs per step. Returns {ema, step, wall}.
+    keep the plain names). metrics.json "train"/<name> gets parameters, seconds per step,
+    memory at the start and peak memory of the stage (mean over ranks) and, with --count_flops,
+    FLOPs per step (all ranks; bench/paper_shapes.py reads them). Returns {ema, step, wall}.
     """
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
@@ -530,12 +545,15 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         over = torch.tensor([float(step >= iters), float(0 < limit <= wall)])
         return ctx.mean(over).gt(0).tolist()
 
-    ddp = DDP(raw) if ctx.world_size > 1 else raw
+    # buffers are constants here (no batch norm): not broadcasting them lets a rank with fewer
+    # rows skip an empty micro-step while the others run forward
+    ddp = DDP(raw, broadcast_buffers=False) if ctx.world_size > 1 else raw
     model = torch.compile(ddp) if cfg.compile else ddp
     raw.train()
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
             f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
     bar, start, wall0, first_s, flops = ctx.progress(iters, name, step), step, wall, 0.0, 0.0
+    mem_start = memory_gb(ctx.device, reset=True)
     try:
         while True:
             done, out_of_time = flags()
@@ -588,8 +606,10 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     update_metrics(cfg, ctx, {"train": {name: dict(
         params=sum(p.numel() for p in raw.parameters()), global_batch=global_batch,
         world_size=ctx.world_size, micro_steps=len(plan),
+        micro_rows=max(r.stop - r.start for r in plan),
         sec_per_step=(wall - wall0 - first_s) / (ran - 1) if ran > 1 else first_s,
-        peak_mem_gb=ctx.mean(torch.tensor([peak_memory_gb(ctx.device)])).item(),
+        mem_start_gb=ctx.mean(torch.tensor([mem_start])).item(),
+        peak_mem_gb=ctx.mean(torch.tensor([memory_gb(ctx.device, peak=True)])).item(),
         flops_per_step=ctx.sum(torch.tensor([float(flops)])).item() if cfg.count_flops
         else None)}})
     ctx.barrier()
@@ -1495,9 +1515,6 @@ def main(cfg: Config):
     ctx.log(f"imagenet_masked.py | torch {torch.__version__} | python "
             f"{platform.python_version()} | device {device} | world size {world_size}")
     ctx.log("config " + json.dumps(asdict(cfg)))
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     run = {"teacher": stage_teacher, "distill": stage_distill, "sample": stage_sample,
            "eval": stage_eval}

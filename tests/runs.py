@@ -1,7 +1,7 @@
 """Helpers for the end-to-end tests of the domain scripts."""
 import json
 
-TIMING_KEYS = {"wall_seconds", "latency", "train_seconds", "sec_per_step", "peak_mem_gb"}
+TIMING_KEYS = {"wall_seconds", "latency", "train_seconds", "sec_per_step", "peak_mem_gb", "mem_start_gb"}
 
 
 def metrics_without_timings(path) -> dict:

@@ -325,6 +325,7 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setattr(inception, "fid_is", lambda samples, reference: {
         "fid": float(len(os.listdir(samples))), "is_mean": float(len(os.listdir(reference))),
         "is_std": 0.0})
+    monkeypatch.setattr(m, "package_needs", lambda packages: [])     # torch-fidelity: mocked
     for stage in ("distill", "sample", "eval"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2,
                                           "distil_iters": 1, "control_iters": 0}))

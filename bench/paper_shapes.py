@@ -1,0 +1,296 @@
+"""Paper-shape check: each script's `paper` preset at full model size and the real D and S, on
+synthetic data written in the real on-disk formats, runs 2 steps of every training stage and one
+call of every sampler on this machine (CPU is enough), and projects the cost of the preset.
+
+    python bench/paper_shapes.py                          # the three scripts, full widths
+    python bench/paper_shapes.py --script owt_masked      # one of them
+    python bench/paper_shapes.py --narrow                 # real D and S, narrow networks (CI)
+
+Shapes: CIFAR-10 3x32x32 pixels with S = 256; ImageNet 16x16 VQGAN tokens, 1,024 codes + [MASK];
+OpenWebText 1,024 GPT-2 tokens, 50,257 ids + [MASK]. Data: CIFAR-10 python-pickle batches, an
+ImageFolder of JPEGs (ImageNet's train/ and val/ layout, 10 classes) with a random-weight VQGAN
+in MaskGIT-pytorch's checkpoint format, an OpenWebText-like parquet shard.
+
+Per training stage it prints: parameters, the rows it ran (global batch x L for Di4C; on a
+24 GiB CPU the lambda-batch L is reduced where the preset's does not fit: the table says so),
+CPU seconds per step and peak memory, FLOPs per step (counted with --count_flops, scaled
+linearly to the preset's global batch and L), and the projection for the preset's iteration
+count: GPU-hours on an A100 and an H100 at UTIL of their dense peak (bf16 for bfloat16
+presets, TF32 for float32 ones), and memory per GPU when the global batch is split over the
+`gpus` of the table without --micro_batch (float32 activations, so an upper estimate under
+bf16 autocast), with the --micro_batch that fits 80 GB where it does not. Results go to
+OUT/paper_shapes.json and OUT/paper_shapes.md.
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+UTIL = 0.4                                  # assumed model-FLOP utilisation
+PEAK = {"A100": {"bfloat16": 312e12, "float32": 156e12},     # dense bf16 / TF32, SXM
+        "H100": {"bfloat16": 989e12, "float32": 495e12}}
+GPU_GB = 80
+
+
+# -----------------------------------------------------------------------------
+# Synthetic data in the real on-disk formats
+
+
+def write_cifar10(root: str, n: int = 64) -> list:
+    """CIFAR-10's python-pickle batches: data_batch_1..5 ({b"data": (n, 3072) uint8, ...})."""
+    import numpy as np
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n // 5 + 1, 3072), dtype=np.uint8),
+                         b"labels": [0] * (n // 5 + 1)}, f)
+    return ["--data_dir", root]
+
+
+def write_imagenet(root: str, classes: int = 10, per_class: int = 2) -> list:
+    """ImageNet's layout (train/<class>/*.JPEG, val/<class>/*.JPEG) at 300x260 pixels, and a
+    random-weight f16 VQGAN at the paper's sizes in MaskGIT-pytorch's checkpoint format."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = os.path.join(root, split, f"n{c:08d}")
+            os.makedirs(d, exist_ok=True)
+            for j in range(per_class):
+                img = rng.integers(0, 256, (260, 300, 3), dtype=np.uint8)
+                Image.fromarray(img).save(os.path.join(d, f"img_{j}.JPEG"), quality=90)
+    return ["--data_dir", root]
+
+
+def write_vqgan(path: str, **sizes):
+    import torch
+    from pretrained import taming_vqgan
+    torch.manual_seed(0)
+    vq = taming_vqgan.build_vqgan(**sizes)
+    torch.save({"state_dict": vq.state_dict()}, path)
+
+
+def write_openwebtext(root: str, n_docs: int = 120) -> list:
+    """A parquet shard with OpenWebText's "text" column (documents of random English words)."""
+    import datasets
+    words = ("the of and to in is that for it as was with be by on not he this are or his from "
+             "at which but have an they you were her she there been one all we their has would "
+             "when if so no more out up into do any your what time can only other new some "
+             "could these two may first then people than like well such").split()
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(300, 900)))
+            for _ in range(n_docs)]
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(path)
+    return ["--data_files", path, "--val_docs", "6", "--cache_dir", os.path.join(root, "cache")]
+
+
+# -----------------------------------------------------------------------------
+# What runs: per script, its stages, the bench's overrides and the preset's cost model
+
+
+SCRIPTS = {
+    "cifar10_gaussian": dict(
+        stages=("teacher", "distill", "sample"), gpus=8,
+        bench=dict(teacher_iters=2, teacher_batch=2, distil_iters=2, batch_size=1,
+                   control_iters=2, n_samples=2, sample_batch=2, steps=(2,),
+                   student_steps=(2,), hybrid_teacher_steps=1),
+        narrow=dict(ch=8, L=4),
+        fits={"teacher": ("teacher_iters", "teacher_batch", False),
+              "student": ("distil_iters", "batch_size", True),
+              "control": ("control_iters", "teacher_batch", False)}),
+    "imagenet_masked": dict(
+        stages=("tokenize", "teacher", "distill", "sample"), gpus=2,
+        bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=8,
+                   control_iters=2, n_per_class=1, sample_batch=10, steps=(2,),
+                   student_steps=(2,), grid_classes=2, latency_runs=1, num_workers=0),
+        narrow=dict(n_layer=1, n_embd=32, n_head=2, mlp_dim=64, vq_ch=32, L=4),
+        fits={"teacher": ("teacher_iters", "batch_size", False),
+              "student": ("distil_iters", "distil_batch", True),
+              "control": ("control_iters", "batch_size", False)}),
+    "owt_masked": dict(
+        stages=("teacher", "distill", "sample", "eval"), gpus=2,
+        bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=4,
+                   control_iters=2, judge_iters=2, steps=(2,), student_steps=(2,), n_samples=2,
+                   sample_batch=2, n_prefix=1, n_cont=2, latency_runs=1),
+        narrow=dict(n_layer=1, n_embd=32, n_head=2, cond_dim=16, L=1, n_samples=1,
+                    sample_batch=1),
+        fits={"teacher": ("teacher_iters", "batch_size", False),
+              "student": ("distil_iters", "distil_batch", True),
+              "control": ("control_iters", "batch_size", False),
+              "judge": ("judge_iters", "batch_size", False)}),
+}
+
+
+def cli_args(overrides: dict) -> list:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", *map(str, v)] if isinstance(v, tuple) else [f"--{k}", str(v)]
+    return out
+
+
+def data_args(name: str, work: str, narrow: bool) -> list:
+    if name == "cifar10_gaussian":
+        return write_cifar10(os.path.join(work, "cifar10"))
+    if name == "imagenet_masked":
+        args = write_imagenet(os.path.join(work, "imagenet"))
+        m = importlib.import_module(name)
+        paper = m.make_config(m.Config, preset="paper",
+                              **({"vq_ch": SCRIPTS[name]["narrow"]["vq_ch"]} if narrow else {}))
+        ckpt = os.path.join(work, "vqgan_last.ckpt")
+        write_vqgan(ckpt, codes=paper.vq_codes, dim=paper.vq_dim, ch=paper.vq_ch,
+                    ch_mult=paper.vq_ch_mult, res_blocks=paper.vq_res_blocks,
+                    attn_res=paper.vq_attn_res, img_size=paper.img_size)
+        return args + ["--vqgan_ckpt", ckpt]
+    return write_openwebtext(os.path.join(work, "openwebtext"))
+
+
+def control_iters(m, cfg) -> int:
+    """The preset's control length when it is compute-matched (-1), as the script computes it."""
+    import di4c_core as core
+    if cfg.control_iters >= 0:
+        return cfg.control_iters
+    if m.__name__ == "owt_masked":
+        rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t", 0)
+    elif m.__name__ == "imagenet_masked":
+        rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L)
+    else:
+        return math.ceil(cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
+                         / (3 * cfg.teacher_batch))
+    return math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
+
+
+def runtime_gb(name: str) -> float:
+    """Resident memory of a process that has only imported the script (subtracted as overhead)."""
+    code = (f"import torch, {name} as m; print(m.memory_gb(torch.device('cpu')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0.0
+
+
+def shapes(name: str, log: str) -> dict:
+    """D and S as the run's log reports them."""
+    if name == "cifar10_gaussian":
+        m = re.search(r"images \((\d+), (\d+), (\d+)\), S = (\d+)", log)
+        return dict(D="x".join(m.groups()[:3]), S=int(m.group(4)))
+    if name == "imagenet_masked":
+        m = re.search(r"D = (\d+), K = (\d+)", log)
+        return dict(D=int(m.group(1)), S=int(m.group(2)) + 1)
+    m = re.search(r"blocks of (\d+) tokens, S = (\d+)", log)
+    return dict(D=int(m.group(1)), S=int(m.group(2)))
+
+
+def run_script(name: str, work: str, narrow: bool, log) -> dict:
+    """All stages of one script's paper preset; returns its measurements and projections."""
+    m = importlib.import_module(name)
+    spec = SCRIPTS[name]
+    out = os.path.join(work, "run")
+    args = data_args(name, work, narrow)
+    over = {**spec["bench"], **(spec["narrow"] if narrow else {})}
+    base = [sys.executable, f"{name}.py", "--preset", "paper", "--out_dir", out, "--device", "cpu",
+            "--dtype", "float32", "--count_flops", "true", "--log_every", "1", *args,
+            *cli_args(over)]
+    stage_s = {}
+    for stage in spec["stages"]:
+        t0 = time.perf_counter()
+        r = subprocess.run(base + ["--stage", stage], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stage_s[stage] = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"error: {name} --stage {stage} failed (rc {r.returncode}):\n"
+                             + (r.stdout + r.stderr)[-3000:])
+        log(f"  {name} --stage {stage}: ok in {stage_s[stage]:.1f} s")
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    paper = m.make_config(m.Config, preset="paper", **(spec["narrow"] if narrow else {}))
+    paper_L = m.make_config(m.Config, preset="paper").L
+    overhead = runtime_gb(name)
+    rows = []
+    for fit, (iters_key, batch_key, di4c) in spec["fits"].items():
+        t = metrics["train"][fit]
+        iters = control_iters(m, paper) if iters_key == "control_iters" else \
+            getattr(paper, iters_key)
+        bench_L = over.get("L", paper_L) if di4c else 1
+        scale_L = paper_L / bench_L if di4c else 1.0
+        B = getattr(paper, batch_key)
+        flops = t["flops_per_step"] * B / t["global_batch"] * scale_L
+        per_gpu = math.ceil(B / spec["gpus"])
+        state = 12 * t["params"] / 2 ** 30                         # grads + AdamW moments
+        fixed = max(0.0, t["mem_start_gb"] - overhead) + state
+        act = max(0.0, t["peak_mem_gb"] - t["mem_start_gb"] - state) / t["micro_rows"] * scale_L
+        mem = fixed + act * per_gpu
+        micro = max(1, int((0.85 * GPU_GB - fixed) / act)) if mem > GPU_GB and act else 0
+        dtype = paper.dtype
+        rows.append(dict(
+            stage=fit, params_M=t["params"] / 1e6,
+            bench_rows=f"{t['global_batch']} x L {bench_L}" if di4c else str(t["global_batch"]),
+            L_note=(f"L {bench_L} of {paper_L}" if di4c and bench_L != paper_L else ""),
+            cpu_s_per_step=t["sec_per_step"], cpu_peak_gb=t["peak_mem_gb"],
+            preset_batch=B, preset_iters=iters, tflop_per_step=flops / 1e12,
+            a100_hours=flops * iters / (PEAK["A100"][dtype] * UTIL) / 3600,
+            h100_hours=flops * iters / (PEAK["H100"][dtype] * UTIL) / 3600,
+            gpus=spec["gpus"], gb_per_gpu=mem, micro_batch_for_80gb=micro, dtype=dtype))
+    return dict(script=name, narrow=narrow, **shapes(name, open(os.path.join(out, "log.txt"))
+                                                    .read()),
+                stage_seconds=stage_s, fits=rows)
+
+
+def markdown(results: list) -> str:
+    lines = [f"Projection at {int(UTIL * 100)}% of dense peak (A100 312 / H100 989 TFLOP/s bf16, "
+             "156 / 495 TF32); memory: float32 activations, global batch split over the GPUs.",
+             "", "| script | D | S | stage | params | bench rows | CPU s/step | CPU peak GB | "
+             "preset batch x iters | TFLOP/step | A100 h | H100 h | GPUs | GB/GPU |", "|"
+             + "---|" * 14]
+    for r in results:
+        for f in r["fits"]:
+            note = f" ({f['L_note']})" if f["L_note"] else ""
+            mem = f"{f['gb_per_gpu']:.1f}" + (f" (--micro_batch {f['micro_batch_for_80gb']})"
+                                              if f["micro_batch_for_80gb"] else "")
+            lines.append(
+                f"| {r['script']} | {r['D']} | {r['S']} | {f['stage']} | {f['params_M']:.1f}M | "
+                f"{f['bench_rows']}{note} | {f['cpu_s_per_step']:.2f} | {f['cpu_peak_gb']:.1f} | "
+                f"{f['preset_batch']} x {f'{it:,}' if (it := f['preset_iters']) else '0 (off)'} | "
+                f"{f['tflop_per_step']:.2f} | "
+                f"{f['a100_hours']:.1f} | {f['h100_hours']:.1f} | {f['gpus']} | {mem} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"{r['script']}: stages " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in r["stage_seconds"].items()) + " (samplers ran once each)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--script", choices=sorted(SCRIPTS) + ["all"], default="all")
+    p.add_argument("--narrow", action="store_true", help="narrow networks at the real D and S")
+    p.add_argument("--out", default="runs/paper_shapes")
+    a = p.parse_args(argv)
+    names = sorted(SCRIPTS) if a.script == "all" else [a.script]
+    os.makedirs(a.out, exist_ok=True)
+    results = []
+    for name in names:
+        print(f"{name}: paper preset{' (narrow)' if a.narrow else ''}", flush=True)
+        results.append(run_script(name, os.path.join(os.path.abspath(a.out), name), a.narrow,
+                                  lambda s: print(s, flush=True)))
+    json.dump(results, open(os.path.join(a.out, "paper_shapes.json"), "w"), indent=1)
+    table = markdown(results)
+    open(os.path.join(a.out, "paper_shapes.md"), "w").write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
