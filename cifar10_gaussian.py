@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import di4c_core as core
+from eval import results_table
 
 # -----------------------------------------------------------------------------
 # Config: defaults are the paper preset (tauLDR's CIFAR-10 settings); presets override a few
@@ -1235,7 +1236,8 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
                            overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))
     key = "frechet" if cfg.dataset == "digits" else "fid"
     rows = [dict(model=label.split("@")[0], **r) for label, r in res.items()]
-    update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key})
+    update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key,
+                              "speedup": results_table.speedups(rows, key)})
     plot_quality(cfg, rows, key)
     print_table(res, lat, key)
     ctx.barrier()

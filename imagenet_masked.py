@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import di4c_core as core
+from eval import results_table
 
 # -----------------------------------------------------------------------------
 # Config (defaults = the paper preset; --preset demo / smoke override a few fields)
@@ -1450,7 +1451,8 @@ def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
         rows = [dict(model=label.split("@")[0], steps=r["steps"], nfe=r["steps"], w=r["w"],
                      **{k: v for k, v in r.items() if k not in ("steps", "w")})
                 for label, r in res.items()]
-        update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key})
+        update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key,
+                                  "speedup": results_table.speedups(rows, key)})
         plot_quality(cfg, rows, key)
         print_table(res, lat)
     ctx.barrier()

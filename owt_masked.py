@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import di4c_core as core
-from eval import text_metrics
+from eval import results_table, text_metrics
 
 # -----------------------------------------------------------------------------
 # Config (defaults = the paper preset; --preset demo / smoke override a few fields)
@@ -1284,7 +1284,8 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     rows = [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
                  nfe=v["nfe"], gen_ppl=v["gen_ppl_judge"], entropy=v["entropy"])
             for k, v in res.items() if k != "data"]
-    update_metrics(cfg, ctx, {"eval": res, "results": rows, "primary": "gen_ppl"})
+    update_metrics(cfg, ctx, {"eval": res, "results": rows, "primary": "gen_ppl",
+                              "speedup": results_table.speedups(rows, "gen_ppl")})
     plot_quality(cfg, [r for r in rows if r["kind"] == "uncond"], "gen_ppl")
     print_table(res)
 

@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -198,6 +199,7 @@ def run_script(name: str, work: str, narrow: bool, log) -> dict:
     """All stages of one script's paper preset; returns its measurements and projections."""
     m = importlib.import_module(name)
     spec = SCRIPTS[name]
+    shutil.rmtree(work, ignore_errors=True)                     # nothing from an earlier bench
     out = os.path.join(work, "run")
     args = data_args(name, work, narrow)
     over = {**spec["bench"], **(spec["narrow"] if narrow else {})}

@@ -39,6 +39,24 @@ def speedup(teacher: list, nfe: float, score: float, lower: bool = True) -> str:
     return f"{rel if rel != '=' else ''}{n / nfe:.1f}x"
 
 
+def speedups(rows: list, key: str) -> list:
+    """The step speedup at matched quality of every non-teacher row of a run's "results":
+    [{model, nfe, [w | kind], key, teacher_nfe, relation ("=", ">" or "<"), speedup}] where
+    teacher_nfe is the teacher NFE with the same score (log-NFE interpolation) and speedup =
+    teacher_nfe / nfe (a lower bound for ">", an upper bound for "<")."""
+    lower, out = LOWER_IS_BETTER.get(key, True), []
+    for r in rows:
+        tag = {k: r[k] for k in ("w", "kind") if k in r}
+        teacher = [(t["nfe"], t[key]) for t in rows if t["model"] == "teacher"
+                   and all(t.get(k) == v for k, v in tag.items())]
+        if r["model"] == "teacher" or not teacher:
+            continue
+        n, rel = matched_nfe(teacher, r[key], lower)
+        out.append(dict(model=r["model"], nfe=r["nfe"], **tag, **{key: r[key]}, teacher_nfe=n,
+                        relation=rel, speedup=n / r["nfe"]))
+    return out
+
+
 def tables(metrics: dict, title: str = "") -> str:
     """Markdown tables of one run's results (see the module docstring)."""
     rows, key = metrics["results"], metrics["primary"]

@@ -29,3 +29,16 @@ def test_tables_from_metrics(tmp_path, capsys):
     assert "| student |  | 2.00 (2.0x) |  |  |" in out and "| control |  | 4.00 (1.0x) |" in out
     with pytest.raises(SystemExit, match="not found"):
         rt.main([str(tmp_path / "nope")])
+
+
+def test_speedups_per_cfg_weight_against_that_weights_teacher():
+    rows = [dict(model="teacher", nfe=n, w=w, frechet=s * (1 + w)) for n, s in TEACHER
+            for w in (0, 1)]
+    rows += [dict(model="student", nfe=4, w=0, frechet=2.0),     # teacher w0 at 8 NFE: 2x
+             dict(model="student", nfe=4, w=1, frechet=2.0),     # teacher w1 reaches 2.0 at 16
+             dict(model="hybrid", nfe=2, w=0, frechet=0.5)]      # beats every teacher NFE
+    got = {(r["model"], r["w"]): r for r in rt.speedups(rows, "frechet")}
+    assert set(got) == {("student", 0), ("student", 1), ("hybrid", 0)}
+    assert got["student", 0]["speedup"] == pytest.approx(2.0) and got["student", 0]["relation"] == "="
+    assert got["student", 1]["speedup"] == pytest.approx(4.0)
+    assert got["hybrid", 0]["relation"] == ">" and got["hybrid", 0]["speedup"] == 8.0

@@ -133,6 +133,8 @@ def test_torchrun_two_processes_odd_batches_and_accumulation(name, tmp_path):
     assert "world size 2" in log and "micro-step" in log
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert metrics["results"] and all(r["model"] for r in metrics["results"])
+    assert {r["model"] for r in metrics["speedup"]} >= {"student", "control"}
+    assert all(r["speedup"] > 0 and r["relation"] in "=<>" for r in metrics["speedup"])
     train = metrics["train"]
     assert train["student"]["global_batch"] == 3 and train["student"]["micro_steps"] >= 2
     for rank_calls in calls:
