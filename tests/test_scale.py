@@ -189,6 +189,12 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
         with pytest.raises(SystemExit, match=f"later stage .*{message}.*(requirements-paper|val)"):
             m.main(cfg)
         assert not out.exists(), m.__name__
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                  # the judge's weights, offline
+    monkeypatch.setattr(owt, "gpt2_large_cached", lambda: False)
+    with pytest.raises(SystemExit, match="gpt2-large weights, which are not in the Hugging Face "
+                                         "cache.*from_pretrained"):
+        owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "j"),
+                                 eval_gpt2=True))
     # a stage that needs no metric passes the check (and fails later for its own reasons)
     assert owt.run_needs(owt.make_config(owt.Config, eval_gpt2=True, stage="teacher")) == []
 
