@@ -80,6 +80,8 @@ class Config:
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
     lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
+    lam_late: int = 0              # late-fusion lambda: only the last k blocks see it and the
+                                   # trunk runs once per x_t (0 = every block, the paper's)
     warmup: int = 2500
     L: int = 16                    # lambda-samples per x_t
     delta: float = 0.02            # distillation region t < delta
@@ -144,7 +146,7 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
                            "teacher_lr", "warmup", "seed")
-RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "delta", "distil_prob",
+RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "delta", "distil_prob",
                 "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
                "dtype")
@@ -155,7 +157,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "n_head": (1, INF), "cond_dim": (1, INF), "dropout": (0, 0.99), "teacher_iters": (1, INF),
     "judge_iters": (1, INF), "batch_size": (1, INF), "teacher_lr": (TINY, 1),
     "ema": (0, 1 - 1e-9), "distil_iters": (1, INF), "distil_batch": (1, INF), "lr": (TINY, 1),
-    "lam_lr_mult": (0, INF), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
+    "lam_lr_mult": (0, INF), "lam_late": (0, INF), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
     "distil_prob": (0, 1), "T": (1, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "student_ema": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "n_samples": (1, INF), "sample_batch": (1, INF), "prefix_len": (1, INF),
@@ -894,15 +896,22 @@ class DiT(nn.Module):
     teacher exactly (docs/method.md (14)). SDTT appends lambda as an extra token instead; a token
     with a zero embedding still changes every attention normaliser, so it cannot start equal to the
     teacher, which is why lambda enters through adaLN here.
+    Late fusion (lam_late = k > 0, not in the paper): lambda enters the condition of the last k
+    blocks and the final adaLN only. The first n_layer - k blocks see no lambda, so they run once
+    per distinct input row (torch.unique_consecutive: the core repeats each x_t L times in a
+    row) and their output is repeated: the lambda-batch multiplies only the last k blocks and
+    the head (the L copies then share the trunk's dropout mask). k = n_layer is the paper's
+    injection, computed the same way.
     SUBS (MDLM's substitution parameterisation): revealed tokens are copied (log-prob 0), [MASK]
     is never predicted, and the output layer runs only at masked positions. causal=True gives the autoregressive judge
     (plain next-token logits, no SUBS).
     """
 
     def __init__(self, S: int, n_layer: int, E: int, H: int, cond_dim: int, dropout: float,
-                 lam_dim: int = 0, causal: bool = False):
+                 lam_dim: int = 0, causal: bool = False, lam_late: int = 0):
         super().__init__()
         self.S, self.mask_id, self.lam_dim, self.causal, self.hd = S, S - 1, lam_dim, causal, E // H
+        self.n_early = n_layer - lam_late if lam_dim and lam_late else 0  # blocks without lambda
         self.embed = nn.Embedding(S, E)
         self.c0 = nn.Parameter(torch.randn(cond_dim))
         self.blocks = nn.ModuleList(Block(E, H, cond_dim, dropout, causal) for _ in range(n_layer))
@@ -925,11 +934,20 @@ class DiT(nn.Module):
             c = c + self.lam_mlp(sinusoid(lam))
         c = F.silu(c)
         cos, sin = rotary(D, self.hd, x.device)
-        h = self.embed(x)                                                     # (N, D, E)
-        for block in self.blocks:
+        h = self.early(x, cos, sin) if self.n_early else self.embed(x)       # (N, D, E)
+        for block in self.blocks[self.n_early:]:
             h = block(h, c, cos, sin)
         sh, sc = self.ada_f(c)[:, None].chunk(2, -1)
         return self.ln_f(h) * (1 + sc) + sh                                   # (N, D, E)
+
+    def early(self, x, cos, sin):
+        """Late fusion: the blocks before lambda enters, once per distinct consecutive row."""
+        u, inverse = torch.unique_consecutive(x, dim=0, return_inverse=True)  # (U, D), (N,)
+        c = F.silu(self.c0.expand(len(u), -1).contiguous())                   # (U, C)
+        h = self.embed(u)                                                     # (U, D, E)
+        for block in self.blocks[:self.n_early]:
+            h = block(h, c, cos, sin)
+        return h[inverse]                                                     # (N, D, E)
 
     def forward(self, x_t, t=None, lam=None, cond=None, masked_only: bool = False):
         h = self.trunk(x_t, lam)
@@ -946,15 +964,18 @@ class DiT(nn.Module):
         return logits
 
 
-def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False) -> DiT:
-    return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal)
+def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False,
+                lam_late: Optional[int] = None) -> DiT:
+    return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal,
+               cfg.lam_late if lam_late is None else lam_late)
 
 
 def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> tuple:
     """Frozen model from a finished checkpoint of this script -> (model in eval mode, lam_dim,
     {"id", "parents"}): the EMA weights if it has them."""
     state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
-    net = build_model(cfg, corpus.S, state["lam_dim"]).to(corpus.device)
+    net = build_model(cfg, corpus.S, state["lam_dim"],      # a student runs as it was trained
+                      lam_late=state["config"].get("lam_late", 0)).to(corpus.device)
     net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None else state["model"])
     meta = {"id": state.get("id"), "parents": state.get("parents", {})}
     return net.eval().requires_grad_(False), state["lam_dim"], meta
@@ -1355,6 +1376,8 @@ def main(cfg: Config):
     preflight(run_needs(cfg))
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if cfg.lam_late > cfg.n_layer:
+        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds --n_layer {cfg.n_layer}")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")

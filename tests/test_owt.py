@@ -117,6 +117,67 @@ def test_student_equals_teacher_at_init(lam):
     assert (lp[x == 49][:, 49] < -1e5).all()             # never predict [MASK]
 
 
+def late_fusion_pair(k, L=4, B=3, D=12, S=50):
+    """A 3-block student with late fusion k, its non-trivial weights, and a lambda-batch input
+    (each x_t repeated L times in a row, as the core builds it)."""
+    cfg = m.make_config(m.Config, preset="smoke", n_layer=3, dropout=0.0, lam_late=k)
+    torch.manual_seed(0)
+    net = m.build_model(cfg, S, lam_dim=1)
+    for p in net.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randint(0, S, (B, D))
+    x[:, ::2] = S - 1
+    x = x.repeat_interleave(L, 0)                                          # (B L, D)
+    lam = torch.rand(B * L, 1)
+    return net, x, lam
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation(k, monkeypatch):
+    """lam_late = k: the first 3 - k blocks run on the B distinct rows only (counted), and the
+    output and every gradient equal the same network run on all B L rows (unique_consecutive
+    replaced by the identity)."""
+    net, x, lam = late_fusion_pair(k)
+    seen = []
+    for block in net.blocks:
+        block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+
+    def run():
+        net.zero_grad()
+        out = net(x, None, lam)
+        out[x == net.mask_id].logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    out, grads = run()
+    assert seen == [3] * (3 - k) + [12] * k                    # trunk on B rows, then B L rows
+    monkeypatch.setattr(torch, "unique_consecutive",
+                        lambda x, dim, return_inverse: (x, torch.arange(len(x))))
+    ref, ref_grads = run()
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    for n in grads:
+        assert (grads[n] - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-6, n
+    assert grads["blocks.0.mlp.0.weight"].abs().sum() > 0      # the shared trunk learns too
+
+
+def test_late_fusion_student_equals_teacher_at_init_and_reloads_as_trained(tmp_path):
+    net, x, lam = late_fusion_pair(1)
+    teacher = m.build_model(m.make_config(m.Config, preset="smoke", n_layer=3, dropout=0.0), 50)
+    teacher.load_state_dict({k: v for k, v in net.state_dict().items()
+                             if not k.startswith("lam_mlp.")})
+    torch.nn.init.zeros_(net.lam_mlp[-1].weight), torch.nn.init.zeros_(net.lam_mlp[-1].bias)
+    with torch.no_grad():
+        assert torch.allclose(net(x, None, lam), teacher(x, None, None), atol=1e-6)
+    cfg = smoke_cfg(tmp_path, n_layer=2, lam_late=1, teacher_iters=2)
+    m.main(cfg)                                              # sample and eval load lam_late
+    state = torch.load(os.path.join(cfg.out_dir, "student.pt"), weights_only=True)
+    assert state["config"]["lam_late"] == 1
+    corpus = m.Corpus(cfg, ctx_for(cfg))
+    student, _, _ = m.load_model(m.make_config(m.Config, **{**asdict(cfg),
+                                                            "lam_late": 0}), corpus,
+                                 os.path.join(cfg.out_dir, "student.pt"))
+    assert student.n_early == 1                              # from the checkpoint, not the flag
+
+
 def test_text_metrics():
     x = torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4]])
     assert text_metrics.unigram_entropy(x) == pytest.approx(0.5 * np.log(4))
