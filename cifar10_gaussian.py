@@ -470,6 +470,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     FLOPs per step (all ranks; bench/paper_shapes.py reads them). Returns {ema, step, wall}.
     """
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
+    micro_rows = max(r.stop - r.start for r in plan)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -506,7 +507,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     model = torch.compile(ddp) if cfg.compile else ddp
     raw.train()
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
-            f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
+            f"micro-step(s) of <= {micro_rows} rows")
     bar, start, wall0, first_s, flops = ctx.progress(iters, name, step), step, wall, 0.0, 0.0
     mem_start = memory_gb(ctx.device, reset=True)
     try:
@@ -522,12 +523,12 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
             opt.zero_grad(set_to_none=True)
-            counter = FlopCounterMode(display=False) if cfg.count_flops and step == start \
-                else nullcontext()
+            counting = cfg.count_flops and step == start
+            counter = FlopCounterMode(display=False) if counting else nullcontext()
             with counter:
                 names, sums = accumulate(cfg, ctx, name, model, ddp, loss_fn, batches, step,
                                          plan, global_batch)
-            flops = counter.get_total_flops() if step == start and cfg.count_flops else flops
+            flops = counter.get_total_flops() if counting else flops
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
             vals = ctx.sum(torch.cat([sums / global_batch, norm.float()[None] / ctx.world_size]))
             names.append("grad_norm")
@@ -561,7 +562,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     update_metrics(cfg, ctx, {"train": {name: dict(
         params=sum(p.numel() for p in raw.parameters()), global_batch=global_batch,
         world_size=ctx.world_size, micro_steps=len(plan),
-        micro_rows=max(r.stop - r.start for r in plan),
+        micro_rows=micro_rows,
         sec_per_step=(wall - wall0 - first_s) / (ran - 1) if ran > 1 else first_s,
         mem_start_gb=ctx.mean(torch.tensor([mem_start])).item(),
         peak_mem_gb=ctx.mean(torch.tensor([memory_gb(ctx.device, peak=True)])).item(),
@@ -1048,13 +1049,19 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         return
     control = copy.deepcopy(teacher).train().requires_grad_(True)
     data = Batches((images,), cfg, ctx, cfg.teacher_batch)
-    iters = cfg.control_iters if cfg.control_iters > 0 else math.ceil(
-        cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
-        / (3 * cfg.teacher_batch))
     cout = fit(cfg, ctx, "control", control, teacher_objective(cfg, proc),
-               data, iters, cfg.lr, cfg.teacher_batch, ema_decay=cfg.ema_decay,
+               data, control_steps(cfg), cfg.lr, cfg.teacher_batch, ema_decay=cfg.ema_decay,
                parents=parents)
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"])})
+
+
+def control_steps(cfg: Config) -> int:
+    """The control's length: --control_iters, or for -1 the Di4C run's compute in network rows
+    (core.di4c_rows_per_step; a step of the teacher's own loss costs 3 rows per item)."""
+    if cfg.control_iters >= 0:
+        return cfg.control_iters
+    return math.ceil(cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
+                     / (3 * cfg.teacher_batch))
 
 
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:

@@ -483,6 +483,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     FLOPs per step (all ranks; bench/paper_shapes.py reads them). Returns {ema, step, wall}.
     """
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
+    micro_rows = max(r.stop - r.start for r in plan)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
                             weight_decay=weight_decay)
@@ -519,7 +520,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     model = torch.compile(ddp) if cfg.compile else ddp
     raw.train()
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
-            f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
+            f"micro-step(s) of <= {micro_rows} rows")
     bar, start, wall0, first_s, flops = ctx.progress(iters, name, step), step, wall, 0.0, 0.0
     mem_start = memory_gb(ctx.device, reset=True)
     try:
@@ -535,12 +536,12 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
             opt.zero_grad(set_to_none=True)
-            counter = FlopCounterMode(display=False) if cfg.count_flops and step == start \
-                else nullcontext()
+            counting = cfg.count_flops and step == start
+            counter = FlopCounterMode(display=False) if counting else nullcontext()
             with counter:
                 names, sums = accumulate(cfg, ctx, name, model, ddp, loss_fn, batches, step,
                                          plan, global_batch)
-            flops = counter.get_total_flops() if step == start and cfg.count_flops else flops
+            flops = counter.get_total_flops() if counting else flops
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
             vals = ctx.sum(torch.cat([sums / global_batch, norm.float()[None] / ctx.world_size]))
             names.append("grad_norm")
@@ -574,7 +575,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     update_metrics(cfg, ctx, {"train": {name: dict(
         params=sum(p.numel() for p in raw.parameters()), global_batch=global_batch,
         world_size=ctx.world_size, micro_steps=len(plan),
-        micro_rows=max(r.stop - r.start for r in plan),
+        micro_rows=micro_rows,
         sec_per_step=(wall - wall0 - first_s) / (ran - 1) if ran > 1 else first_s,
         mem_start_gb=ctx.mean(torch.tensor([mem_start])).item(),
         peak_mem_gb=ctx.mean(torch.tensor([memory_gb(ctx.device, peak=True)])).item(),
@@ -1135,15 +1136,21 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
         return
     control = build_model(cfg, corpus.S).to(ctx.device)
     control.load_state_dict(teacher.state_dict())
-    rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t", cfg.L if lam_T else 0)
-    iters = cfg.control_iters if cfg.control_iters > 0 else \
-        math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
     cout = fit(cfg, ctx, "control", control, lambda model, x0, g: mdlm_loss(model, x0, process, g),
-               random_blocks(corpus), iters, cfg.lr, cfg.batch_size, warmup=cfg.warmup,
-               ema_decay=cfg.student_ema, parents={"teacher": t_meta["id"]})
+               random_blocks(corpus), control_steps(cfg), cfg.lr, cfg.batch_size,
+               warmup=cfg.warmup, ema_decay=cfg.student_ema, parents={"teacher": t_meta["id"]})
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
+
+
+def control_steps(cfg: Config) -> int:
+    """The control's length: --control_iters, or for -1 the Di4C run's compute in network rows
+    (core.di4c_rows_per_step; a step of the teacher's own loss costs 3 rows per item)."""
+    if cfg.control_iters >= 0:
+        return cfg.control_iters
+    rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t")
+    return math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
 
 
 @torch.no_grad()

@@ -161,21 +161,6 @@ def data_args(name: str, work: str, narrow: bool) -> list:
     return write_openwebtext(os.path.join(work, "openwebtext"))
 
 
-def control_iters(m, cfg) -> int:
-    """The preset's control length when it is compute-matched (-1), as the script computes it."""
-    import di4c_core as core
-    if cfg.control_iters >= 0:
-        return cfg.control_iters
-    if m.__name__ == "owt_masked":
-        rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t", 0)
-    elif m.__name__ == "imagenet_masked":
-        rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L)
-    else:
-        return math.ceil(cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
-                         / (3 * cfg.teacher_batch))
-    return math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
-
-
 def runtime_gb(name: str) -> float:
     """Resident memory of a process that has only imported the script (subtracted as overhead)."""
     code = (f"import torch, {name} as m; print(m.memory_gb(torch.device('cpu')))")
@@ -223,7 +208,7 @@ def run_script(name: str, work: str, narrow: bool, log) -> dict:
     rows = []
     for fit, (iters_key, batch_key, di4c) in spec["fits"].items():
         t = metrics["train"][fit]
-        iters = control_iters(m, paper) if iters_key == "control_iters" else \
+        iters = m.control_steps(paper) if iters_key == "control_iters" else \
             getattr(paper, iters_key)
         bench_L = over.get("L", paper_L) if di4c else 1
         scale_L = paper_L / bench_L if di4c else 1.0
