@@ -82,13 +82,18 @@ class Config:
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     lam_late: int = 0              # late-fusion lambda: only the last k blocks see it and the
                                    # trunk runs once per x_t (0 = every block, the paper's)
+    lam_inject: str = "adaln"      # how the student sees lambda: adaln (ours, student = teacher
+                                   # at init) | token (the authors' released SDTT students)
     warmup: int = 2500
     L: int = 16                    # lambda-samples per x_t
     delta: float = 0.02            # distillation region t < delta
     distil_prob: float = 0.3       # probability of drawing t in [0, delta)
     T: int = 1024                  # SDTT time grid {k / T}
     alpha_const: float = 0.1       # alpha(t) = 0.1 sigmoid(20 (t - 1/2))
-    teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round
+    teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round; or a
+                                   # released MDLM / SDTT / Di4C-SDTT .ckpt / .safetensors
+    student_ckpt: str = ""         # "" = out_dir/student.pt; or a released Di4C-SDTT student
+                                   # (sampled and scored beside the teacher; no distill stage)
     control_iters: int = -1        # the teacher fine-tuned with its MDLM loss: -1 = the Di4C
                                    # run's compute (core.di4c_rows_per_step), 0 = none, N = N steps
     student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
@@ -146,11 +151,12 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
                            "teacher_lr", "warmup", "seed")
-RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "delta", "distil_prob",
+RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "lam_inject", "delta", "distil_prob",
                 "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
                "dtype")
-CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16")}
+CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16"),
+           "lam_inject": ("adaln", "token")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "seq_len": (2, INF), "val_docs": (1, INF), "n_layer": (1, INF), "n_embd": (1, INF),
@@ -835,16 +841,21 @@ class Corpus:
 
 
 # -----------------------------------------------------------------------------
-# Model: DiT-style transformer, rotary attention, adaLN, SUBS output (MDLM, arXiv 2406.07524)
+# Model: MDLM's DiT (rotary attention, adaLN, SUBS output; arXiv 2406.07524), module for module
 
 NEG = -1e6                                 # SUBS "impossible" logit
 
 
-def rotary(D: int, head_dim: int, device) -> tuple:
-    """cos, sin tables (D, head_dim / 2) of rotary position embeddings."""
+def rotary(D: int, head_dim: int, device, n_extra: int = 0) -> tuple:
+    """cos, sin tables (D + n_extra, head_dim / 2) of rotary position embeddings; the n_extra
+    last rows (cos 1, sin 0) leave appended tokens unrotated (the authors' lambda token)."""
     inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     ang = torch.arange(D, device=device).float()[:, None] * inv[None]       # (D, hd/2)
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    if n_extra:
+        cos = torch.cat([cos, cos.new_ones(n_extra, cos.shape[1])])
+        sin = torch.cat([sin, sin.new_zeros(n_extra, sin.shape[1])])
+    return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -859,103 +870,167 @@ def sinusoid(v: torch.Tensor, dim: int = 128) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos()], -1).flatten(1)
 
 
+class SigmaMap(nn.Module):
+    """MDLM's noise-level embedding: cos/sin features of sigma (frequencies 10000^(-i/128)),
+    then Linear -> SiLU -> Linear. sigma (N,) -> (N, cond_dim)."""
+
+    def __init__(self, cond_dim: int, n_freq: int = 256):
+        super().__init__()
+        self.n_freq = n_freq
+        self.mlp = nn.Sequential(nn.Linear(n_freq, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        half = self.n_freq // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
+        ang = sigma[:, None].float() * freqs                                  # (N, half)
+        return self.mlp(torch.cat([ang.cos(), ang.sin()], -1))
+
+
+class VocabEmbed(nn.Module):
+    """Token embedding table (S, E) under MDLM's parameter name."""
+
+    def __init__(self, S: int, E: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(S, E))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.embedding[x]
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block whose LayerNorms are modulated and gated by c (adaLN-Zero)."""
+    """Pre-LN transformer block; LayerNorm outputs (weight, no bias) are modulated and the
+    branches gated by c (adaLN-Zero). MDLM's DDiTBlock: no dropout inside attention."""
 
     def __init__(self, E: int, H: int, cond_dim: int, dropout: float, causal: bool):
         super().__init__()
-        self.H, self.causal, self.p = H, causal, dropout
-        self.ln1 = nn.LayerNorm(E, elementwise_affine=False)
-        self.ln2 = nn.LayerNorm(E, elementwise_affine=False)
-        self.qkv = nn.Linear(E, 3 * E, bias=False)
-        self.proj = nn.Linear(E, E, bias=False)
+        self.H, self.causal = H, causal
+        self.norm1 = nn.LayerNorm(E, bias=False)
+        self.attn_qkv = nn.Linear(E, 3 * E, bias=False)
+        self.attn_out = nn.Linear(E, E, bias=False)
+        self.norm2 = nn.LayerNorm(E, bias=False)
         self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * E, E))
-        self.ada = nn.Linear(cond_dim, 6 * E)
-        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * E)
+        nn.init.zeros_(self.adaLN_modulation.weight), nn.init.zeros_(self.adaLN_modulation.bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h, c, cos, sin):
         N, D, E = h.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)        # 6 x (N, 1, E)
-        a = self.ln1(h) * (1 + sc1) + sh1                                     # (N, D, E)
-        q, k, v = self.qkv(a).view(N, D, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # (N, 1, E)
+        a = self.norm1(h) * (1 + sc1) + sh1                                   # (N, D, E)
+        q, k, v = self.attn_qkv(a).view(N, D, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)          # (N, H, D, hd)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.p if self.training else 0.0)
-        h = h + g1 * self.drop(self.proj(a.transpose(1, 2).reshape(N, D, E)))
-        return h + g2 * self.drop(self.mlp(self.ln2(h) * (1 + sc2) + sh2))   # (N, D, E)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        h = h + g1 * self.drop(self.attn_out(a.transpose(1, 2).reshape(N, D, E)))
+        return h + g2 * self.drop(self.mlp(self.norm2(h) * (1 + sc2) + sh2))  # (N, D, E)
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then the vocabulary projection (zero-initialised, as MDLM)."""
+
+    def __init__(self, E: int, S: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(E, bias=False)
+        self.linear = nn.Linear(E, S)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * E)
+        for lin in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+
+    def modulate(self, h, c):
+        sh, sc = self.adaLN_modulation(c)[:, None].chunk(2, -1)
+        return self.norm_final(h) * (1 + sc) + sh                             # (N, D, E)
+
+
+LAM_INJECT = CHOICES["lam_inject"]
 
 
 class DiT(nn.Module):
     """denoiser(x_t (N, D) long, t (N,), lam (N, k) | None) -> SUBS logits (N, D, S).
 
-    No time input: as in SDTT (time_conditioning False), the adaLN condition c is a learned
-    constant (MDLM's embedding of sigma = 0), so the sampler may reuse an unchanged input's
-    output. The student (lam_dim > 0) adds sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU
-    -> Linear(512, cond_dim) to c, last layer zero-initialised: at init the student is the
-    teacher exactly (docs/method.md (14)). SDTT appends lambda as an extra token instead; a token
-    with a zero embedding still changes every attention normaliser, so it cannot start equal to the
-    teacher, which is why lambda enters through adaLN here.
-    Late fusion (lam_late = k > 0, not in the paper): lambda enters the condition of the last k
-    blocks and the final adaLN only. The first n_layer - k blocks see no lambda, so they run once
-    per distinct input row (torch.unique_consecutive: the core repeats each x_t L times in a
-    row) and their output is repeated: the lambda-batch multiplies only the last k blocks and
-    the head (the L copies then share the trunk's dropout mask). k = n_layer is the paper's
-    injection, computed the same way.
+    MDLM's DiT with MDLM's parameter names (vocab_embed, sigma_map, blocks.i.{norm1, attn_qkv,
+    attn_out, norm2, mlp, adaLN_modulation}, output_layer), so that MDLM and SDTT checkpoints
+    load by name (pretrained/mdlm.py). No time input: as MDLM-OWT and SDTT (time_conditioning
+    False) the condition is c = SiLU(sigma_map(0)), so the sampler may reuse an unchanged
+    input's output.
+    The student (lam_dim > 0) sees lambda in one of two ways (lam_inject):
+    "adaln" (ours, the default): sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU ->
+      Linear(512, cond_dim), last layer zero-initialised, added to sigma_map's output: at init
+      the student is the teacher exactly (docs/method.md (14)).
+    "token" (the authors' SDTT student): sinusoid(1000 lam) -> Linear(128, 512) -> GELU ->
+      Linear(512, E) is appended to the sequence as one more token, without rotary, and its
+      output is dropped. A token changes every attention normaliser, so the student cannot
+      start equal to the teacher; this option exists to load and continue the released students.
+    Late fusion (lam_late = k > 0, "adaln" only, not in the paper): lambda enters the condition
+    of the last k blocks and the final adaLN only. The first n_layer - k blocks see no lambda, so
+    they run once per distinct input row (torch.unique_consecutive: the core repeats each x_t L
+    times in a row) and their output is repeated: the lambda-batch multiplies only the last k
+    blocks and the head (the L copies then share the trunk's dropout mask). k = n_layer is the
+    paper's injection, computed the same way.
     SUBS (MDLM's substitution parameterisation): revealed tokens are copied (log-prob 0), [MASK]
-    is never predicted, and the output layer runs only at masked positions. causal=True gives the autoregressive judge
-    (plain next-token logits, no SUBS).
+    is never predicted, and the output layer runs only at masked positions. causal=True gives
+    the autoregressive judge (plain next-token logits, no SUBS).
     """
 
     def __init__(self, S: int, n_layer: int, E: int, H: int, cond_dim: int, dropout: float,
-                 lam_dim: int = 0, causal: bool = False, lam_late: int = 0):
+                 lam_dim: int = 0, causal: bool = False, lam_late: int = 0,
+                 lam_inject: str = "adaln"):
         super().__init__()
+        if lam_inject not in LAM_INJECT:
+            raise ValueError(f"lam_inject {lam_inject!r} is not one of {LAM_INJECT}")
+        if lam_dim and lam_late and lam_inject != "adaln":
+            raise ValueError("late fusion (lam_late > 0) needs lam_inject 'adaln'")
         self.S, self.mask_id, self.lam_dim, self.causal, self.hd = S, S - 1, lam_dim, causal, E // H
+        self.lam_inject = lam_inject if lam_dim else ""
         self.n_early = n_layer - lam_late if lam_dim and lam_late else 0  # blocks without lambda
-        self.embed = nn.Embedding(S, E)
-        self.c0 = nn.Parameter(torch.randn(cond_dim))
+        self.vocab_embed = VocabEmbed(S, E)
+        self.sigma_map = SigmaMap(cond_dim)
         self.blocks = nn.ModuleList(Block(E, H, cond_dim, dropout, causal) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(E, elementwise_affine=False)
-        self.ada_f = nn.Linear(cond_dim, 2 * E)
-        self.head = nn.Linear(E, S)
-        for lin in (self.ada_f, self.head):
-            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
-        if lam_dim:
+        self.output_layer = FinalLayer(E, S, cond_dim)
+        if self.lam_inject == "adaln":
             self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
                                          nn.Linear(512, cond_dim))
             nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
+        elif self.lam_inject == "token":
+            self.lam_token = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+                                           nn.Linear(512, E))
+
+    def condition(self, N: int, device) -> torch.Tensor:
+        """sigma_map(0) before the SiLU, (N, C): time_conditioning False."""
+        return self.sigma_map(torch.zeros(N, device=device))
 
     def trunk(self, x, lam):
         N, D = x.shape
-        # contiguous, like the student's c0 + lam_mlp(...): the same memory layout picks the
-        # same matmul kernel, so a zero lambda path gives bitwise the teacher's output
-        c = self.c0.expand(N, -1).contiguous()                                # (N, C)
-        if self.lam_dim:
+        c = self.condition(N, x.device)                                       # (N, C)
+        if self.lam_inject == "adaln":
             c = c + self.lam_mlp(sinusoid(lam))
         c = F.silu(c)
-        cos, sin = rotary(D, self.hd, x.device)
-        h = self.early(x, cos, sin) if self.n_early else self.embed(x)       # (N, D, E)
+        extra = int(self.lam_inject == "token")
+        cos, sin = rotary(D, self.hd, x.device, extra)
+        h = self.early(x, cos, sin) if self.n_early else self.vocab_embed(x)  # (N, D, E)
+        if extra:
+            h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
         for block in self.blocks[self.n_early:]:
             h = block(h, c, cos, sin)
-        sh, sc = self.ada_f(c)[:, None].chunk(2, -1)
-        return self.ln_f(h) * (1 + sc) + sh                                   # (N, D, E)
+        return self.output_layer.modulate(h[:, :D], c)                        # (N, D, E)
 
     def early(self, x, cos, sin):
         """Late fusion: the blocks before lambda enters, once per distinct consecutive row."""
         u, inverse = torch.unique_consecutive(x, dim=0, return_inverse=True)  # (U, D), (N,)
-        c = F.silu(self.c0.expand(len(u), -1).contiguous())                   # (U, C)
-        h = self.embed(u)                                                     # (U, D, E)
+        c = F.silu(self.condition(len(u), x.device))                          # (U, C)
+        h = self.vocab_embed(u)                                               # (U, D, E)
         for block in self.blocks[:self.n_early]:
             h = block(h, c, cos, sin)
         return h[inverse]                                                     # (N, D, E)
 
     def forward(self, x_t, t=None, lam=None, cond=None, masked_only: bool = False):
         h = self.trunk(x_t, lam)
+        head = self.output_layer.linear
         if self.causal:
-            return self.head(h)                                               # (N, D, S)
+            return head(h)                                                    # (N, D, S)
         masked = x_t == self.mask_id                                          # (N, D)
-        out = self.head(h[masked]).float()                                    # (M, S)
+        out = head(h[masked]).float()                                         # (M, S)
         out[:, self.mask_id] = NEG
         if masked_only:                                # the MDLM loss needs only these rows
             return out, masked
@@ -966,27 +1041,61 @@ class DiT(nn.Module):
 
 
 def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False,
-                lam_late: Optional[int] = None) -> DiT:
+                lam_late: Optional[int] = None, lam_inject: Optional[str] = None) -> DiT:
     return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal,
-               cfg.lam_late if lam_late is None else lam_late)
+               cfg.lam_late if lam_late is None else lam_late,
+               cfg.lam_inject if lam_inject is None else lam_inject)
+
+
+RELEASED = (".ckpt", ".safetensors", ".bin")     # MDLM / SDTT / Di4C-SDTT files (pretrained/mdlm.py)
 
 
 def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> tuple:
-    """Frozen model from a finished checkpoint of this script -> (model in eval mode, lam_dim,
-    {"id", "parents"}): the EMA weights if it has them."""
+    """Frozen model from a finished checkpoint of this script, or from a released MDLM, SDTT or
+    Di4C-SDTT checkpoint (RELEASED suffixes) -> (model in eval mode, lam_dim, {"id",
+    "parents"}): the EMA weights if it has them."""
+    if path.endswith(RELEASED):
+        return load_released(cfg, corpus, path, use_ema)
     state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
     net = build_model(cfg, corpus.S, state["lam_dim"],      # a student runs as it was trained
-                      lam_late=state["config"].get("lam_late", 0)).to(corpus.device)
+                      lam_late=state["config"].get("lam_late", 0),
+                      lam_inject=state["config"].get("lam_inject", "adaln")).to(corpus.device)
     net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None else state["model"])
     meta = {"id": state.get("id"), "parents": state.get("parents", {})}
     return net.eval().requires_grad_(False), state["lam_dim"], meta
+
+
+def load_released(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> tuple:
+    """A released MDLM / SDTT teacher or Di4C-SDTT student (pretrained/mdlm.py) as load_model
+    returns it. The architecture flags must match the file; the vocabulary must be GPT-2's
+    (--remap_vocab false): S = 50,258 with [MASK] last, as MDLM's."""
+    from pretrained import mdlm
+    try:
+        weights, ema = mdlm.backbone_weights(mdlm.read_file(path))
+        arch = mdlm.describe(weights)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot read {path!r}: {e}") from None
+    want = dict(S=corpus.S, E=cfg.n_embd, n_layer=cfg.n_layer, cond_dim=cfg.cond_dim)
+    flag = dict(S="--remap_vocab false (GPT-2's 50,257 ids + [MASK])", E="--n_embd",
+                n_layer="--n_layer", cond_dim="--cond_dim")
+    bad = [f"{k} {arch[k]} in the file vs {v} here ({flag[k]})" for k, v in want.items()
+           if arch[k] != v]
+    if bad:
+        raise SystemExit(f"error: {path!r} does not fit this configuration: " + "; ".join(bad))
+    net = build_model(cfg, corpus.S, arch["lam_dim"], lam_late=0, lam_inject=arch["lam_inject"])
+    try:
+        mdlm.load_into(net, ema if use_ema and ema is not None else weights, cfg.n_embd // cfg.n_head)
+    except ValueError as e:
+        raise SystemExit(f"error: {path!r}: {e}") from None
+    meta = {"id": weights_id(net.state_dict()), "parents": {}}
+    return net.to(corpus.device).eval().requires_grad_(False), arch["lam_dim"], meta
 
 
 def load_models(cfg: Config, corpus: Corpus) -> dict:
     """{name: (net, lam_dim, meta)} of the teacher, the student and (if --control_iters) the
     control, each checked to descend from the current teacher."""
     paths = {"teacher": cfg.teacher_ckpt or run_path(cfg, "teacher.pt"),
-             "student": run_path(cfg, "student.pt")}
+             "student": cfg.student_ckpt or run_path(cfg, "student.pt")}
     if cfg.control_iters:
         paths["control"] = run_path(cfg, "control.pt")
     for name, path in paths.items():
@@ -995,7 +1104,8 @@ def load_models(cfg: Config, corpus: Corpus) -> dict:
                              f"{'teacher' if name == 'teacher' else 'distill'} first")
     nets = {name: load_model(cfg, corpus, path) for name, path in paths.items()}
     for name in nets.keys() - {"teacher"}:
-        check_lineage(paths[name], nets[name][2], {"teacher": nets["teacher"][2]["id"]})
+        if not paths[name].endswith(RELEASED):     # a released student has no recorded parents
+            check_lineage(paths[name], nets[name][2], {"teacher": nets["teacher"][2]["id"]})
     return nets
 
 
@@ -1353,8 +1463,13 @@ def run_needs(cfg: Config) -> list:
     transformers and the GPT-2 Large weights (in the HF cache when offline)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = []
-    if cfg.teacher_ckpt and not os.path.exists(cfg.teacher_ckpt):
-        needs.append((f"--teacher_ckpt {cfg.teacher_ckpt!r} does not exist", "fix the path"))
+    for flag in ("teacher_ckpt", "student_ckpt"):
+        path = getattr(cfg, flag)
+        if path and not os.path.exists(path):
+            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
     if cfg.data_files and not any(glob.glob(os.path.expanduser(p.strip()))
                                   for p in cfg.data_files.split(",") if p.strip()):
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
@@ -1385,6 +1500,9 @@ def main(cfg: Config):
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if cfg.lam_late > cfg.n_layer:
         raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds --n_layer {cfg.n_layer}")
+    if cfg.lam_late and cfg.lam_inject != "adaln":
+        raise SystemExit("error: --lam_late needs --lam_inject adaln (a lambda token enters at "
+                         "the input)")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")

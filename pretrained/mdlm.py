@@ -1,0 +1,175 @@
+"""MDLM / SDTT / Di4C-SDTT text checkpoints -> the DiT of owt_masked.py.
+
+owt_masked.py's DiT uses MDLM's parameter names, so a released checkpoint maps by stripping
+prefixes. Formats read (no network access, no third-party package):
+  * Lightning checkpoints of MDLM (kuleshov-group/mdlm), SDTT (jdeschena/sdtt) and the Di4C
+    authors' SDTT students (sony/di4c, e.g. sdtt7-di4c2.ckpt): checkpoint["state_dict"] with
+    "backbone." (twice when the student started from the Hugging Face MDLM) and "_orig_mod."
+    (torch.compile) prefixes, and checkpoint["ema"]["shadow_params"], the EMA weights as a list
+    in the order of the backbone's parameters;
+  * model.safetensors of the Hugging Face releases (kuleshov-group/mdlm-owt and the revisions of
+    jdeschena/sdtt), read by `read_safetensors`;
+  * a bare state dict saved with torch.save.
+The authors' students append lambda as a token; their "latent_projection" becomes our
+"lam_token" (owt_masked.DiT with lam_inject="token"). Errors are ValueError with one line.
+"""
+import json
+import pickle
+import re
+
+import numpy as np
+import torch
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+PREFIXES = ("_orig_mod.", "module.", "backbone.", "model.")
+RENAMES = {"latent_projection.": "lam_token."}         # the authors' lambda token
+IGNORED = ("rotary_emb.inv_freq",)                     # recomputed; checked against the heads
+NOT_BACKBONE = ("noise.", "teacher.")                  # other modules of the Lightning class
+
+
+def read_safetensors(path: str) -> dict:
+    """A .safetensors file -> {name: tensor}: an 8-byte little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}} and the raw little-endian bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not supported")
+        lo, hi = info["data_offsets"]
+        buf = bytearray(data[lo:hi]) or bytearray(1)
+        t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = t[:int(np.prod(info["shape"], dtype=np.int64))].reshape(info["shape"])
+    return out
+
+
+class _Stub:
+    """Stands in for a pickled object of a package that is not installed (omegaconf configs,
+    Lightning loop states): the weights never need them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Stub,), {})
+
+
+class _TolerantPickle:
+    Unpickler = _TolerantUnpickler
+    load = staticmethod(pickle.load)
+
+
+def read_file(path: str):
+    """The object in a checkpoint file: safetensors, or a torch pickle (tensors only if possible,
+    else unpickled with stand-ins for classes of packages that are not installed)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=_TolerantPickle)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise ValueError(f"not a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def strip(key: str) -> str:
+    """A key without the wrappers' prefixes, with the authors' lambda names mapped to ours."""
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    key = key.replace("._orig_mod.", ".")
+    for old, new in RENAMES.items():
+        key = new + key[len(old):] if key.startswith(old) else key
+    return key
+
+
+def is_foreign(obj) -> bool:
+    """True for a checkpoint that this module reads (owt_masked.py's own carry "config")."""
+    return isinstance(obj, dict) and "config" not in obj
+
+
+def backbone_weights(obj) -> tuple:
+    """A checkpoint object -> (weights {our name: tensor}, EMA weights or None).
+
+    The EMA shadow list is matched to the backbone's parameters in their stored order (MDLM and
+    SDTT save the state dict and the shadow list from the same parameter iteration)."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("not a state dict of tensors (nor a Lightning checkpoint with one)")
+    weights = {}
+    for k, v in sd.items():
+        name = strip(k)
+        if name.startswith(NOT_BACKBONE):
+            continue
+        weights[name] = v
+    ema = None
+    shadow = obj.get("ema", {}).get("shadow_params") if isinstance(obj.get("ema"), dict) else None
+    if shadow is not None:
+        params = [k for k in weights if k not in IGNORED]
+        if len(params) != len(shadow) or any(weights[k].shape != s.shape
+                                             for k, s in zip(params, shadow)):
+            raise ValueError(f"the EMA has {len(shadow)} tensors that do not match the "
+                             f"{len(params)} backbone parameters")
+        ema = dict(zip(params, shadow))
+    return weights, ema
+
+
+def describe(weights: dict) -> dict:
+    """Architecture read off the weights: {S, E, n_layer, cond_dim, lam_dim, lam_inject}."""
+    try:
+        S, E = weights["vocab_embed.embedding"].shape
+        cond_dim = weights["sigma_map.mlp.2.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"no {e.args[0]!r}: not an MDLM-style DiT checkpoint") from None
+    blocks = {int(m.group(1)) for k in weights if (m := re.match(r"blocks\.(\d+)\.", k))}
+    lam_dim, inject = 0, "adaln"
+    for prefix, kind in (("lam_token.0.weight", "token"), ("lam_mlp.0.weight", "adaln")):
+        if prefix in weights:
+            lam_dim, inject = weights[prefix].shape[1] // 128, kind
+    return dict(S=S, E=E, n_layer=len(blocks), cond_dim=cond_dim, lam_dim=lam_dim,
+                lam_inject=inject)
+
+
+def load_into(net: torch.nn.Module, weights: dict, head_dim: int) -> None:
+    """Strict load of converted weights into our DiT; one-line ValueError naming the first
+    missing, unexpected or mis-shaped tensor (e.g. a --n_head that does not match)."""
+    inv = weights.get("rotary_emb.inv_freq")
+    if inv is not None:
+        ours = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        if inv.shape != ours.shape or not torch.allclose(inv.float(), ours):
+            raise ValueError(f"rotary frequencies of head width {2 * len(inv)}, the network's "
+                             f"heads are {head_dim} wide: check --n_head")
+    sd = {k: v for k, v in weights.items() if k not in IGNORED}
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{len(missing)} missing (first {missing[:1]}) and {len(unexpected)} "
+                         f"unexpected (first {unexpected[:1]}) tensors")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, "
+                             f"{tuple(own[k].shape)} in the network")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
