@@ -106,7 +106,9 @@ class Config:
     cont_len: int = 50             # prefix-conditional samples have prefix_len + cont_len
     n_prefix: int = 256
     n_cont: int = 5
-    eval_gpt2: bool = False        # also score with GPT-2 Large (needs transformers)
+    judge: str = "gpt2-large"      # gen-PPL judge: gpt2-large (the papers'; MDLM's retokenised
+                                   # and SDTT's id protocols) | trained (an AR DiT trained here,
+                                   # offline) | both
     latency_runs: int = 5
     # system
     device: str = ""               # "" = cuda if available else cpu
@@ -136,7 +138,7 @@ PRESETS = {
                  distil_batch=4, lr=1e-4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
                  steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
                  sample_batch=128, prefix_len=8, cont_len=24, n_prefix=24, n_cont=5,
-                 latency_runs=3, dtype="float32", log_every=50, ckpt_every=500),
+                 latency_runs=3, dtype="float32", log_every=50, ckpt_every=500, judge="trained"),
     # seconds, for tests
     "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", seq_len=32, val_docs=4,
                   remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
@@ -144,7 +146,8 @@ PRESETS = {
                   teacher_lr=1e-3, ema=0.9, distil_iters=3, distil_batch=2, lr=1e-4,
                   warmup=2, L=4, control_iters=2, steps=(2, 4), student_steps=(2,),
                   n_samples=4, sample_batch=4, prefix_len=8, cont_len=24, n_prefix=2,
-                  n_cont=2, latency_runs=1, dtype="float32", log_every=1, ckpt_every=2),
+                  n_cont=2, latency_runs=1, dtype="float32", log_every=1, ckpt_every=2,
+                  judge="trained"),
 }
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset",
@@ -156,7 +159,7 @@ RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
                "dtype")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16"),
-           "lam_inject": ("adaln", "token")}
+           "lam_inject": ("adaln", "token"), "judge": ("gpt2-large", "trained", "both")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "seq_len": (2, INF), "val_docs": (1, INF), "n_layer": (1, INF), "n_embd": (1, INF),
@@ -700,11 +703,20 @@ def gpt2_encoding(tokenizer_file: str):
 # Data: documents -> GPT-2 ids joined by <|endoftext|> -> cached memmap -> blocks of D
 
 
+OWT_EXPORT = ("python -m venv /tmp/owt_export && /tmp/owt_export/bin/pip install 'datasets<4' "
+              "&& mkdir -p owt && /tmp/owt_export/bin/python -c \"import datasets; "
+              "ds = datasets.load_dataset('{name}', split='train', trust_remote_code=True); "
+              "[ds.shard(64, i, contiguous=True).to_parquet(f'owt/owt-{{i:05d}}.parquet') "
+              "for i in range(64)]\"")
+
+
 def load_documents(cfg: Config):
     """A `datasets.Dataset` with a "text" column, from local files, pydoc_data or the HF hub.
 
-    Paper preset: `Skylion007/openwebtext` read from its parquet files (datasets >= 4 runs no
-    loading scripts); a local copy of those parquet shards works through --data_files.
+    Paper preset: `Skylion007/openwebtext` from the hub. That repository is a loading script,
+    which datasets >= 4 refuses; then the error gives OWT_EXPORT, the one-off command that
+    writes the corpus as parquet shards in document order (for --data_files; the last
+    --val_docs documents are MDLM's validation split), see docs/owt.md.
     """
     import datasets
     if cfg.data_files:
@@ -732,9 +744,11 @@ def load_documents(cfg: Config):
         try:
             ds = datasets.load_dataset(cfg.dataset, split="train")
         except Exception as e:
-            raise SystemExit(f"error: could not load dataset {cfg.dataset!r}: {e}\n"
-                             "Download its parquet files and pass --data_files "
-                             "'path/*.parquet'.") from e
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise SystemExit(f"error: could not load dataset {cfg.dataset!r} "
+                             f"({type(e).__name__}: {first}); write it as local parquet shards "
+                             f"once and pass --data_files 'owt/*.parquet': "
+                             + OWT_EXPORT.format(name=cfg.dataset)) from None
     if "text" not in ds.column_names:
         raise SystemExit(f"error: the corpus has no 'text' column (columns: {ds.column_names})")
     if len(ds) <= cfg.val_docs:
@@ -1358,27 +1372,17 @@ def stage_sample(cfg: Config, ctx: Ctx, corpus: Corpus):
         update_metrics(cfg, ctx, {"latency": lat})
 
 
-def judge_nll_fn(judge, ctx: Ctx):
-    """nll_fn for eval/text_metrics.py: -log p_judge(x^{i+1} | x^{<=i}), (N, D - 1)."""
+def judge_logits_fn(judge, ctx: Ctx):
+    """The trained judge as a logits_fn of eval/text_metrics.py (model ids; no padding)."""
     @torch.no_grad()
-    def nll_fn(x):
-        x = x.to(ctx.device)
+    def logits_fn(x, attention_mask=None):
         with ctx.autocast():
-            logits = judge(x)[:, :-1].float()                                # (N, D - 1, S)
-        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
-    return nll_fn
+            return judge(x.to(ctx.device)).float()                           # (N, D, S)
+    return logits_fn
 
 
-def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
-    """Train (or reuse) the autoregressive judge, then score every sample file: gen-PPL under
-    the judge (and GPT-2 Large if --eval_gpt2), unigram entropy, prefix-conditional self-BLEU.
-    Only the sample sets of this configuration, each drawn by the current checkpoint."""
-    ids = {name: meta["id"] for name, (_, _, meta) in load_models(cfg, corpus).items()}
-    paths = {}
-    for name, kind, N in sample_sets(cfg):
-        paths[name, kind, N] = run_path(cfg, "samples", f"{name}_{kind}_{N}.pt")
-        if not os.path.exists(paths[name, kind, N]):
-            raise SystemExit(f"error: {paths[name, kind, N]!r} not found: run --stage sample")
+def train_judge(cfg: Config, ctx: Ctx, corpus: Corpus) -> nn.Module:
+    """The offline autoregressive judge (the DiT, causal), trained or reused from judge.pt."""
     torch.manual_seed(cfg.seed + 1)
     judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
     path, same = run_path(cfg, "judge.pt"), False
@@ -1397,43 +1401,74 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
 
         fit(cfg, ctx, "judge", judge, ar_loss, random_blocks(corpus), cfg.judge_iters,
             cfg.teacher_lr, cfg.batch_size, warmup=cfg.warmup)
+    return judge.eval()
+
+
+def primary_ppl(cfg: Config) -> str:
+    """The gen-PPL that the result tables, the speedup and the plot use."""
+    return "gen_ppl_judge" if cfg.judge == "trained" else "gen_ppl_gpt2_large_retok"
+
+
+def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
+    """Score every sample file: gen-PPL under --judge (GPT-2 Large: MDLM's retokenised protocol
+    for unconditional samples, the primary number, and SDTT's protocol on the ids; or the
+    autoregressive judge trained / reused here), unigram entropy, prefix-conditional self-BLEU.
+    Only the sample sets of this configuration, each drawn by the current checkpoint."""
+    ids = {name: meta["id"] for name, (_, _, meta) in load_models(cfg, corpus).items()}
+    paths = {}
+    for name, kind, N in sample_sets(cfg):
+        paths[name, kind, N] = run_path(cfg, "samples", f"{name}_{kind}_{N}.pt")
+        if not os.path.exists(paths[name, kind, N]):
+            raise SystemExit(f"error: {paths[name, kind, N]!r} not found: run --stage sample")
+    judge = train_judge(cfg, ctx, corpus) if cfg.judge in ("trained", "both") else None
     if ctx.rank != 0:
         return
-    judge.eval()
-    scorers = {"judge": judge_nll_fn(judge, ctx)}
-    if cfg.eval_gpt2:
-        gpt2 = text_metrics.gpt2_large_nll(ctx.device)
-        scorers["gpt2_large"] = lambda x: gpt2(corpus.gpt2_ids(x))
+    scorers = {}                       # name -> nll_fn on model ids (SDTT's protocol)
+    if judge is not None:
+        scorers["judge"] = text_metrics.ids_nll(judge_logits_fn(judge, ctx))
+    gpt2 = text_metrics.gpt2_large(ctx.device) if cfg.judge != "trained" else None
+    if gpt2 is not None:
+        scorers["gpt2_large"] = lambda x: text_metrics.ids_nll(gpt2)(corpus.gpt2_ids(x))
+
+    def score(tokens, start):
+        out = {f"gen_ppl_{k}": text_metrics.gen_ppl(f, tokens, start) for k, f in scorers.items()}
+        if gpt2 is not None and start == 1:            # MDLM's protocol, unconditional samples
+            texts = [corpus.decode(row) for row in tokens.tolist()]
+            out["gen_ppl_gpt2_large_retok"] = text_metrics.retokenized_gen_ppl(
+                gpt2, texts, lambda t: corpus.enc.encode(t, allowed_special="all"), EOT,
+                max_length=cfg.seq_len, batch_size=cfg.sample_batch)
+        return out
+
     val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val")))).cpu()
-    res = {"data": {k: text_metrics.gen_ppl(f, val) for k, f in scorers.items()}}
+    res = {"data": score(val, 1)}
     res["data"]["entropy"] = text_metrics.unigram_entropy(val)
     for (name, kind, N), path in paths.items():
         s = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
         check_lineage(path, s, {name: ids[name]})
-        start = 1 if kind == "uncond" else cfg.prefix_len
-        row = {f"gen_ppl_{k}": text_metrics.gen_ppl(f, s["tokens"], start)
-               for k, f in scorers.items()}
+        row = score(s["tokens"], 1 if kind == "uncond" else cfg.prefix_len)
         first = 0 if kind == "uncond" else cfg.prefix_len                   # continuation only
         row.update(entropy=text_metrics.unigram_entropy(s["tokens"][:, first:]), nfe=s["nfe"])
         if kind == "cond":
             groups = text_metrics.decode_groups(corpus.gpt2_ids(s["tokens"]), cfg.n_cont)
             row["self_bleu"] = text_metrics.self_bleu(groups)
         res[f"{name}_{kind}_{N}"] = row
+    key = primary_ppl(cfg)
     rows = [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
-                 nfe=v["nfe"], gen_ppl=v["gen_ppl_judge"], entropy=v["entropy"])
-            for k, v in res.items() if k != "data"]
+                 nfe=v["nfe"], gen_ppl=v.get(key, v.get(key.replace("_retok", ""))),
+                 entropy=v["entropy"]) for k, v in res.items() if k != "data"]
     update_metrics(cfg, ctx, {"eval": res, "results": rows, "primary": "gen_ppl",
                               "speedup": results_table.speedups(rows, "gen_ppl")})
     plot_quality(cfg, [r for r in rows if r["kind"] == "uncond"], "gen_ppl")
-    print_table(res)
+    print_table(res, key)
 
 
-def print_table(res: dict):
-    """The eval table (judge gen-PPL) and a RESULT line for student vs teacher at 8 steps."""
+def print_table(res: dict, key: str):
+    """The eval table (gen-PPL under `key`, for a prefix-conditional row its id-protocol
+    version) and a RESULT line for student vs teacher at each student step count."""
     keys = [k for k in res if k != "data"]
     print(f"\n{'model':<9}{'kind':<8}{'steps':>6}{'NFE':>7}{'gen-PPL':>10}{'entropy':>9}"
           f"{'self-BLEU':>11}")
-    print(f"{'data':<9}{'val':<8}{'-':>6}{'-':>7}{res['data']['judge']:>10.1f}"
+    print(f"{'data':<9}{'val':<8}{'-':>6}{'-':>7}{res['data'][key]:>10.1f}"
           f"{res['data']['entropy']:>9.3f}")
     order = sorted(keys, key=lambda k: (k.split("_")[1], k.split("_")[0],
                                            int(k.split("_")[2])))
@@ -1441,15 +1476,16 @@ def print_table(res: dict):
         name, kind, N = k.split("_")
         r = res[k]
         bleu = f"{r['self_bleu']:>11.1f}" if "self_bleu" in r else ""
-        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{r['gen_ppl_judge']:>10.1f}"
+        ppl = r.get(key, r.get(key.replace("_retok", "")))
+        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{ppl:>10.1f}"
               f"{r['entropy']:>9.3f}{bleu}")
     for k in sorted((k for k in keys if k.startswith("student_uncond_")),
                     key=lambda k: int(k.split("_")[2])):
         N = k.split("_")[2]
         if f"teacher_uncond_{N}" in res:
             s, t = res[k], res[f"teacher_uncond_{N}"]
-            print(f"RESULT student_gen_ppl@{N}={s['gen_ppl_judge']:.2f} "
-                  f"teacher_gen_ppl@{N}={t['gen_ppl_judge']:.2f} "
+            print(f"RESULT student_gen_ppl@{N}={s[key]:.2f} "
+                  f"teacher_gen_ppl@{N}={t[key]:.2f} "
                   f"student_entropy@{N}={s['entropy']:.3f} teacher_entropy@{N}={t['entropy']:.3f}")
 
 
@@ -1459,7 +1495,7 @@ def print_table(res: dict):
 
 def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
-    a given teacher checkpoint, local data files, nltk (self-BLEU) and, with --eval_gpt2,
+    given checkpoints, local data files, nltk (self-BLEU) and, with --judge gpt2-large or both,
     transformers and the GPT-2 Large weights (in the HF cache when offline)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = []
@@ -1475,10 +1511,10 @@ def run_needs(cfg: Config) -> list:
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
     if "eval" in stages:
         needs += package_needs({"nltk": ("nltk", "self-BLEU (stage eval)")})
-    if "eval" in stages and cfg.eval_gpt2:
-        needs += package_needs({"transformers": ("transformers", "--eval_gpt2")})
+    if "eval" in stages and cfg.judge != "trained":
+        needs += package_needs({"transformers": ("transformers", "--judge gpt2-large")})
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not gpt2_large_cached():
-            needs.append(("--eval_gpt2 needs the gpt2-large weights, which are not in the "
+            needs.append(("--judge gpt2-large needs the gpt2-large weights, which are not in the "
                           "Hugging Face cache and HF_HUB_OFFLINE=1 forbids the download",
                           "run once online: python -c \"from transformers import "
                           "AutoModelForCausalLM as M; M.from_pretrained('gpt2-large')\""))

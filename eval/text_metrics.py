@@ -4,12 +4,19 @@ Text metrics for owt_masked.py, as MDLM and SDTT compute them.
     gen_ppl          exp(mean over samples of the per-sample mean NLL) under a judge LM
     unigram_entropy  mean over samples of the entropy (nats) of each sample's token histogram
     self_bleu        prefix-conditional self-BLEU: 4-gram, NLTK smoothing method 1, x100
-    gpt2_large_nll   the judge of the paper (GPT-2 Large through `transformers`, imported
-                     only when this function is called; an optional extra)
+    retokenized_gen_ppl  MDLM's protocol: samples decoded to text, re-encoded by the judge's
+                     tokenizer (truncated to max_length, right-padded with EOS), token-weighted
+                     mean NLL over the non-EOS tokens and the first EOS, in 1024-token windows
+    gpt2_large       the judge of the papers (GPT-2 Large through `transformers`, imported
+                     only when this function is called; requirements-paper.txt)
 
 Samples are token-id tensors (N, D) long. A judge is any callable
-    nll_fn(x (N, D) long) -> (N, D - 1) float: -log p(x[:, i+1] | x[:, :i+1])
-so the offline autoregressive judge trained by owt_masked.py and GPT-2 Large plug in alike.
+    logits_fn(x (N, C) long, attention_mask (N, C) | None) -> (N, C, V) float logits
+`ids_nll(logits_fn)` turns it into the nll_fn(x) -> (N, D - 1) that gen_ppl takes, so the
+offline autoregressive judge trained by owt_masked.py and GPT-2 Large plug in alike.
+gen_ppl on GPT-2 ids is SDTT's protocol (sdtt core/diffusion/absorbing.py gpt2_eval), which the
+Di4C authors' text evaluation uses; retokenized_gen_ppl is MDLM's (diffusion.py
+compute_generative_perplexity).
 """
 import math
 from typing import Callable, List, Sequence
@@ -69,22 +76,64 @@ def self_bleu(groups: Sequence[Sequence[Sequence[int]]], n_gram: int = 4) -> flo
     return 100.0 * sum(per_prefix) / len(per_prefix)
 
 
-def gpt2_large_nll(device, name: str = "gpt2-large") -> Callable:
-    """An nll_fn for GPT-2 Large in float32 (MDLM's judge). Needs `pip install transformers`
-    and the weights in the HF cache (or internet). Inputs must be GPT-2 token ids."""
+def ids_nll(logits_fn: Callable) -> Callable:
+    """nll_fn(x (N, D)) -> (N, D - 1): -log p(x[:, i+1] | x[:, :i+1]) under a logits_fn judge."""
+    @torch.no_grad()
+    def nll_fn(x: torch.Tensor) -> torch.Tensor:
+        logits = logits_fn(x, None)[:, :-1].float()                            # (N, D - 1, V)
+        return torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="none").cpu()
+    return nll_fn
+
+
+@torch.no_grad()
+def retokenized_gen_ppl(logits_fn: Callable, texts: Sequence[str], encode: Callable, eos: int,
+                        max_length: int = 1024, context: int = 1024,
+                        batch_size: int = 16) -> float:
+    """MDLM's generative perplexity (diffusion.py, compute_generative_perplexity, retokenize).
+
+    Each text is encoded by the judge's tokenizer (`encode(str) -> ids`, <|endoftext|> as the
+    EOS token) and truncated to max_length; the rows are right-padded with EOS to the longest
+    (attention mask 0 there) and cut into windows of `context` tokens. A target token counts
+    if it is not EOS or if it is the row's first EOS (MDLM's mask: cumsum(EOS) == 1 or not
+    EOS, so the tokens between the first and a second EOS count as well); the result is
+    exp(sum of NLLs / number of counted tokens), token-weighted over the whole set.
+    Returns a float.
+    """
+    rows = [list(encode(t))[:max_length] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), eos, dtype=torch.long)               # (N, W)
+    attn = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    total, count = 0.0, 0
+    for b in range(0, len(rows), batch_size):
+        for lo in range(0, width, context):
+            x, a = ids[b:b + batch_size, lo:lo + context], attn[b:b + batch_size, lo:lo + context]
+            logits = logits_fn(x, a)[:, :-1].float().cpu()                      # (n, c - 1, V)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:],
+                                                    reduction="none").double()
+            is_eos = x == eos
+            counted = ((is_eos.cumsum(-1) == 1) | ~is_eos)[:, 1:]              # (n, c - 1)
+            total += (nll * counted).sum().item()
+            count += int(counted.sum())
+    return math.exp(total / count)
+
+
+def gpt2_large(device, name: str = "gpt2-large") -> Callable:
+    """GPT-2 Large as a logits_fn, float32 (the judge of MDLM, SDTT and Di4C). Needs
+    `pip install transformers` and the weights in the HF cache (or internet)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        raise SystemExit("error: --eval_gpt2 needs `pip install transformers`") from e
+        raise SystemExit("error: --judge gpt2-large needs `pip install transformers`") from e
     model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
 
     @torch.no_grad()
-    def nll_fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
-        logits = model(x).logits[:, :-1].float()                  # (N, D - 1, V)
-        return torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), x[:, 1:], reduction="none").cpu()
-    return nll_fn
+    def logits_fn(x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        a = None if attention_mask is None else attention_mask.to(device)
+        return model(x.to(device), attention_mask=a).logits
+    return logits_fn
 
 
 def decode_groups(samples: torch.Tensor, n_per_group: int) -> List[List[List[int]]]:

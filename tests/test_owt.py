@@ -33,10 +33,16 @@ def write_corpus(tmp_path, n_docs=40, kind="jsonl"):
         for i, d in enumerate(docs):
             (tmp_path / f"doc_{i:03d}.txt").write_text(d)
         path = tmp_path / "doc_*.txt"
-    else:
+    elif kind == "parquet":
         import datasets
         path = tmp_path / "corpus.parquet"
         datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
+    else:                               # shards as the export command in OWT_EXPORT writes them
+        import datasets
+        ds = datasets.Dataset.from_dict({"text": docs})
+        for i in range(12):             # 12 > 10: names sort in document order (zero-padded)
+            ds.shard(12, i, contiguous=True).to_parquet(str(tmp_path / f"owt-{i:05d}.parquet"))
+        path = tmp_path / "owt-*.parquet"
     return str(path), docs
 
 
@@ -58,7 +64,7 @@ def test_tokenizer_matches_gpt2():
     assert enc.n_vocab == 50257
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt", "parquet_shards"])
 def test_local_files_pipeline(tmp_path, kind):
     path, docs = write_corpus(tmp_path, kind=kind)
     cfg = smoke_cfg(tmp_path, data_files=path, val_docs=4, seq_len=16)
@@ -93,6 +99,22 @@ def test_clear_errors(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
+
+
+def test_hub_dataset_failure_gives_the_export_command(tmp_path, monkeypatch):
+    """datasets >= 4 refuses the loading script of Skylion007/openwebtext: the error names the
+    cause and the one-off parquet export command (whose shard layout test_local_files_pipeline
+    reads back in document order)."""
+    import datasets
+
+    def refuse(name, **kw):
+        raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    cfg = smoke_cfg(tmp_path, dataset="Skylion007/openwebtext")
+    with pytest.raises(SystemExit, match=r"RuntimeError: Dataset scripts .*--data_files "
+                                         r"'owt/\*\.parquet': .*datasets<4.*'Skylion007/"
+                                         r"openwebtext'.*trust_remote_code.*contiguous=True"):
+        m.load_documents(cfg)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
@@ -185,6 +207,48 @@ def test_text_metrics():
     assert text_metrics.gen_ppl(uniform, x) == pytest.approx(7.0)
     same = [[[1, 2, 3, 4, 5]] * 3]
     assert text_metrics.self_bleu(same) == pytest.approx(100.0)
+
+
+def test_retokenized_gen_ppl_is_mdlms_protocol():
+    """MDLM's gen-PPL against a loop written from its definition: a bigram judge over a
+    character vocabulary ("|" = EOS), texts truncated to max_length and right-padded with EOS,
+    windows of `context` tokens (a window's first token is no target), a target counts if it
+    is not EOS or is the row's first EOS; token-weighted over the set. The judge must see the
+    attention mask (0 on padding)."""
+    vocab = "abcde|"
+    eos = vocab.index("|")
+    table = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))    # (prev, next)
+    seen = []
+
+    def logits_fn(x, attn):
+        seen.append(None if attn is None else attn.clone())
+        return table[x]                                                       # (n, c, V)
+
+    encode = lambda t: [vocab.index(ch) for ch in t]
+    texts = ["abcab", "a|bc|dd", "eeeeeeeee", "b", "cd|"]
+    max_length, context = 7, 4
+    total, count = 0.0, 0
+    rows = [encode(t)[:max_length] for t in texts]
+    width = max(map(len, rows))
+    for r in rows:
+        r = r + [eos] * (width - len(r))
+        first_eos = r.index(eos) if eos in r else None
+        for j in range(1, width):
+            if j % context == 0 or (r[j] == eos and j != first_eos):
+                continue
+            total -= torch.log_softmax(table[r[j - 1]], -1)[r[j]].item()
+            count += 1
+    want = math.exp(total / count)
+    for bs in (1, 2, 16):
+        seen.clear()
+        got = text_metrics.retokenized_gen_ppl(logits_fn, texts, encode, eos, max_length,
+                                               context, batch_size=bs)
+        assert got == pytest.approx(want, rel=1e-9)
+    mask = torch.cat([torch.cat(seen[i:i + 2], 1) for i in range(0, len(seen), 2)])
+    assert mask.tolist()[3] == [1, 0, 0, 0, 0, 0, 0]                 # "b" padded, masked
+    ids = text_metrics.ids_nll(logits_fn)(torch.tensor([[0, 1, 2]]))
+    assert torch.allclose(ids[0], -torch.stack([torch.log_softmax(table[0], -1)[1],
+                                                torch.log_softmax(table[1], -1)[2]]))
 
 
 def test_smoke_end_to_end_pydoc(tmp_path):

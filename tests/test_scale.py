@@ -182,7 +182,7 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
     runs = [(cifar, dict(data_dir=str(tmp_path / "cifar")), "FID / IS .*torch-fidelity"),
             (imagenet, dict(tokenizer="vqvae", data_dir=str(tmp_path / "inet")),
              "FID / IS .*torch-fidelity.*requirements-paper.*FID reference images"),
-            (owt, dict(eval_gpt2=True), "--eval_gpt2 needs the package transformers")]
+            (owt, dict(judge="gpt2-large"), "--judge gpt2-large needs the package transformers")]
     for m, kw, message in runs:
         out = tmp_path / m.__name__
         cfg = m.make_config(m.Config, preset="paper", out_dir=str(out), **kw)
@@ -194,9 +194,9 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
     with pytest.raises(SystemExit, match="gpt2-large weights, which are not in the Hugging Face "
                                          "cache.*from_pretrained"):
         owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "j"),
-                                 eval_gpt2=True))
+                                 judge="both"))
     # a stage that needs no metric passes the check (and fails later for its own reasons)
-    assert owt.run_needs(owt.make_config(owt.Config, eval_gpt2=True, stage="teacher")) == []
+    assert owt.run_needs(owt.make_config(owt.Config, judge="both", stage="teacher")) == []
 
 
 def test_missing_checkpoints_and_data_stop_before_training(tmp_path):
