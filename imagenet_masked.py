@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -100,6 +101,8 @@ class Config:
     distil_batch: int = 4          # global x_t per step (2 per GPU x 2 GPUs), L lambdas each
     lr: float = 1e-5               # Di4C and control; AdamW betas (0.9, 0.96), constant
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
+    lam_inject: str = "add"        # how the student sees lambda: add (ours, to every token's
+                                   # embedding; student = teacher at init) | token (the authors')
     weight_decay: float = 1e-5
     L: int = 32
     r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
@@ -118,6 +121,9 @@ class Config:
     sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
     r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
     lfg: bool = False              # the teacher gives the unconditional CFG branch
+    sampler: str = "ours"          # ours (docs/method.md (39)-(41)) | maskgit (MaskGIT-pytorch's
+                                   # sample(), output over K + 1) | di4c (the authors' modified
+                                   # sample(): our reveal counts, otherwise as maskgit)
     n_per_class: int = 50          # 50 x 1000 classes = the 50k FID samples
     sample_batch: int = 64
     grid_classes: int = 10         # PNG grids for the first classes
@@ -175,10 +181,12 @@ RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr"
                            "r_delta", "data_term", "seed", "vqvae_lr")
 RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_lr_mult",
                 "weight_decay", "teacher_steps", "alpha_const", "student_ema",
-                "student_dropout", "sm_temp", "r_temp", "teacher_cosine")   # the objective
-SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype")
+                "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
+                "lam_inject")                                             # the objective
+SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
-           "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16")}
+           "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
+           "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "label_div": (1, 10), "img_size": (8, INF), "vq_codes": (2, INF), "vq_dim": (1, INF),
@@ -967,17 +975,22 @@ class MaskTransformer(nn.Module):
     Two output rules (where we differ from MaskGIT-pytorch, docs/imagenet.md): [MASK] is never
     predicted, and revealed tokens are copied (log-prob 0), so revealed positions add exactly
     zero to every Di4C term; the sampler never changes them either way.
-    Student (lam_dim > 0): sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU -> Linear(512, E)
-    is added to every token's input embedding. Its last layer starts at zero, so at init the
-    student is the teacher exactly, for every lambda (docs/method.md (14)). The official code
-    appends lambda as an extra token instead; a token changes every attention normaliser even with a
-    zero embedding, so it cannot start equal to the teacher.
+    Student (lam_dim > 0), lam_inject "add" (ours): sinusoid(1000 lam) -> Linear(128 k, 512)
+    -> GELU -> Linear(512, E) is added to every token's input embedding. Its last layer starts
+    at zero, so at init the student is the teacher exactly, for every lambda (docs/method.md
+    (14)). lam_inject "token" (the authors' student, so that it loads: maskgit-di4c-d.pth): the
+    same map's output is appended as one more token after the position embedding and dropped
+    after the output MLP; a token changes every attention normaliser even with a zero
+    embedding, so it cannot start equal to the teacher.
+    `raw_logits` is MaskGIT-pytorch's output (K + 1 classes, [MASK] included, no rules), which
+    its own sampler uses (--sampler upstream).
     """
 
     def __init__(self, K: int, D: int, n_classes: int, n_layer: int, E: int, H: int, mlp: int,
-                 dropout: float, lam_dim: int = 0):
+                 dropout: float, lam_dim: int = 0, lam_inject: str = "add"):
         super().__init__()
         self.K, self.D, self.n_classes, self.lam_dim = K, D, n_classes, lam_dim
+        self.lam_inject = lam_inject if lam_dim else ""
         V = K + 1 + n_classes + 1
         self.embed = nn.Embedding(V, E)
         self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, D + 1, E), 0.0, 0.02))
@@ -988,32 +1001,43 @@ class MaskTransformer(nn.Module):
         self.last = nn.Sequential(nn.LayerNorm(E, eps=1e-12), nn.Dropout(dropout),
                                   nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12))
         self.out_bias = nn.Parameter(torch.zeros(D + 1, V))
-        if lam_dim:
+        if self.lam_inject == "add":
             self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
                                          nn.Linear(512, E))
             nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
+        elif self.lam_inject == "token":
+            self.lam_token = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+                                           nn.Linear(512, E))
 
-    def forward(self, x_t, t=None, lam=None, y=None):
+    def raw_logits(self, x_t, lam=None, y=None):
+        """MaskGIT-pytorch's output: (N, D, K + 1) float logits, [MASK] included."""
         N, D = x_t.shape
         tokens = torch.cat([x_t, y[:, None] + self.K + 1], 1)                   # (N, D + 1)
         h = self.embed(tokens) + self.pos                                       # (N, D + 1, E)
-        if self.lam_dim:
+        if self.lam_inject == "add":
             h = h + self.lam_mlp(sinusoid(lam))[:, None]
+        elif self.lam_inject == "token":
+            h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
         h = self.first(h)
         for block in self.blocks:
             h = block(h)
         h = self.last(h)[:, :D]                                                 # (N, D, E)
-        logits = (h @ self.embed.weight[:self.K + 1].T).float() + self.out_bias[:D, :self.K + 1]
+        return (h @ self.embed.weight[:self.K + 1].T).float() + self.out_bias[:D, :self.K + 1]
+
+    def forward(self, x_t, t=None, lam=None, y=None):
+        logits = self.raw_logits(x_t, lam, y)                                   # (N, D, S)
         logits[..., self.K] = NEG                                               # never [MASK]
         revealed = (x_t != self.K)[..., None]                                   # (N, D, 1)
         copy = torch.full_like(logits, NEG).scatter_(-1, x_t[..., None].clamp_max(self.K), 0.0)
         return torch.where(revealed, copy, logits)                              # (N, D, S)
 
 
-def build_model(cfg: Config, meta: dict, lam_dim: int = 0, dropout=None) -> MaskTransformer:
+def build_model(cfg: Config, meta: dict, lam_dim: int = 0, dropout=None,
+                lam_inject=None) -> MaskTransformer:
     return MaskTransformer(meta["K"], meta["grid"] ** 2, meta["n_classes"], cfg.n_layer,
                            cfg.n_embd, cfg.n_head, cfg.mlp_dim,
-                           cfg.dropout if dropout is None else dropout, lam_dim)
+                           cfg.dropout if dropout is None else dropout, lam_dim,
+                           cfg.lam_inject if lam_inject is None else lam_inject)
 
 
 def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransformer:
@@ -1042,14 +1066,16 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
         raise SystemExit(f"error: cannot read {path!r} as a checkpoint ({e})") from None
     if isinstance(state, dict) and "model_state_dict" in state and "config" not in state:
         from pretrained.maskgit import maskgit_to_ours
-        sd, lam_dim = maskgit_to_ours(state["model_state_dict"]), 0
+        sd = maskgit_to_ours(state["model_state_dict"])
+        lam_dim = 1 if "lam_token.0.weight" in sd else 0      # the authors' student
+        inject = "token"
         info = {"id": weights_id(sd), "parents": {}}
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
-        lam_dim = state["lam_dim"]
+        lam_dim, inject = state["lam_dim"], state["config"].get("lam_inject", "add")
         sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
         info = {"id": state.get("id"), "parents": state.get("parents", {})}
-    net = load_strict(build_model(cfg, meta, lam_dim), sd,
+    net = load_strict(build_model(cfg, meta, lam_dim, lam_inject=inject), sd,
                       f"{path!r} does not fit this transformer (K = {meta['K']}, D = "
                       f"{meta['grid'] ** 2}, {meta['n_classes']} classes, --n_layer/--n_embd/"
                       "--n_head/--mlp_dim)")
@@ -1159,6 +1185,82 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
         noise = torch.full((N,), cfg.r_temp * (1 - ratio), device=dev)
         x = confidence_reveal(x, core.log_probs(cfg.sm_temp * logits), n, noise, K, generator)
     return x
+
+
+def upstream_schedule(n_steps: int, D: int) -> list:
+    """MaskGIT-pytorch's `adap_sche(step, "arccos")`: tokens to reveal at each step, in
+    proportion to arccos(r) / (pi / 2) for r = linspace(1, 0, steps) (float32), rounded, zeros
+    raised to 1, the last absorbing the remainder. Needs 2 or more steps."""
+    if n_steps < 2:
+        raise SystemExit(f"error: --sampler maskgit needs 2 or more steps, got {n_steps} "
+                         "(MaskGIT-pytorch's schedule divides by zero at 1)")
+    val = torch.arccos(torch.linspace(1, 0, n_steps)) / (math.pi * 0.5)
+    sche = (val / val.sum() * D).round()
+    sche[sche == 0] = 1
+    sche[-1] += D - sche.sum()
+    if sche[-1] < 1:
+        raise SystemExit(f"error: {n_steps} steps cannot reveal {D} tokens with MaskGIT-pytorch's "
+                         "schedule")
+    return sche.int().tolist()
+
+
+@torch.no_grad()
+def maskgit_sample_upstream(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int,
+                            w: float, generator: torch.Generator, rng: np.random.RandomState,
+                            uncond=None, variant: str = "maskgit") -> torch.Tensor:
+    """MaskGIT-pytorch's `sample()` (randomize "linear", sched_mode "arccos"), step for step:
+    variant "maskgit" as valeoai/Maskgit-pytorch v1, "di4c" as the Di4C authors' copy (their
+    reveal counts = our reveal_counts, the draw from Categorical(logits), lambda for a
+    student). Differences from `maskgit_sample`: the schedule (upstream_schedule for
+    "maskgit"), the raw output over K + 1 classes ([MASK] can be drawn and
+    revealed; clamped to K - 1 at the end, as upstream does before decoding), tokens revealed
+    where confidence >= the t-th largest (ties reveal more, but only the top t leave the mask),
+    the Gumbel noise from numpy's `rng`. A student draws lam = U[0, 1) from `generator` before
+    each step's forward, shared by both CFG branches; the categorical draw is
+    torch.multinomial on `generator` (what torch.distributions.Categorical.sample does), so a
+    generator and a RandomState seeded like upstream's global RNGs replay upstream's draws.
+    Args: y (N,) class ids. Returns x_0 (N, D) long in [0, K - 1].
+    """
+    D, K = net.D, net.K
+    N, dev = y.shape[0], y.device
+    code = torch.full((N, D), K, dtype=torch.long, device=dev)
+    mask = torch.ones(N, D, dtype=torch.bool, device=dev)
+    dropped = torch.full_like(y, net.n_classes)
+    sche = upstream_schedule(n_steps, D) if variant == "maskgit" else reveal_counts(n_steps, D)
+    for k, t in enumerate(sche):
+        left = int(mask.sum())
+        t = min(t, left)
+        if left == 0:
+            break
+        lam = torch.rand(N, lam_dim, generator=generator, device=dev) if lam_dim else None
+        if w != 0 and uncond is None:                  # both CFG branches in one batch
+            both = net.raw_logits(code.repeat(2, 1), None if lam is None else lam.repeat(2, 1),
+                                  torch.cat([y, dropped])).float()
+            logits, u_logits = both.chunk(2)                                    # (N, D, K + 1)
+        else:
+            logits = net.raw_logits(code, lam, y).float()                      # (N, D, K + 1)
+            if w != 0:
+                u_logits = uncond.raw_logits(code, None, dropped).float()
+        if w != 0:
+            w_k = w * (k / (len(sche) - 1))
+            logits = (1 + w_k) * logits - w_k * u_logits
+        prob = torch.softmax(logits * cfg.sm_temp, -1)                          # (N, D, K + 1)
+        if variant == "di4c":          # Categorical(logits=...): logits normalised first
+            z = logits * cfg.sm_temp
+            draw = torch.softmax(z - z.logsumexp(-1, keepdim=True), -1)
+        else:                          # Categorical(probs=...): probabilities renormalised
+            draw = prob / prob.sum(-1, keepdim=True)
+        pred = torch.multinomial(draw.view(N * D, -1), 1, True, generator=generator).view(N, D)
+        conf = prob.gather(-1, pred[..., None])[..., 0]                         # (N, D)
+        ratio = k / (len(sche) - 1)
+        gumbel = torch.from_numpy(cfg.r_temp * rng.gumbel(size=(N, D)) * (1 - ratio)).to(dev)
+        conf = torch.log(conf) + gumbel                                         # float64
+        conf[~mask] = -math.inf
+        top, idx = conf.topk(t, dim=-1)                                         # (N, t)
+        chosen = mask & (conf >= top[:, -1:])
+        code[chosen] = pred[chosen]
+        mask.scatter_(1, idx, False)
+    return code.clamp(0, K - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -1313,11 +1415,17 @@ def generate(cfg: Config, ctx: Ctx, net, lam_dim: int, y: torch.Tensor, n_steps:
     The seed depends on (steps, w, rank), not on the model: common random numbers."""
     seed = cfg.seed * 1_000_003 + 10_007 * n_steps + round(1000 * w) + 7919 * ctx.rank
     g = torch.Generator(device=ctx.device).manual_seed(seed)
+    rng = np.random.RandomState(seed % 2 ** 32)                # --sampler upstream's Gumbel noise
     mine, out = y[ctx.rank::ctx.world_size], []
     for i in range(0, len(mine), cfg.sample_batch):
         with ctx.autocast():
             y_i = mine[i:i + cfg.sample_batch].to(ctx.device)
-            out.append(maskgit_sample(cfg, net, lam_dim, y_i, n_steps, w, g, uncond).cpu())
+            if cfg.sampler != "ours":
+                x = maskgit_sample_upstream(cfg, net, lam_dim, y_i, n_steps, w, g, rng, uncond,
+                                            cfg.sampler)
+            else:
+                x = maskgit_sample(cfg, net, lam_dim, y_i, n_steps, w, g, uncond)
+            out.append(x.cpu())
     parts = ctx.gather(torch.cat(out) if out else torch.zeros(0, net.D, dtype=torch.long))
     x0 = torch.empty(len(y), net.D, dtype=torch.long)
     for r, part in enumerate(parts):

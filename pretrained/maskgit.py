@@ -8,8 +8,9 @@ def maskgit_to_ours(sd: dict) -> dict:
 
     tok_emb -> embed, pos_emb -> pos, first_layer.i -> first.i, last_layer.i -> last.i,
     bias -> out_bias, transformer.layers.l.0.norm -> blocks.l.ln1, .0.fn.mha.* -> .attn.*,
-    .1.norm -> .ln2, .1.fn.net.i -> .mlp.i. Unknown keys keep their names (a strict load then
-    names them, e.g. the official Di4C student's latent_projection.*).
+    .1.norm -> .ln2, .1.fn.net.i -> .mlp.i; the Di4C authors' student (sony/di4c,
+    maskgit-di4c-d.pth): latent_projection.* -> lam_token.* (lam_inject "token"). Unknown keys
+    keep their names (a strict load then names them).
     """
     top = {"tok_emb.weight": "embed.weight", "pos_emb": "pos", "bias": "out_bias"}
     out = {}
@@ -18,6 +19,8 @@ def maskgit_to_ours(sd: dict) -> dict:
         p = k.split(".")
         if k in top:
             out[top[k]] = v
+        elif p[0] == "latent_projection":
+            out[".".join(["lam_token"] + p[1:])] = v
         elif p[0] in ("first_layer", "last_layer"):
             out[".".join([p[0].split("_")[0]] + p[1:])] = v
         elif p[:2] == ["transformer", "layers"] and len(p) >= 6:

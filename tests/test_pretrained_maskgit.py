@@ -1,0 +1,75 @@
+"""MaskGIT-pytorch's transformer and sampler, and the Di4C authors' MaskGIT student, in
+imagenet_masked.py, against golden files made from the upstream code (tests/fixtures/README.md).
+
+Network: the fixture's random weights through pretrained/maskgit.py into our MaskTransformer
+give the upstream logits (float32, max abs difference at most 1e-5). Sampler: --sampler maskgit
+(valeoai's sample()) and --sampler di4c (the authors' modified copy), given a torch generator and a numpy RandomState seeded as upstream's global RNGs
+were, draws exactly the tokens upstream's MaskGIT.sample drew (teacher with CFG; the authors'
+student with a fresh lambda per step). CPU, offline, seconds.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import imagenet_masked as m
+from pretrained.maskgit import maskgit_to_ours
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+ATOL = 1e-5
+
+
+def load(name):
+    fx = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=True)
+    c = fx["config"]
+    K, D = c["codebook_size"], (c["img_size"] // 16) ** 2
+    lam_dim = 1 if fx["lam"] is not None else 0
+    net = m.MaskTransformer(K, D, c["nclass"], c["depth"], c["hidden_dim"], c["heads"],
+                            c["mlp_dim"], c["dropout"], lam_dim, "token").eval()
+    net.load_state_dict(maskgit_to_ours(fx["state_dict"]))                  # strict
+    return fx, net, lam_dim
+
+
+@pytest.mark.parametrize("name", ["maskgit_v1", "di4c_maskgit_student"])
+def test_network_matches_upstream(name):
+    fx, net, lam_dim = load(name)
+    y = torch.where(fx["drop"], net.n_classes, fx["y"])              # dropped class = n_classes
+    with torch.no_grad():
+        ours = net.raw_logits(fx["x"], fx["lam"], y)                          # (N, D, K + 1)
+    diff = (ours - fx["logits"]).abs().max().item()
+    assert diff <= ATOL, diff
+    assert fx["logits"].abs().max() > 1
+    if lam_dim:                                                   # lambda is really an input
+        with torch.no_grad():
+            other = net.raw_logits(fx["x"], 1 - fx["lam"], y)
+        assert (other - fx["logits"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["maskgit_v1", "di4c_maskgit_student"])
+def test_upstream_sampler_draws_upstreams_tokens(name):
+    fx, net, lam_dim = load(name)
+    s = fx["sample"]
+    variant = "di4c" if name.startswith("di4c") else "maskgit"
+    cfg = m.make_config(m.Config, preset="smoke", sm_temp=s["sm_temp"], r_temp=s["r_temp"],
+                        sampler=variant)
+    g = torch.Generator().manual_seed(s["seed"])
+    rng = np.random.RandomState(s["seed"])
+    codes = m.maskgit_sample_upstream(cfg, net, lam_dim, s["labels"], s["step"], s["w"], g, rng,
+                                      variant=variant)
+    assert torch.equal(codes, s["codes"])
+    other = m.maskgit_sample_upstream(cfg, net, lam_dim, s["labels"], s["step"], s["w"],
+                                      torch.Generator().manual_seed(s["seed"] + 1),
+                                      np.random.RandomState(s["seed"] + 1), variant=variant)
+    assert not torch.equal(other, s["codes"])                       # the draws matter
+
+
+def test_upstream_schedule():
+    """MaskGIT-pytorch's arccos schedule: sums to D, at least one token per step, 1 step refused."""
+    assert m.upstream_schedule(12, 256)[0] == 1 and sum(m.upstream_schedule(12, 256)) == 256
+    assert all(n >= 1 and sum(m.upstream_schedule(k, 16)) == 16
+               for k in range(2, 9) for n in m.upstream_schedule(k, 16))
+    with pytest.raises(SystemExit, match="2 or more steps"):
+        m.upstream_schedule(1, 16)
+    with pytest.raises(SystemExit, match="cannot reveal 16 tokens"):
+        m.upstream_schedule(19, 16)
