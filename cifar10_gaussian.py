@@ -70,6 +70,8 @@ class Config:
     dropout: float = 0.1
     # teacher training
     teacher_ckpt: str = ""         # use this teacher instead of training one (ours or tauLDR format)
+    student_ckpt: str = ""         # "" = out_dir/student.pt; or the authors' tldr-di4c.pt (tauLDR
+                                   # format; sampled and scored beside the teacher, no distill)
     teacher_iters: int = 2000000
     teacher_batch: int = 128
     teacher_lr: float = 2e-4
@@ -1066,17 +1068,18 @@ def control_steps(cfg: Config) -> int:
 
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     """The finished network `{name}.pt` of this run (EMA weights), or the teacher from
-    --teacher_ckpt: ours, or tauLDR's (detected by its keys; its EMA weights, see
-    pretrained/tauldr.py). Every key must match (strict). Returns (net in eval mode, state)."""
-    path = cfg.teacher_ckpt if (name == "teacher" and cfg.teacher_ckpt) else \
-        run_path(cfg, f"{name}.pt")
+    --teacher_ckpt / the student from --student_ckpt: ours, or tauLDR's layout (detected by its
+    keys; its EMA weights; the Di4C authors' student too, see pretrained/tauldr.py). Every key
+    must match (strict). Returns (net in eval mode, state)."""
+    given = {"teacher": cfg.teacher_ckpt, "student": cfg.student_ckpt}.get(name, "")
+    path = given or run_path(cfg, f"{name}.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path!r} not found: run --stage "
                          f"{'teacher' if name == 'teacher' else 'distill'} first (same --out_dir), "
                          "or pass --teacher_ckpt")
     net = build_unet(cfg, C, H, lam).to(dev)
     st = None
-    if path == cfg.teacher_ckpt:
+    if given:
         from pretrained import tauldr  # andrew-cr/tauLDR's checkpoint layout, recognised by keys
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
@@ -1140,6 +1143,8 @@ def load_nets(cfg: Config, C: int, H: int, dev) -> dict:
     names = ("teacher", "student", "control") if cfg.control_iters else ("teacher", "student")
     nets = {name: load_net(cfg, name, C, H, name == "student", dev) for name in names}
     for name in names[1:]:
+        if name == "student" and cfg.student_ckpt:   # a released student records no parents
+            continue
         check_lineage(run_path(cfg, f"{name}.pt"), nets[name][1],
                       {"teacher": nets["teacher"][1]["id"]})
     return nets
@@ -1273,8 +1278,13 @@ def run_needs(cfg: Config) -> list:
     a given teacher checkpoint, and torch-fidelity for FID / IS unless the data are digits."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = []
-    if cfg.teacher_ckpt and not os.path.exists(cfg.teacher_ckpt):
-        needs.append((f"--teacher_ckpt {cfg.teacher_ckpt!r} does not exist", "fix the path"))
+    for flag in ("teacher_ckpt", "student_ckpt"):
+        path = getattr(cfg, flag)
+        if path and not os.path.exists(path):
+            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
     if "eval" in stages and cfg.dataset != "digits":
         needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
     return needs

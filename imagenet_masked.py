@@ -89,6 +89,8 @@ class Config:
     label_drop: float = 0.1        # class index n_classes means "dropped" (CFG)
     # teacher (MaskGIT)
     teacher_ckpt: str = ""         # ours or MaskGIT-pytorch's .pth; "" = out_dir/teacher.pt
+    student_ckpt: str = ""         # "" = out_dir/student.pt; or the authors' maskgit-di4c-d.pth
+                                   # (--lam_inject token; sampled and scored, no distill stage)
     teacher_iters: int = 755_200
     batch_size: int = 512          # global images per teacher / control / VQ-VAE step
     teacher_lr: float = 1e-4
@@ -1396,7 +1398,7 @@ def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
     """{name: (frozen net, lam_dim, info)} of the teacher, the student and (if --control_iters)
     the control, each checked to descend from the current teacher."""
     paths = {"teacher": cfg.teacher_ckpt or run_path(cfg, "teacher.pt"),
-             "student": run_path(cfg, "student.pt")}
+             "student": cfg.student_ckpt or run_path(cfg, "student.pt")}
     if cfg.control_iters:
         paths["control"] = run_path(cfg, "control.pt")
     for name, path in paths.items():
@@ -1405,6 +1407,8 @@ def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
                              f"{'teacher' if name == 'teacher' else 'distill'} first")
     nets = {name: load_model(cfg, meta, path, ctx.device) for name, path in paths.items()}
     for name in nets.keys() - {"teacher"}:
+        if name == "student" and cfg.student_ckpt:   # a released student records no parents
+            continue
         check_lineage(paths[name], nets[name][2], {"teacher": nets["teacher"][2]["id"]})
     return nets
 
@@ -1612,8 +1616,13 @@ def run_needs(cfg: Config) -> list:
     if "tokenize" in stages and cfg.tokenizer == "vqgan" and not os.path.exists(cfg.vqgan_ckpt):
         needs.append((f"--vqgan_ckpt {cfg.vqgan_ckpt!r} does not exist", "download MaskGIT-"
                       "pytorch's VQGAN (README 'Running the paper') or pass --tokenizer vqvae"))
-    if cfg.teacher_ckpt and not os.path.exists(cfg.teacher_ckpt):
-        needs.append((f"--teacher_ckpt {cfg.teacher_ckpt!r} does not exist", "fix the path"))
+    for flag in ("teacher_ckpt", "student_ckpt"):
+        path = getattr(cfg, flag)
+        if path and not os.path.exists(path):
+            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
     if "eval" in stages and cfg.tokenizer != "pixels":
         needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
         ref = os.path.join(cfg.data_dir, "val")

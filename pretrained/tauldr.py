@@ -5,15 +5,24 @@ tauLDR saves checkpoint["model"] = the state dict of its EMA model class: "net.<
 list in the order of those parameters, plus "ema_decay", "ema_num_updates". Our U-Net holds the
 same blocks in the same order under other names; `tauldr_to_ours` / `ours_to_tauldr` map the keys,
 `is_tauldr_checkpoint` recognises the layout and `check_and_convert` checks a checkpoint key by key
-against a network before mapping it. Errors are ValueError with a one-line message.
+against a network before mapping it. The Di4C authors' student (sony/di4c, `tldr-di4c.pt`) has
+the same layout plus its lambda path (tlam_mix, lemb_modules, h_t_lam_mix, hlemb_modules, and
+dense1 in every ResBlock), which is ours (lam_emb_down, lam_emb_up, lam_proj) under other
+names. Errors are ValueError with a one-line message.
 """
 import torch
 
 
 TOP_MODULES = {"temb_modules.0": "temb.0", "temb_modules.1": "temb.2", "input_conv": "conv_in",
-               "output_modules.0": "out.0", "output_modules.1": "out.2"}
+               "output_modules.0": "out.0", "output_modules.1": "out.2",
+               # the Di4C authors' student (sony/di4c tauldr, do_lam_embed): the (lambda, t)
+               # embedding before the bottleneck and the (lambda, t, bottleneck mean) one after
+               "tlam_mix": "lam_emb_down.0", "lemb_modules.0": "lam_emb_down.2",
+               "lemb_modules.1": "lam_emb_down.4", "h_t_lam_mix": "lam_emb_up.0",
+               "hlemb_modules.0": "lam_emb_up.2", "hlemb_modules.1": "lam_emb_up.4"}
 MODULE_LISTS = {"downsampling_modules": "down", "middle_modules": "mid", "upsampling_modules": "up"}
-LEAF_MODULES = {"groupnorm0": "n1", "conv0": "c1", "dense0": "t_proj", "groupnorm1": "n2", "conv1": "c2",
+LEAF_MODULES = {"groupnorm0": "n1", "conv0": "c1", "dense0": "t_proj", "dense1": "lam_proj",
+                "groupnorm1": "n2", "conv1": "c2",
                 "GroupNorm_0": "n", "conv": "conv", "nin": "skip", "NIN_3": "out"}   # NIN_0..2 -> qkv
 NIN_PARAMS = {"W": "weight", "b": "bias"}     # NiN: y = x W + b, W (in, out) = 1x1 conv weight^T
 EMA_KEYS = ("ema_decay", "ema_num_updates", "ema_shadow_params")

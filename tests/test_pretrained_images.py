@@ -1,7 +1,8 @@
 """Golden-file equivalence with the upstream image networks whose checkpoints we load.
 
-tests/fixtures/tauldr_unet.pt and taming_vqgan.pt were made by make_image_fixtures.py from
-andrew-cr/tauLDR and valeoai/Maskgit-pytorch (its taming VQGAN): tiny networks with random weights
+tests/fixtures/tauldr_unet.pt, tauldr_di4c_student.pt and taming_vqgan.pt were made by
+make_image_fixtures.py from andrew-cr/tauLDR, the Di4C authors' tauLDR copy (their student) and
+valeoai/Maskgit-pytorch (its taming VQGAN): tiny networks with random weights
 (stored in float8, exact in float32), fixed inputs and the upstream outputs. Each test writes the
 state dict in the upstream checkpoint layout to a file, loads it with our loader
 (cifar10_gaussian.load_net -> pretrained/tauldr.py; imagenet_masked.load_vqgan ->
@@ -55,12 +56,14 @@ def tauldr_net(tmp_path):
 
 
 def run_tauldr(net, fx) -> tuple:
-    """Our U-Net on the fixture's x_t, t: (logits, output before the head, centred x)."""
+    """Our U-Net on the fixture's x_t, t (lambda for a student): (logits, output before the
+    head, centred x)."""
     seen = {}
     hooks = [net.out.register_forward_hook(lambda mod, inp, out: seen.update(raw=out)),
              net.conv_in.register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))]
+    lam = fx.get("lam")
     with torch.no_grad():
-        logits = net(fx["x"], fx["t"])
+        logits = net(fx["x"], fx["t"], None if lam is None else lam[:, None])
     for h in hooks:
         h.remove()
     assert torch.equal(logits, cg.logistic_logits(seen["x"], seen["raw"], net.S))
@@ -90,6 +93,27 @@ def test_tauldr_raw_weights_match_upstream(tmp_path):
     net.load_state_dict(tauldr.tauldr_to_ours(fx["state_dict"], ema=False))
     check_tauldr(net, fx, "raw net.* weights", "_raw")
     assert (fx["logits_raw"] - fx["logits"]).abs().max() > 0.1       # the two weight sets differ
+
+
+def test_authors_tauldr_student_matches_upstream(tmp_path):
+    """The Di4C authors' student (sony/di4c tauldr, do_lam_embed; the layout of tldr-di4c.pt)
+    through --student_ckpt: its lambda path maps onto ours; lambda really is an input."""
+    fx = fixture("tauldr_di4c_student.pt")
+    c = fx["config"]
+    C, H, _ = c["shape"]
+    path = str(tmp_path / "tldr-di4c.pt")
+    torch.save({"model": fx["state_dict"], "n_iter": 1234}, path)
+    cfg = cg.make_config(cg.Config, S=c["S"], ch=c["ch"], ch_mult=tuple(c["ch_mult"]),
+                         num_res_blocks=c["num_res_blocks"], dropout=c["dropout"],
+                         attn_res=(H // 2 ** c["scale_count_to_put_attn"],), student_ckpt=path)
+    net, st = cg.load_net(cfg, "student", C, H, True, "cpu")
+    assert st["format"] == "tauLDR (EMA weights)"
+    check_tauldr(net, fx, "the authors' student, EMA weights")
+    with torch.no_grad():
+        other = net(fx["x"], fx["t"], 1 - fx["lam"][:, None])
+    assert (other - fx["logits"]).abs().max() > 1e-2
+    net.load_state_dict(tauldr.tauldr_to_ours(fx["state_dict"], ema=False))
+    check_tauldr(net, fx, "the authors' student, raw weights", "_raw")
 
 
 @pytest.fixture(scope="module")

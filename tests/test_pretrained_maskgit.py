@@ -73,3 +73,21 @@ def test_upstream_schedule():
         m.upstream_schedule(1, 16)
     with pytest.raises(SystemExit, match="cannot reveal 16 tokens"):
         m.upstream_schedule(19, 16)
+
+
+def test_released_checkpoints_load_through_load_model(tmp_path):
+    """MaskGIT-pytorch's file layout ({"model_state_dict": ...}) through load_model: the
+    teacher as a product model, the authors' student recognised by its lambda token."""
+    for name, want_lam in (("maskgit_v1", 0), ("di4c_maskgit_student", 1)):
+        fx = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=True)
+        c = fx["config"]
+        path = str(tmp_path / f"{name}.pth")
+        torch.save({"model_state_dict": fx["state_dict"]}, path)
+        cfg = m.make_config(m.Config, preset="smoke", n_layer=c["depth"], n_embd=c["hidden_dim"],
+                            n_head=c["heads"], mlp_dim=c["mlp_dim"])
+        meta = {"K": c["codebook_size"], "grid": c["img_size"] // 16, "n_classes": c["nclass"]}
+        net, lam_dim, info = m.load_model(cfg, meta, path, torch.device("cpu"))
+        assert lam_dim == want_lam and info["parents"] == {} and not net.training
+        y = torch.where(fx["drop"], net.n_classes, fx["y"])
+        with torch.no_grad():
+            assert (net.raw_logits(fx["x"], fx["lam"], y) - fx["logits"]).abs().max() <= ATOL
