@@ -214,6 +214,18 @@ def package_needs(packages: dict) -> list:
             for module, (pip, why) in packages.items() if importlib.util.find_spec(module) is None]
 
 
+def checkpoint_needs(cfg, stages) -> list:
+    """[(problem, fix)] for --teacher_ckpt / --student_ckpt: the files exist, and a given
+    (released) student is sampled and scored, never also trained by the distill stage."""
+    needs = [(f"--{flag} {getattr(cfg, flag)!r} does not exist", "fix the path")
+             for flag in ("teacher_ckpt", "student_ckpt")
+             if getattr(cfg, flag) and not os.path.exists(getattr(cfg, flag))]
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
+    return needs
+
+
 def preflight(needs: list):
     """Stop before any work when a later stage of the run would fail: `needs` are the
     (problem, fix) pairs the script found (metric packages, checkpoints, data, judge weights)."""
@@ -1277,14 +1289,7 @@ def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
     a given teacher checkpoint, and torch-fidelity for FID / IS unless the data are digits."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
-    needs = []
-    for flag in ("teacher_ckpt", "student_ckpt"):
-        path = getattr(cfg, flag)
-        if path and not os.path.exists(path):
-            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
-    if cfg.student_ckpt and "distill" in stages:
-        needs.append(("--student_ckpt replaces the distill stage's student",
-                      "run --stage sample, then --stage eval"))
+    needs = checkpoint_needs(cfg, stages)
     if "eval" in stages and cfg.dataset != "digits":
         needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
     return needs

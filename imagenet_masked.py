@@ -268,6 +268,18 @@ def package_needs(packages: dict) -> list:
             for module, (pip, why) in packages.items() if importlib.util.find_spec(module) is None]
 
 
+def checkpoint_needs(cfg, stages) -> list:
+    """[(problem, fix)] for --teacher_ckpt / --student_ckpt: the files exist, and a given
+    (released) student is sampled and scored, never also trained by the distill stage."""
+    needs = [(f"--{flag} {getattr(cfg, flag)!r} does not exist", "fix the path")
+             for flag in ("teacher_ckpt", "student_ckpt")
+             if getattr(cfg, flag) and not os.path.exists(getattr(cfg, flag))]
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
+    return needs
+
+
 def preflight(needs: list):
     """Stop before any work when a later stage of the run would fail: `needs` are the
     (problem, fix) pairs the script found (metric packages, checkpoints, data, judge weights)."""
@@ -1616,13 +1628,7 @@ def run_needs(cfg: Config) -> list:
     if "tokenize" in stages and cfg.tokenizer == "vqgan" and not os.path.exists(cfg.vqgan_ckpt):
         needs.append((f"--vqgan_ckpt {cfg.vqgan_ckpt!r} does not exist", "download MaskGIT-"
                       "pytorch's VQGAN (README 'Running the paper') or pass --tokenizer vqvae"))
-    for flag in ("teacher_ckpt", "student_ckpt"):
-        path = getattr(cfg, flag)
-        if path and not os.path.exists(path):
-            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
-    if cfg.student_ckpt and "distill" in stages:
-        needs.append(("--student_ckpt replaces the distill stage's student",
-                      "run --stage sample, then --stage eval"))
+    needs += checkpoint_needs(cfg, stages)
     if "eval" in stages and cfg.tokenizer != "pixels":
         needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
         ref = os.path.join(cfg.data_dir, "val")

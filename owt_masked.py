@@ -234,6 +234,18 @@ def package_needs(packages: dict) -> list:
             for module, (pip, why) in packages.items() if importlib.util.find_spec(module) is None]
 
 
+def checkpoint_needs(cfg, stages) -> list:
+    """[(problem, fix)] for --teacher_ckpt / --student_ckpt: the files exist, and a given
+    (released) student is sampled and scored, never also trained by the distill stage."""
+    needs = [(f"--{flag} {getattr(cfg, flag)!r} does not exist", "fix the path")
+             for flag in ("teacher_ckpt", "student_ckpt")
+             if getattr(cfg, flag) and not os.path.exists(getattr(cfg, flag))]
+    if cfg.student_ckpt and "distill" in stages:
+        needs.append(("--student_ckpt replaces the distill stage's student",
+                      "run --stage sample, then --stage eval"))
+    return needs
+
+
 def preflight(needs: list):
     """Stop before any work when a later stage of the run would fail: `needs` are the
     (problem, fix) pairs the script found (metric packages, checkpoints, data, judge weights)."""
@@ -1498,14 +1510,7 @@ def run_needs(cfg: Config) -> list:
     given checkpoints, local data files, nltk (self-BLEU) and, with --judge gpt2-large or both,
     transformers and the GPT-2 Large weights (in the HF cache when offline)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
-    needs = []
-    for flag in ("teacher_ckpt", "student_ckpt"):
-        path = getattr(cfg, flag)
-        if path and not os.path.exists(path):
-            needs.append((f"--{flag} {path!r} does not exist", "fix the path"))
-    if cfg.student_ckpt and "distill" in stages:
-        needs.append(("--student_ckpt replaces the distill stage's student",
-                      "run --stage sample, then --stage eval"))
+    needs = checkpoint_needs(cfg, stages)
     if cfg.data_files and not any(glob.glob(os.path.expanduser(p.strip()))
                                   for p in cfg.data_files.split(",") if p.strip()):
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
