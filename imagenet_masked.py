@@ -120,6 +120,9 @@ class Config:
     steps: tuple = (4, 8)          # teacher step counts
     student_steps: tuple = (4,)    # student and control step counts
     cfg_w: float = 3.0             # every model is sampled with w = 0 and w = cfg_w
+    cfg_ws: tuple = (1.0, 2.0, 4.0, 6.0)  # and at these CFG weights (the FID-IS sweep, Fig. 3)
+    fid_ref: str = ""              # FID / precision-recall reference: "" = the validation images;
+                                   # ADM's VIRTUAL_imagenet256_labeled.npz = the peers' reference
     sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
     r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
     lfg: bool = False              # the teacher gives the unconditional CFG branch
@@ -161,7 +164,7 @@ PRESETS = {
                  teacher_cosine=True, label_smoothing=0.0, teacher_ema=0.995, distil_iters=400,
                  distil_batch=16, lr=1e-4, lam_lr_mult=10.0, L=16, student_ema=0.99,
                  alpha_const=1.0, student_dropout=0.0, steps=(2, 4, 8, 16),
-                 student_steps=(2, 4), cfg_w=1.0, r_temp=20.0, n_per_class=200, sample_batch=500,
+                 student_steps=(2, 4), cfg_w=1.0, cfg_ws=(), r_temp=20.0, n_per_class=200, sample_batch=500,
                  latency_runs=5,
                  dtype="float32", log_every=100, ckpt_every=500),
     # seconds, for tests
@@ -170,7 +173,7 @@ PRESETS = {
                   vq_attn_res=(4,), vq_codes=16, vq_dim=8, vqvae_iters=3, num_workers=0,
                   n_layer=1, n_embd=32, n_head=2, mlp_dim=64, dropout=0.0, teacher_iters=4,
                   batch_size=8, teacher_lr=1e-3, warmup=2, distil_iters=3, distil_batch=2,
-                  lr=1e-4, L=4, steps=(2, 4), student_steps=(2,), cfg_w=1.0, n_per_class=2,
+                  lr=1e-4, L=4, steps=(2, 4), student_steps=(2,), cfg_w=1.0, cfg_ws=(), n_per_class=2,
                   sample_batch=10, grid_classes=2, latency_runs=1, dtype="float32",
                   log_every=1, ckpt_every=2),
 }
@@ -202,7 +205,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
     "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
     "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
-    "student_steps": (1, INF), "cfg_w": (0, INF), "sm_temp": (TINY, INF), "r_temp": (0, INF),
+    "student_steps": (1, INF), "cfg_w": (0, INF), "cfg_ws": (0, INF), "sm_temp": (TINY, INF), "r_temp": (0, INF),
     "n_per_class": (1, INF), "sample_batch": (1, INF), "grid_classes": (0, INF),
     "latency_runs": (1, INF),
     "seed": (0, INF), "micro_batch": (0, INF), "dist_timeout": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
@@ -1403,7 +1406,7 @@ def sample_runs(cfg: Config) -> list:
     nets = [("teacher", cfg.steps), ("student", cfg.student_steps)]
     nets += [("control", cfg.student_steps)] if cfg.control_iters else []
     return [(f"{name}@{N}_w{w:g}", name, N, w) for name, steps in nets for N in steps
-            for w in dict.fromkeys((0.0, cfg.cfg_w))]
+            for w in dict.fromkeys((0.0, cfg.cfg_w, *cfg.cfg_ws))]
 
 
 def load_nets(cfg: Config, ctx: Ctx, meta: dict) -> dict:
@@ -1537,15 +1540,34 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
             imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
             for j, img in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
                 Image.fromarray(img).save(os.path.join(folder, f"{i + j:06d}.png"))
-        res[label] = {**inception.fid_is(folder, reference=ref),
+        res[label] = {**inception.fid_is(folder, reference=ref, prc=True),
                       "steps": s["steps"], "w": s["w"]}
     return res
 
 
 def fid_reference(cfg: Config) -> str:
-    """FID reference images: the validation split (imagenet) or the folder itself, resized
-    and centre-cropped to img_size, written once as PNGs to out_dir/fid_ref."""
+    """FID reference images, written once as PNGs: --fid_ref npz (ADM's reference batch,
+    `arr_0` (N, H, W, 3) uint8, to out_dir/fid_ref_npz; it must be img_size square), else the
+    validation split (imagenet) or the folder itself, resized and centre-cropped to img_size
+    (out_dir/fid_ref)."""
     from PIL import Image
+    if cfg.fid_ref:
+        folder = os.path.join(cfg.out_dir, "fid_ref_npz")
+        if not os.path.isdir(folder):
+            try:
+                arr = np.load(cfg.fid_ref)["arr_0"]
+            except (OSError, KeyError, ValueError) as e:
+                raise SystemExit(f"error: --fid_ref {cfg.fid_ref!r}: not an npz with the reference "
+                                 f"images in arr_0 ({type(e).__name__}: {e})") from None
+            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (cfg.img_size,
+                                                                             cfg.img_size, 3):
+                raise SystemExit(f"error: --fid_ref {cfg.fid_ref!r}: arr_0 is {arr.dtype} "
+                                 f"{arr.shape}, need uint8 (N, {cfg.img_size}, {cfg.img_size}, 3)")
+            os.makedirs(folder + ".tmp", exist_ok=True)
+            for i, img in enumerate(arr):
+                Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+            os.replace(folder + ".tmp", folder)
+        return folder
     folder = os.path.join(cfg.out_dir, "fid_ref")
     if not os.path.isdir(folder):
         ds = image_folder(cfg, "val")
@@ -1632,7 +1654,10 @@ def run_needs(cfg: Config) -> list:
     if "eval" in stages and cfg.tokenizer != "pixels":
         needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
         ref = os.path.join(cfg.data_dir, "val")
-        if cfg.dataset == "imagenet" and not os.path.isdir(ref) and \
+        if cfg.fid_ref and not os.path.exists(cfg.fid_ref):
+            needs.append((f"--fid_ref {cfg.fid_ref!r} does not exist", "download ADM's "
+                          "VIRTUAL_imagenet256_labeled.npz (docs/reproduce.md) or drop --fid_ref"))
+        elif cfg.dataset == "imagenet" and not cfg.fid_ref and not os.path.isdir(ref) and \
                 not os.path.isdir(os.path.join(cfg.out_dir, "fid_ref")):
             needs.append((f"FID reference images {ref!r} not found", "put the ImageNet "
                           "validation images there, one folder per class"))

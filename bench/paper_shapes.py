@@ -119,7 +119,8 @@ SCRIPTS = {
         stages=("tokenize", "teacher", "distill", "sample"), gpus=2,
         bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=8,
                    control_iters=2, n_per_class=1, sample_batch=10, steps=(2,),
-                   student_steps=(2,), grid_classes=2, latency_runs=1, num_workers=0),
+                   student_steps=(2,), grid_classes=2, latency_runs=1, num_workers=0,
+                   cfg_ws=()),                   # the preset's CFG sweep: sampling only
         narrow=dict(n_layer=1, n_embd=32, n_head=2, mlp_dim=64, vq_ch=32, L=4),
         fits={"teacher": ("teacher_iters", "batch_size", False),
               "student": ("distil_iters", "distil_batch", True),

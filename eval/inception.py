@@ -38,8 +38,11 @@ def _as_input(x):
 
 
 def fid_is(samples, reference="cifar10-train", batch_size=64, cuda=None, weights_path=None,
-           datasets_root=None, verbose=False):
-    """FID of samples against a reference, and the Inception Score of samples.
+           datasets_root=None, verbose=False, prc=False):
+    """FID of samples against a reference, and the Inception Score of samples; with prc=True
+    also improved precision and recall (Kynkaenniemi et al. 2019, k = 3) on the same
+    Inception-v3 pool features (2048-d), as ADM's ImageNet evaluator computes them (torch-fidelity's
+    own default for precision / recall is VGG16 features, which the image papers do not use).
 
     Args:
         samples: a directory of PNG/JPEG images, or a uint8 tensor (N, 3, H, W).
@@ -49,22 +52,28 @@ def fid_is(samples, reference="cifar10-train", batch_size=64, cuda=None, weights
         weights_path: local Inception weights file, to avoid the download.
         datasets_root: where registered datasets live (default $TORCH_HOME/fidelity_datasets).
     Returns:
-        {"fid": float, "is_mean": float, "is_std": float}
+        {"fid": float, "is_mean": float, "is_std": float} (+ "precision", "recall" with prc)
     """
     try:
         import torch_fidelity
     except ImportError as e:
         raise ImportError("eval.inception.fid_is needs torch-fidelity: pip install torch-fidelity") from e
+    extra = dict(prc=True, feature_extractor="inception-v3-compat",
+                 feature_layer_prc="2048", prc_neighborhood=3) if prc else {}
     try:
         m = torch_fidelity.calculate_metrics(
             input1=_as_input(samples), input2=_as_input(reference), fid=True, isc=True,
             batch_size=batch_size, cuda=torch.cuda.is_available() if cuda is None else cuda,
-            feature_extractor_weights_path=weights_path, datasets_root=datasets_root, verbose=verbose)
+            feature_extractor_weights_path=weights_path, datasets_root=datasets_root, verbose=verbose,
+            **extra)
     except OSError as e:
         raise RuntimeError(
             "torch-fidelity could not download the Inception weights or the reference dataset "
             "(no network?). Put the weights in $TORCH_HOME/hub/checkpoints or pass weights_path=, and "
             "pass a local reference (an image directory, a tensor, or datasets_root= holding the "
             f"dataset). Original error: {e}") from e
-    return {"fid": m["frechet_inception_distance"], "is_mean": m["inception_score_mean"],
-            "is_std": m["inception_score_std"]}
+    out = {"fid": m["frechet_inception_distance"], "is_mean": m["inception_score_mean"],
+           "is_std": m["inception_score_std"]}
+    if prc:
+        out.update(precision=m["precision"], recall=m["recall"])
+    return out

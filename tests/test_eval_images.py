@@ -186,3 +186,20 @@ def test_inception_returns_named_metrics_and_validates(monkeypatch):
     assert out == {"fid": 3.0, "is_mean": 9.0, "is_std": 0.1}
     with pytest.raises(ValueError, match="uint8"):
         inception.fid_is(torch.zeros(2, 3, 8, 8))
+
+
+def test_inception_precision_recall_on_inception_features(monkeypatch):
+    """prc=True asks torch-fidelity for k = 3 precision / recall on the 2048-d Inception
+    features (ADM's protocol), not its VGG16 default, and returns them by name."""
+    seen = {}
+
+    def metrics(**kwargs):
+        seen.update(kwargs)
+        return {"frechet_inception_distance": 3.0, "inception_score_mean": 9.0,
+                "inception_score_std": 0.1, "precision": 0.7, "recall": 0.5}
+    monkeypatch.setitem(sys.modules, "torch_fidelity",
+                        types.SimpleNamespace(calculate_metrics=metrics))
+    out = inception.fid_is(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), reference="ref", prc=True)
+    assert out == {"fid": 3.0, "is_mean": 9.0, "is_std": 0.1, "precision": 0.7, "recall": 0.5}
+    assert seen["prc"] and seen["feature_extractor"] == "inception-v3-compat"
+    assert seen["feature_layer_prc"] == "2048" and seen["prc_neighborhood"] == 3

@@ -444,3 +444,28 @@ def test_lr_factor_warmup_then_constant_or_cosine():
     cos = [m.lr_factor(s, 4, 104) for s in (0, 3, 4, 54, 104, 200)]
     assert cos[:3] == [0.25, 1.0, 1.0] and cos[3] == pytest.approx(0.5) and cos[4:] == [0.0, 0.0]
     assert all(a >= b for a, b in zip(cos[1:], cos[2:]))           # never rises after warm-up
+
+
+def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
+    """--fid_ref: ADM's reference batch (arr_0, uint8 (N, H, W, 3)) written once as PNGs that
+    read back equal; a wrong shape or file stops with one line. The paper preset samples every
+    model at w = 0, cfg_w and each of cfg_ws (the FID-IS sweep of Fig. 3)."""
+    import numpy as np
+    from PIL import Image
+    arr = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=arr)
+    cfg = m.make_config(m.Config, preset="smoke", img_size=16, out_dir=str(tmp_path / "run"),
+                        fid_ref=str(tmp_path / "ref.npz"))
+    folder = m.fid_reference(cfg)
+    files = sorted(os.listdir(folder))
+    assert len(files) == 3
+    assert all((np.asarray(Image.open(os.path.join(folder, f))) == a).all()
+               for f, a in zip(files, arr))
+    bad = m.make_config(m.Config, preset="smoke", img_size=32, out_dir=str(tmp_path / "bad"),
+                        fid_ref=str(tmp_path / "ref.npz"))
+    with pytest.raises(SystemExit, match=r"arr_0 is uint8 \(3, 16, 16, 3\), need uint8 \(N, 32, 32, 3\)"):
+        m.fid_reference(bad)
+    paper = m.make_config(m.Config)
+    ws = sorted({w for *_, w in m.sample_runs(paper)})
+    assert ws == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
+    assert len(m.sample_runs(paper)) == 6 * (len(paper.steps) + 2 * len(paper.student_steps))
