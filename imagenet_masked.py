@@ -205,7 +205,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
     "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
     "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
-    "student_steps": (1, INF), "cfg_w": (0, INF), "cfg_ws": (0, INF), "sm_temp": (TINY, INF), "r_temp": (0, INF),
+    "student_steps": (1, INF), "cfg_w": (0, INF), "sm_temp": (TINY, INF), "r_temp": (0, INF),
     "n_per_class": (1, INF), "sample_batch": (1, INF), "grid_classes": (0, INF),
     "latency_runs": (1, INF),
     "seed": (0, INF), "micro_batch": (0, INF), "dist_timeout": (1, INF), "time_limit": (0, INF), "log_every": (1, INF),
@@ -1640,6 +1640,8 @@ def check(cfg: Config):
                          f"{cfg.label_div}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
+        raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
 
 
 def run_needs(cfg: Config) -> list:

@@ -47,6 +47,11 @@ from eval import results_table, text_metrics
 # Config (defaults = the paper preset; --preset demo / smoke override a few fields)
 
 
+SDTT7 = "pretrained_sdtt/sdtt7/model.safetensors"
+SDTT7_GET = ("huggingface-cli download jdeschena/sdtt model.safetensors --revision "
+             "baselines_kld_step_70000 --local-dir pretrained_sdtt/sdtt7")
+
+
 @dataclass
 class Config:
     preset: str = "paper"          # paper | demo | smoke
@@ -90,8 +95,10 @@ class Config:
     distil_prob: float = 0.3       # probability of drawing t in [0, delta)
     T: int = 1024                  # SDTT time grid {k / T}
     alpha_const: float = 0.1       # alpha(t) = 0.1 sigmoid(20 (t - 1/2))
-    teacher_ckpt: str = ""         # "" = out_dir/teacher.pt; a student.pt -> multi-round; or a
-                                   # released MDLM / SDTT / Di4C-SDTT .ckpt / .safetensors
+    teacher_ckpt: str = SDTT7      # the paper's teacher, SDTT round 7 (download: SDTT7_GET);
+                                   # "" = train MDLM from scratch into out_dir/teacher.pt; a
+                                   # student.pt -> multi-round; or any released MDLM / SDTT /
+                                   # Di4C-SDTT .ckpt / .safetensors
     student_ckpt: str = ""         # "" = out_dir/student.pt; or a released Di4C-SDTT student
                                    # (sampled and scored beside the teacher; no distill stage)
     control_iters: int = -1        # the teacher fine-tuned with its MDLM loss: -1 = the Di4C
@@ -131,7 +138,7 @@ PRESETS = {
     # delta = 1.5 / T so that the first grid point is in the distillation region;
     # the teacher's LR decays to 0 (teacher_cosine): with 1,500 steps at a constant LR the
     # control (plain MDLM fine-tuning) beat the student, i.e. the teacher was not converged
-    "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", seq_len=32, val_docs=8,
+    "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", teacher_ckpt="", seq_len=32, val_docs=8,
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
                  teacher_iters=4000, judge_iters=600, batch_size=32, teacher_lr=1e-3,
                  teacher_cosine=True, ema=0.995, student_ema=0.99, distil_iters=400,
@@ -140,7 +147,7 @@ PRESETS = {
                  sample_batch=128, prefix_len=8, cont_len=24, n_prefix=24, n_cont=5,
                  latency_runs=3, dtype="float32", log_every=50, ckpt_every=500, judge="trained"),
     # seconds, for tests
-    "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", seq_len=32, val_docs=4,
+    "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", teacher_ckpt="", seq_len=32, val_docs=4,
                   remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
                   dropout=0.0, teacher_iters=4, judge_iters=4, batch_size=8,
                   teacher_lr=1e-3, ema=0.9, distil_iters=3, distil_batch=2, lr=1e-4,
@@ -1511,6 +1518,11 @@ def run_needs(cfg: Config) -> list:
     transformers and the GPT-2 Large weights (in the HF cache when offline)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = checkpoint_needs(cfg, stages)
+    if cfg.teacher_ckpt == SDTT7 and not os.path.exists(SDTT7):
+        needs = [(f"the paper preset's teacher {SDTT7!r} is not there",
+                  f"download it: {SDTT7_GET}; or --teacher_ckpt '' trains MDLM from scratch")
+                 if problem.startswith("--teacher_ckpt") else (problem, fix)
+                 for problem, fix in needs]
     if cfg.data_files and not any(glob.glob(os.path.expanduser(p.strip()))
                                   for p in cfg.data_files.split(",") if p.strip()):
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))

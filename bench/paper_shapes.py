@@ -130,7 +130,8 @@ SCRIPTS = {
         bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=4,
                    control_iters=2, judge_iters=2, steps=(2,), student_steps=(2,), n_samples=2,
                    sample_batch=2, n_prefix=1, n_cont=2, latency_runs=1,
-                   judge="trained"),             # GPT-2 Large is not here: the trained judge
+                   judge="trained",              # GPT-2 Large is not here: the trained judge
+                   teacher_ckpt=""),             # the teacher's training cost, not SDTT's file
         narrow=dict(n_layer=1, n_embd=32, n_head=2, cond_dim=16, L=1, n_samples=1,
                     sample_batch=1),
         fits={"teacher": ("teacher_iters", "batch_size", False),

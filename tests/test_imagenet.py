@@ -469,3 +469,6 @@ def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
     ws = sorted({w for *_, w in m.sample_runs(paper)})
     assert ws == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
     assert len(m.sample_runs(paper)) == 6 * (len(paper.steps) + 2 * len(paper.student_steps))
+    m.check(m.make_config(m.Config, preset="smoke"))                  # cfg_ws = (): no sweep
+    with pytest.raises(SystemExit, match="--cfg_ws must be values in"):
+        m.check(m.make_config(m.Config, preset="smoke", cfg_ws=(2.0, -1.0)))

@@ -196,7 +196,14 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
         owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "j"),
                                  judge="both"))
     # a stage that needs no metric passes the check (and fails later for its own reasons)
-    assert owt.run_needs(owt.make_config(owt.Config, judge="both", stage="teacher")) == []
+    assert owt.run_needs(owt.make_config(owt.Config, judge="both", stage="teacher",
+                                         teacher_ckpt="")) == []
+    # the text paper preset's teacher is SDTT-7's released file: missing, the fix is its download
+    with pytest.raises(SystemExit, match="teacher 'pretrained_sdtt/sdtt7/model.safetensors' is "
+                                         "not there .*huggingface-cli download jdeschena/sdtt "
+                                         "model.safetensors --revision baselines_kld_step_70000"):
+        owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "k"),
+                                 judge="trained", stage="distill"))
 
 
 def test_missing_checkpoints_and_data_stop_before_training(tmp_path):
