@@ -116,6 +116,8 @@ class Config:
     judge: str = "gpt2-large"      # gen-PPL judge: gpt2-large (the papers'; MDLM's retokenised
                                    # and SDTT's id protocols) | trained (an AR DiT trained here,
                                    # offline) | both
+    mauve: bool = False            # MAUVE of prefix-conditional continuations vs the real ones
+                                   # (needs mauve-text and the GPT-2 Large weights)
     latency_runs: int = 5
     # system
     device: str = ""               # "" = cuda if available else cpu
@@ -1423,6 +1425,14 @@ def train_judge(cfg: Config, ctx: Ctx, corpus: Corpus) -> nn.Module:
     return judge.eval()
 
 
+def real_continuations(cfg: Config, corpus: Corpus) -> list:
+    """The held-out text that follows each sampling prefix (the reference of MAUVE)."""
+    n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
+    end = cfg.prefix_len + cfg.cont_len
+    blocks = corpus.get("val", np.arange(n_prefix)).cpu()                       # (P, D)
+    return [corpus.decode(r[cfg.prefix_len:end]) for r in blocks.tolist()]
+
+
 def primary_ppl(cfg: Config) -> str:
     """The gen-PPL that the result tables, the speedup and the plot use."""
     return "gen_ppl_judge" if cfg.judge == "trained" else "gen_ppl_gpt2_large_retok"
@@ -1470,6 +1480,11 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
         if kind == "cond":
             groups = text_metrics.decode_groups(corpus.gpt2_ids(s["tokens"]), cfg.n_cont)
             row["self_bleu"] = text_metrics.self_bleu(groups)
+            if cfg.mauve:
+                row["mauve"] = text_metrics.mauve_score(
+                    real_continuations(cfg, corpus),
+                    [corpus.decode(r[cfg.prefix_len:]) for r in s["tokens"].tolist()],
+                    device_id=ctx.device.index or 0 if ctx.device.type == "cuda" else -1)
         res[f"{name}_{kind}_{N}"] = row
     key = primary_ppl(cfg)
     rows = [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
@@ -1528,6 +1543,8 @@ def run_needs(cfg: Config) -> list:
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
     if "eval" in stages:
         needs += package_needs({"nltk": ("nltk", "self-BLEU (stage eval)")})
+    if "eval" in stages and cfg.mauve:
+        needs += package_needs({"mauve": ("mauve-text", "--mauve")})
     if "eval" in stages and cfg.judge != "trained":
         needs += package_needs({"transformers": ("transformers", "--judge gpt2-large")})
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not gpt2_large_cached():

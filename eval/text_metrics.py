@@ -4,6 +4,7 @@ Text metrics for owt_masked.py, as MDLM and SDTT compute them.
     gen_ppl          exp(mean over samples of the per-sample mean NLL) under a judge LM
     unigram_entropy  mean over samples of the entropy (nats) of each sample's token histogram
     self_bleu        prefix-conditional self-BLEU: 4-gram, NLTK smoothing method 1, x100
+    mauve_score      MAUVE of continuations against the real ones (optional: mauve-text)
     retokenized_gen_ppl  MDLM's protocol: samples decoded to text, re-encoded by the judge's
                      tokenizer (truncated to max_length, right-padded with EOS), token-weighted
                      mean NLL over the non-EOS tokens and the first EOS, in 1024-token windows
@@ -134,6 +135,21 @@ def gpt2_large(device, name: str = "gpt2-large") -> Callable:
         a = None if attention_mask is None else attention_mask.to(device)
         return model(x.to(device), attention_mask=a).logits
     return logits_fn
+
+
+def mauve_score(real_texts: Sequence[str], sample_texts: Sequence[str], device_id: int = -1,
+                model: str = "gpt2-large", max_text_length: int = 1024) -> float:
+    """MAUVE (Pillutla et al. 2021) of samples against real text, through the `mauve-text`
+    package (GPT-2 Large features, its default k-means quantisation), as SDTT reports it for
+    prefix-conditional continuations. Optional: `pip install mauve-text`."""
+    try:
+        import mauve
+    except ImportError as e:
+        raise SystemExit("error: --mauve needs `pip install mauve-text`") from e
+    out = mauve.compute_mauve(p_text=list(real_texts), q_text=list(sample_texts),
+                              featurize_model_name=model, device_id=device_id,
+                              max_text_length=max_text_length, verbose=False)
+    return float(out.mauve)
 
 
 def decode_groups(samples: torch.Tensor, n_per_group: int) -> List[List[List[int]]]:

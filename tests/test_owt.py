@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -321,3 +322,34 @@ def test_second_di4c_round_from_a_student(tmp_path):
     r1 = torch.load(os.path.join(first.out_dir, "student.pt"), weights_only=True)
     r2 = torch.load(os.path.join(second.out_dir, "student.pt"), weights_only=True)
     assert r2["parents"]["teacher"] == r1["id"]
+
+
+def test_mauve_is_optional_and_called_as_sdtt_does(tmp_path, monkeypatch):
+    """--mauve: MAUVE of the continuations against the held-out text after each prefix, GPT-2
+    Large features, through mauve-text (faked here: no weights); missing, the run stops first."""
+    seen = {}
+
+    def compute_mauve(**kw):
+        seen.update(kw)
+        return types.SimpleNamespace(mauve=0.875)
+    fake = types.ModuleType("mauve")
+    fake.compute_mauve = compute_mauve
+    monkeypatch.setitem(sys.modules, "mauve", fake)
+    got = text_metrics.mauve_score(["a real text"], ["a sample", "another"], device_id=-1)
+    assert got == 0.875 and seen["p_text"] == ["a real text"] and len(seen["q_text"]) == 2
+    assert seen["featurize_model_name"] == "gpt2-large" and seen["device_id"] == -1
+    cfg = smoke_cfg(tmp_path)
+    corpus = m.Corpus(cfg, ctx_for(cfg))
+    real = m.real_continuations(cfg, corpus)
+    block = corpus.get("val", [0])[0].tolist()
+    assert len(real) == min(cfg.n_prefix, corpus.n_blocks("val"))
+    assert real[0] == corpus.decode(block[cfg.prefix_len:cfg.prefix_len + cfg.cont_len])
+    monkeypatch.setitem(sys.modules, "mauve", None)
+    with pytest.raises(SystemExit, match="--mauve needs `pip install mauve-text`"):
+        text_metrics.mauve_score(["x"], ["y"])
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "mauve" else find(name, *a, **k))
+    assert any("--mauve needs the package mauve-text" in p
+               for p, _ in m.run_needs(smoke_cfg(tmp_path, mauve=True)))
