@@ -196,8 +196,9 @@ def parse_config(cls, argv=None):
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=int, nargs="+")}.get(
-            f.type, dict(type=f.type))
+        elem = float if f.type is tuple and any(isinstance(x, float) for x in f.default) else int
+        kind = {bool: dict(type=_parse_bool), tuple: dict(type=elem, nargs="*")}.get(
+            f.type, dict(type=f.type))                 # an empty list: LIMITS decides
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
     return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
 

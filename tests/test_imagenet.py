@@ -470,5 +470,7 @@ def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
     assert ws == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
     assert len(m.sample_runs(paper)) == 6 * (len(paper.steps) + 2 * len(paper.student_steps))
     m.check(m.make_config(m.Config, preset="smoke"))                  # cfg_ws = (): no sweep
+    assert m.parse_config(m.Config, ["--cfg_ws"]).cfg_ws == ()        # from the CLI too
+    assert m.parse_config(m.Config, ["--cfg_ws", "1.5", "2"]).cfg_ws == (1.5, 2.0)
     with pytest.raises(SystemExit, match="--cfg_ws must be values in"):
         m.check(m.make_config(m.Config, preset="smoke", cfg_ws=(2.0, -1.0)))
