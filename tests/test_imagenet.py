@@ -322,15 +322,16 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
     assert tokens.to_images(x).shape == (2, 3, 16, 16)
     from eval import inception                                       # FID/IS without weights:
-    monkeypatch.setattr(inception, "fid_is", lambda samples, reference: {
+    monkeypatch.setattr(inception, "fid_is", lambda samples, reference, prc: {
         "fid": float(len(os.listdir(samples))), "is_mean": float(len(os.listdir(reference))),
-        "is_std": 0.0})
+        "is_std": 0.0, **({"precision": 0.5, "recall": 0.25} if prc else {})})
     monkeypatch.setattr(m, "package_needs", lambda packages: [])     # torch-fidelity: mocked
     for stage in ("distill", "sample", "eval"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2,
                                           "distil_iters": 1, "control_iters": 0}))
     ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
-    assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "steps": 4, "w": 1.0}
+    assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "precision": 0.5,
+                                  "recall": 0.25, "steps": 4, "w": 1.0}
 
 
 def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
