@@ -1260,7 +1260,9 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
         student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
                                             teacher.state_dict()).to(ctx.device)
     except ValueError as e:
-        raise SystemExit(f"error: {t_path}: {e}") from None
+        hint = (" (the teacher is a lambda-token student: add --lam_inject token)"
+                if "lam_token" in str(e) and cfg.lam_inject != "token" else "")
+        raise SystemExit(f"error: {t_path}: {e}{hint}") from None
     process = make_process(corpus.S)
     marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
     ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
