@@ -195,3 +195,11 @@ def test_released_teacher_and_student_run_end_to_end(tmp_path):
     assert {"teacher_uncond_2", "student_uncond_2"} <= set(ev2)
     with pytest.raises(SystemExit, match="--student_ckpt replaces the distill stage"):
         m.main(smoke_cfg(tmp_path, "bad", teacher_ckpt=teacher, student_ckpt=student))
+    # another Di4C round from the authors' (lambda-token) student: needs their injection
+    with pytest.raises(SystemExit, match="lambda-token student: add --lam_inject token"):
+        m.main(smoke_cfg(tmp_path, "r2bad", teacher_ckpt=student, control_iters=0,
+                         stage="distill"))
+    r2 = smoke_cfg(tmp_path, "r2", teacher_ckpt=student, control_iters=0, stage="distill",
+                   lam_inject="token")
+    m.main(r2)
+    assert "mixture (multi-round) teacher" in open(os.path.join(r2.out_dir, "log.txt")).read()
