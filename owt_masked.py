@@ -924,7 +924,9 @@ class SigmaMap(nn.Module):
 
 
 class VocabEmbed(nn.Module):
-    """Token embedding table (S, E) under MDLM's parameter name."""
+    """Token embedding table (S, E) under MDLM's parameter name. F.embedding, not MDLM's
+    `embedding[x]`: the same values, but the backward of indexing accumulates repeated ids in
+    a varying order on CPU, so training would not repeat bit for bit."""
 
     def __init__(self, S: int, E: int):
         super().__init__()
@@ -932,7 +934,7 @@ class VocabEmbed(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, x):
-        return self.embedding[x]
+        return F.embedding(x, self.embedding)
 
 
 class Block(nn.Module):

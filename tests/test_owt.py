@@ -353,3 +353,18 @@ def test_mauve_is_optional_and_called_as_sdtt_does(tmp_path, monkeypatch):
                         lambda name, *a, **k: None if name == "mauve" else find(name, *a, **k))
     assert any("--mauve needs the package mauve-text" in p
                for p, _ in m.run_needs(smoke_cfg(tmp_path, mauve=True)))
+
+
+def test_embedding_gradient_is_deterministic():
+    """The token embedding's gradient with repeated ids is bitwise the same every time (indexing's
+    backward is not on CPU; a rerun of the demo must train the same weights)."""
+    torch.manual_seed(0)
+    emb = m.VocabEmbed(500, 16)
+    x = torch.randint(0, 20, (16, 32))
+    g = torch.randn(16, 32, 16)
+    grads = set()
+    for _ in range(10):
+        emb.zero_grad()
+        (emb(x) * g).sum().backward()
+        grads.add(emb.embedding.grad.numpy().tobytes())
+    assert len(grads) == 1
