@@ -1001,7 +1001,7 @@ class MaskTransformer(nn.Module):
     after the output MLP; a token changes every attention normaliser even with a zero
     embedding, so it cannot start equal to the teacher.
     `raw_logits` is MaskGIT-pytorch's output (K + 1 classes, [MASK] included, no rules), which
-    its own sampler uses (--sampler upstream).
+    its own sampler uses (--sampler maskgit | di4c).
     """
 
     def __init__(self, K: int, D: int, n_classes: int, n_layer: int, E: int, H: int, mlp: int,
@@ -1246,7 +1246,7 @@ def maskgit_sample_upstream(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_s
     dropped = torch.full_like(y, net.n_classes)
     sche = upstream_schedule(n_steps, D) if variant == "maskgit" else reveal_counts(n_steps, D)
     for k, t in enumerate(sche):
-        left = int(mask.sum())
+        left, ratio = int(mask.sum()), k / max(len(sche) - 1, 1)   # one step: no CFG
         t = min(t, left)
         if left == 0:
             break
@@ -1260,8 +1260,7 @@ def maskgit_sample_upstream(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_s
             if w != 0:
                 u_logits = uncond.raw_logits(code, None, dropped).float()
         if w != 0:
-            w_k = w * (k / (len(sche) - 1))
-            logits = (1 + w_k) * logits - w_k * u_logits
+            logits = (1 + w * ratio) * logits - w * ratio * u_logits
         prob = torch.softmax(logits * cfg.sm_temp, -1)                          # (N, D, K + 1)
         if variant == "di4c":          # Categorical(logits=...): logits normalised first
             z = logits * cfg.sm_temp
@@ -1270,7 +1269,6 @@ def maskgit_sample_upstream(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_s
             draw = prob / prob.sum(-1, keepdim=True)
         pred = torch.multinomial(draw.view(N * D, -1), 1, True, generator=generator).view(N, D)
         conf = prob.gather(-1, pred[..., None])[..., 0]                         # (N, D)
-        ratio = k / (len(sche) - 1)
         gumbel = torch.from_numpy(cfg.r_temp * rng.gumbel(size=(N, D)) * (1 - ratio)).to(dev)
         conf = torch.log(conf) + gumbel                                         # float64
         conf[~mask] = -math.inf
@@ -1435,7 +1433,7 @@ def generate(cfg: Config, ctx: Ctx, net, lam_dim: int, y: torch.Tensor, n_steps:
     The seed depends on (steps, w, rank), not on the model: common random numbers."""
     seed = cfg.seed * 1_000_003 + 10_007 * n_steps + round(1000 * w) + 7919 * ctx.rank
     g = torch.Generator(device=ctx.device).manual_seed(seed)
-    rng = np.random.RandomState(seed % 2 ** 32)                # --sampler upstream's Gumbel noise
+    rng = np.random.RandomState(seed % 2 ** 32)                # --sampler maskgit / di4c: Gumbel
     mine, out = y[ctx.rank::ctx.world_size], []
     for i in range(0, len(mine), cfg.sample_batch):
         with ctx.autocast():
@@ -1551,7 +1549,6 @@ def fid_reference(cfg: Config) -> str:
     `arr_0` (N, H, W, 3) uint8, to out_dir/fid_ref_npz; it must be img_size square), else the
     validation split (imagenet) or the folder itself, resized and centre-cropped to img_size
     (out_dir/fid_ref)."""
-    from PIL import Image
     if cfg.fid_ref:
         folder = os.path.join(cfg.out_dir, "fid_ref_npz")
         if not os.path.isdir(folder):
@@ -1564,23 +1561,25 @@ def fid_reference(cfg: Config) -> str:
                                                                              cfg.img_size, 3):
                 raise SystemExit(f"error: --fid_ref {cfg.fid_ref!r}: arr_0 is {arr.dtype} "
                                  f"{arr.shape}, need uint8 (N, {cfg.img_size}, {cfg.img_size}, 3)")
-            os.makedirs(folder + ".tmp", exist_ok=True)
-            for i, img in enumerate(arr):
-                Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
-            os.replace(folder + ".tmp", folder)
+            write_pngs(folder, arr)
         return folder
     folder = os.path.join(cfg.out_dir, "fid_ref")
     if not os.path.isdir(folder):
-        ds = image_folder(cfg, "val")
-        os.makedirs(folder + ".tmp", exist_ok=True)
-        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=cfg.num_workers)
-        i = 0
-        for x, _ in decoded(loader):
-            for img in x[:, :3].permute(0, 2, 3, 1).numpy():
-                Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
-                i += 1
-        os.replace(folder + ".tmp", folder)
+        loader = torch.utils.data.DataLoader(image_folder(cfg, "val"), batch_size=64,
+                                             num_workers=cfg.num_workers)
+        write_pngs(folder, (img for x, _ in decoded(loader)
+                            for img in x[:, :3].permute(0, 2, 3, 1).numpy()))
     return folder
+
+
+def write_pngs(folder: str, images):
+    """Images (H, W, 3) uint8 -> folder/000000.png, ...; written to folder.tmp, then renamed,
+    so an interrupted run leaves no half reference."""
+    from PIL import Image
+    os.makedirs(folder + ".tmp", exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+    os.replace(folder + ".tmp", folder)
 
 
 def stage_eval(cfg: Config, ctx: Ctx, meta: dict):

@@ -1443,6 +1443,11 @@ def primary_ppl(cfg: Config) -> str:
     return "gen_ppl_judge" if cfg.judge == "trained" else "gen_ppl_gpt2_large_retok"
 
 
+def ppl_of(row: dict, key: str) -> float:
+    """A sample set's primary gen-PPL; prefix-conditional rows have only the id protocol."""
+    return row.get(key, row.get(key.replace("_retok", "")))
+
+
 def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Score every sample file: gen-PPL under --judge (GPT-2 Large: MDLM's retokenised protocol
     for unconditional samples, the primary number, and SDTT's protocol on the ids; or the
@@ -1462,7 +1467,8 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
         scorers["judge"] = text_metrics.ids_nll(judge_logits_fn(judge, ctx))
     gpt2 = text_metrics.gpt2_large(ctx.device) if cfg.judge != "trained" else None
     if gpt2 is not None:
-        scorers["gpt2_large"] = lambda x: text_metrics.ids_nll(gpt2)(corpus.gpt2_ids(x))
+        gpt2_nll = text_metrics.ids_nll(gpt2)
+        scorers["gpt2_large"] = lambda x: gpt2_nll(corpus.gpt2_ids(x))
 
     def score(tokens, start):
         out = {f"gen_ppl_{k}": text_metrics.gen_ppl(f, tokens, start) for k, f in scorers.items()}
@@ -1476,6 +1482,7 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
     val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val")))).cpu()
     res = {"data": score(val, 1)}
     res["data"]["entropy"] = text_metrics.unigram_entropy(val)
+    real = real_continuations(cfg, corpus) if cfg.mauve else None
     for (name, kind, N), path in paths.items():
         s = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
         check_lineage(path, s, {name: ids[name]})
@@ -1487,13 +1494,13 @@ def stage_eval(cfg: Config, ctx: Ctx, corpus: Corpus):
             row["self_bleu"] = text_metrics.self_bleu(groups)
             if cfg.mauve:
                 row["mauve"] = text_metrics.mauve_score(
-                    real_continuations(cfg, corpus),
+                    real,
                     [corpus.decode(r[cfg.prefix_len:]) for r in s["tokens"].tolist()],
                     device_id=ctx.device.index or 0 if ctx.device.type == "cuda" else -1)
         res[f"{name}_{kind}_{N}"] = row
     key = primary_ppl(cfg)
     rows = [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
-                 nfe=v["nfe"], gen_ppl=v.get(key, v.get(key.replace("_retok", ""))),
+                 nfe=v["nfe"], gen_ppl=ppl_of(v, key),
                  entropy=v["entropy"]) for k, v in res.items() if k != "data"]
     update_metrics(cfg, ctx, {"eval": res, "results": rows, "primary": "gen_ppl",
                               "speedup": results_table.speedups(rows, "gen_ppl")})
@@ -1515,8 +1522,7 @@ def print_table(res: dict, key: str):
         name, kind, N = k.split("_")
         r = res[k]
         bleu = f"{r['self_bleu']:>11.1f}" if "self_bleu" in r else ""
-        ppl = r.get(key, r.get(key.replace("_retok", "")))
-        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{ppl:>10.1f}"
+        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{ppl_of(r, key):>10.1f}"
               f"{r['entropy']:>9.3f}{bleu}")
     for k in sorted((k for k in keys if k.startswith("student_uncond_")),
                     key=lambda k: int(k.split("_")[2])):

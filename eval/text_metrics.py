@@ -77,14 +77,16 @@ def self_bleu(groups: Sequence[Sequence[Sequence[int]]], n_gram: int = 4) -> flo
     return 100.0 * sum(per_prefix) / len(per_prefix)
 
 
+def next_token_nll(logits_fn: Callable, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """-log p(x[:, i+1] | x[:, :i+1]) under a logits_fn judge: (N, C) -> (N, C - 1) on the CPU."""
+    logits = logits_fn(x, attention_mask)[:, :-1].float()                      # (N, C - 1, V)
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="none").cpu()
+
+
 def ids_nll(logits_fn: Callable) -> Callable:
-    """nll_fn(x (N, D)) -> (N, D - 1): -log p(x[:, i+1] | x[:, :i+1]) under a logits_fn judge."""
-    @torch.no_grad()
-    def nll_fn(x: torch.Tensor) -> torch.Tensor:
-        logits = logits_fn(x, None)[:, :-1].float()                            # (N, D - 1, V)
-        return torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), x[:, 1:].to(logits.device), reduction="none").cpu()
-    return nll_fn
+    """nll_fn(x (N, D)) -> (N, D - 1) for gen_ppl, from a logits_fn judge."""
+    return torch.no_grad()(lambda x: next_token_nll(logits_fn, x))
 
 
 @torch.no_grad()
@@ -111,9 +113,7 @@ def retokenized_gen_ppl(logits_fn: Callable, texts: Sequence[str], encode: Calla
     for b in range(0, len(rows), batch_size):
         for lo in range(0, width, context):
             x, a = ids[b:b + batch_size, lo:lo + context], attn[b:b + batch_size, lo:lo + context]
-            logits = logits_fn(x, a)[:, :-1].float().cpu()                      # (n, c - 1, V)
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:],
-                                                    reduction="none").double()
+            nll = next_token_nll(logits_fn, x, a).double()                      # (n, c - 1)
             is_eos = x == eos
             counted = ((is_eos.cumsum(-1) == 1) | ~is_eos)[:, 1:]              # (n, c - 1)
             total += (nll * counted).sum().item()

@@ -36,17 +36,17 @@ def read_safetensors(path: str) -> dict:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-        data = f.read()
+        data = bytearray(f.read())                     # one buffer; tensors are views of it
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not supported")
-        lo, hi = info["data_offsets"]
-        buf = bytearray(data[lo:hi]) or bytearray(1)
-        t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        out[name] = t[:int(np.prod(info["shape"], dtype=np.int64))].reshape(info["shape"])
+        dtype, numel = SAFETENSORS_DTYPES[info["dtype"]], int(np.prod(info["shape"], dtype=np.int64))
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=numel,
+                                      offset=info["data_offsets"][0]) if numel else
+                     torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
 
 
@@ -103,11 +103,6 @@ def strip(key: str) -> str:
     for old, new in RENAMES.items():
         key = new + key[len(old):] if key.startswith(old) else key
     return key
-
-
-def is_foreign(obj) -> bool:
-    """True for a checkpoint that this module reads (owt_masked.py's own carry "config")."""
-    return isinstance(obj, dict) and "config" not in obj
 
 
 def backbone_weights(obj) -> tuple:
