@@ -101,6 +101,10 @@ class Config:
     hybrid_teacher_steps: int = 3  # hybrid sampler: last NFEs by the teacher
     n_samples: int = 50000
     sample_batch: int = 50
+    fid_backend: str = "pigm"      # pigm: pytorch-image-generation-metrics, the paper's package
+                                   # (FID vs fid_stats, IS over 10 splits) | torch-fidelity
+    fid_stats: str = ""            # pigm's reference npz (mu, sigma), e.g. its cifar10.train.npz;
+                                   # "" = computed once from the training images (out_dir)
     # system
     seed: int = 0
     device: str = ""
@@ -139,7 +143,7 @@ RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "d
                 "ema_decay")   # the objective
 SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
-           "dtype": ("float32", "bfloat16")}
+           "dtype": ("float32", "bfloat16"), "fid_backend": ("pigm", "torch-fidelity")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "image_size": (4, INF), "S": (2, 256), "rate_sigma": (TINY, INF), "q_sigma": (TINY, INF),
@@ -1246,9 +1250,10 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         if cfg.dataset == "digits":
             score = {"frechet": digits.digits_frechet(clf, _requantise(s["images"], cfg.S, 17),
                                                       real)}
+        elif cfg.fid_backend == "pigm":
+            score = inception.pigm_fid_is(as_uint8(s["images"], cfg.S), pigm_reference(cfg, images))
         else:
-            score = inception.fid_is((s["images"].long() * 256 // cfg.S).to(torch.uint8),
-                                     reference=images)
+            score = inception.fid_is(as_uint8(s["images"], cfg.S), reference=images)
         res[label] = {**score, "nfe": s["nfe"], "steps": s["steps"]}
     bar.close()
     teacher, student = nets["teacher"][0], nets["student"][0]
@@ -1266,6 +1271,23 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     plot_quality(cfg, rows, key)
     print_table(res, lat, key)
     ctx.barrier()
+
+
+def as_uint8(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Pixel levels 0..S-1 (N, C, H, W) -> uint8 0..255 (S = 256: unchanged)."""
+    return (x.long() * 256 // S).to(torch.uint8)
+
+
+def pigm_reference(cfg: Config, images: torch.Tensor) -> str:
+    """--fid_stats, or pytorch-image-generation-metrics' statistics of the training images,
+    computed once to out_dir/fid_stats_pigm.npz (what its fid_ref tool writes)."""
+    if cfg.fid_stats:
+        return cfg.fid_stats
+    from eval import inception
+    path = os.path.join(cfg.out_dir, "fid_stats_pigm.npz")
+    if not os.path.exists(path):
+        inception.pigm_stats(as_uint8(images, cfg.S), path)
+    return path
 
 
 def print_table(res: dict, lat: dict, key: str):
@@ -1288,11 +1310,19 @@ def print_table(res: dict, lat: dict, key: str):
 
 def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
-    a given teacher checkpoint, and torch-fidelity for FID / IS unless the data are digits."""
+    a given teacher checkpoint, and the FID / IS package (and --fid_stats) unless the data are
+    digits."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = checkpoint_needs(cfg, stages)
     if "eval" in stages and cfg.dataset != "digits":
-        needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
+        needs += package_needs({"pigm": {"pytorch_image_generation_metrics": (
+            "pytorch-image-generation-metrics", "FID / IS with --fid_backend pigm (stage eval)")},
+            "torch-fidelity": {"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")}}
+            [cfg.fid_backend])
+        if cfg.fid_stats and not os.path.exists(cfg.fid_stats):
+            needs.append((f"--fid_stats {cfg.fid_stats!r} does not exist", "download "
+                          "pytorch-image-generation-metrics' cifar10.train.npz (docs/cifar10.md) "
+                          "or drop --fid_stats to compute it from the training images"))
     return needs
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -123,6 +124,9 @@ class Config:
     cfg_ws: tuple = (1.0, 2.0, 4.0, 6.0)  # and at these CFG weights (the FID-IS sweep, Fig. 3)
     fid_ref: str = ""              # FID / precision-recall reference: "" = the validation images;
                                    # ADM's VIRTUAL_imagenet256_labeled.npz = the peers' reference
+    metrics: str = "maskgit"       # maskgit (the paper's evaluator: PRDC k=3 over 5 splits, IS over
+                                   # 10 chunks) | adm (ADM's: whole sets, IS splits of 5000);
+                                   # eval/image_metrics.py, docs/imagenet.md "Metrics"
     sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
     r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
     lfg: bool = False              # the teacher gives the unconditional CFG branch
@@ -191,7 +195,8 @@ RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_
 SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
-           "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c")}
+           "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c"),
+           "metrics": ("maskgit", "adm")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "label_div": (1, 10), "img_size": (8, INF), "vq_codes": (2, INF), "vq_dim": (1, INF),
@@ -1512,8 +1517,9 @@ def latency(cfg: Config, ctx: Ctx, net, lam_dim: int, n_steps: int, n_classes: i
 def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
     """digits: Fréchet distance of the digit classifier's features against all 1797 real
     digits, and the accuracy of that classifier on the conditioning labels (eval/digits.py).
-    VQ tokens: FID and IS at img_size (eval/inception.py, torch-fidelity) against the
-    reference images, after MaskGIT-pytorch's per-image min-max rescaling to uint8.
+    VQ tokens: FID, IS, precision, recall, density and coverage at img_size from torch-fidelity's
+    Inception features (eval/inception.py) under cfg.metrics' protocol (eval/image_metrics.py)
+    against the reference images, after MaskGIT-pytorch's per-image min-max remap to uint8.
     sets: {label: loaded sample file}."""
     res = {}
     if cfg.tokenizer == "pixels":
@@ -1527,21 +1533,55 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
                 class_acc=digits.class_accuracy(clf, imgs, s["labels"], cfg.label_div),
                 steps=s["steps"], w=s["w"])
         return res
+    from eval import image_metrics, inception
+    tokens, (ref_pool, _) = load_tokens(cfg, ctx, meta), reference_features(cfg)
+    for label, s in sets.items():
+        imgs = torch.cat([remap_uint8(tokens.to_images(s["codes"][i:i + 256]))  # bounded memory
+                          for i in range(0, len(s["codes"]), 256)])             # (N, 3, R, R)
+        write_pngs(os.path.join(cfg.out_dir, "samples", label + "_png"),
+                   imgs.permute(0, 2, 3, 1).numpy())
+        pool, logits = inception.inception_features(imgs)
+        try:
+            scores = image_metrics.metrics_from_features(ref_pool, pool, logits, cfg.metrics)
+        except ValueError as e:
+            raise SystemExit(f"error: {label}: {e}; sample more (--n_per_class) or use "
+                             "--metrics adm (no splits)") from None
+        res[label] = {**scores, "steps": s["steps"], "w": s["w"]}
+    return res
+
+
+def remap_uint8(imgs: torch.Tensor) -> torch.Tensor:
+    """MaskGIT-pytorch's conversion of decoded images (N, 3, H, W) to uint8 before Inception:
+    per-image min-max to 0..255, then truncated (not rounded), as its evaluator does."""
+    lo, hi = imgs.amin((1, 2, 3), keepdim=True), imgs.amax((1, 2, 3), keepdim=True)
+    return ((imgs - lo) / (hi - lo).clamp_min(1e-8) * 255).clamp(0, 255).to(torch.uint8)
+
+
+def reference_features(cfg: Config):
+    """Inception pool features and logits of the reference images (fid_reference), computed
+    once and cached next to them. Under --metrics maskgit the validation images get the same
+    per-image min-max remap as the samples (MaskGIT-pytorch remaps both); ADM's npz is used as
+    stored."""
     from PIL import Image
     from eval import inception
-    tokens, ref = load_tokens(cfg, ctx, meta), fid_reference(cfg)
-    for label, s in sets.items():
-        folder = os.path.join(cfg.out_dir, "samples", label + "_png")
-        os.makedirs(folder, exist_ok=True)
-        for i in range(0, len(s["codes"]), 256):                               # bounded memory
-            imgs = tokens.to_images(s["codes"][i:i + 256])                      # (n, 3, R, R)
-            lo, hi = imgs.amin((1, 2, 3), keepdim=True), imgs.amax((1, 2, 3), keepdim=True)
-            imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)
-            for j, img in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
-                Image.fromarray(img).save(os.path.join(folder, f"{i + j:06d}.png"))
-        res[label] = {**inception.fid_is(folder, reference=ref, prc=True),
-                      "steps": s["steps"], "w": s["w"]}
-    return res
+    folder = fid_reference(cfg)
+    remap = cfg.metrics == "maskgit" and not cfg.fid_ref
+    path = os.path.join(folder + ("_remapped" if remap else "") + "_features.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    names = sorted(os.listdir(folder))
+    pool, logits = [], []
+    for i in range(0, len(names), 256):
+        imgs = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(folder, n))
+                                                      .convert("RGB"))).permute(2, 0, 1)
+                            for n in names[i:i + 256]])                         # (n, 3, R, R)
+        f, lg = inception.inception_features(remap_uint8(imgs.float()) if remap else imgs)
+        pool.append(f)
+        logits.append(lg)
+    feats = (torch.cat(pool), torch.cat(logits))
+    torch.save(feats, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return feats
 
 
 def fid_reference(cfg: Config) -> str:
@@ -1579,6 +1619,8 @@ def write_pngs(folder: str, images):
     os.makedirs(folder + ".tmp", exist_ok=True)
     for i, img in enumerate(images):
         Image.fromarray(img).save(os.path.join(folder + ".tmp", f"{i:06d}.png"))
+    if os.path.isdir(folder):                                   # a rerun's samples replace
+        shutil.rmtree(folder)
     os.replace(folder + ".tmp", folder)
 
 

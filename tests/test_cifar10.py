@@ -146,3 +146,48 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
+
+
+def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
+    """Non-digit images are scored by --fid_backend pigm (the paper preset's): the reference
+    statistics are computed once from the training images (uint8 0..255) unless --fid_stats
+    names a file, every sample set is scored against them, and a missing --fid_stats stops the
+    run before any work. (The package's numbers themselves: tests/test_eval_images.py.)"""
+    from PIL import Image
+    for j in range(10):
+        (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8).numpy()).save(
+            tmp_path / "imgs" / "a" / f"{j}.png")
+    from eval import inception
+    calls = {"stats": [], "score": []}
+
+    def stats(images, path):
+        calls["stats"].append(images)
+        open(path, "w").write("stats")
+
+    def score(samples, stats_path):
+        calls["score"].append((samples, stats_path))
+        return {"fid": float(samples.float().mean()), "is_mean": 1.0, "is_std": 0.0}
+    monkeypatch.setattr(inception, "pigm_stats", stats)
+    monkeypatch.setattr(inception, "pigm_fid_is", score)
+    monkeypatch.setattr(m, "package_needs", lambda packages: [])
+    cfg = smoke(tmp_path / "run", dataset="folder", data_dir=str(tmp_path / "imgs"), image_size=8,
+                S=17, teacher_iters=2, distil_iters=1)
+    m.main(cfg)
+    (ref,) = calls["stats"]
+    assert ref.dtype == torch.uint8 and ref.shape == (10, 3, 8, 8) and int(ref.max()) > 200
+    assert len(calls["score"]) == 5 and all(
+        s.dtype == torch.uint8 and s.shape == (16, 3, 8, 8) and p.endswith("fid_stats_pigm.npz")
+        for s, p in calls["score"])
+    ev = json.load(open(tmp_path / "run" / "metrics.json"))["eval"]
+    assert sorted(v["fid"] for v in ev.values()) == \
+        pytest.approx(sorted(float(s.float().mean()) for s, _ in calls["score"]))
+    m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval"}))
+    assert len(calls["stats"]) == 1                                   # computed once
+    given = tmp_path / "given.npz"
+    given.write_text("x")
+    m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval", "fid_stats": str(given)}))
+    assert calls["score"][-1][1] == str(given) and len(calls["stats"]) == 1
+    with pytest.raises(SystemExit, match="--fid_stats .*nope.npz' does not exist"):
+        m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval",
+                                          "fid_stats": str(tmp_path / "nope.npz")}))

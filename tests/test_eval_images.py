@@ -188,18 +188,113 @@ def test_inception_returns_named_metrics_and_validates(monkeypatch):
         inception.fid_is(torch.zeros(2, 3, 8, 8))
 
 
-def test_inception_precision_recall_on_inception_features(monkeypatch):
-    """prc=True asks torch-fidelity for k = 3 precision / recall on the 2048-d Inception
-    features (ADM's protocol), not its VGG16 default, and returns them by name."""
-    seen = {}
+# ------------------------------------------------- ImageNet metrics against the upstream evaluators
 
-    def metrics(**kwargs):
-        seen.update(kwargs)
-        return {"frechet_inception_distance": 3.0, "inception_score_mean": 9.0,
-                "inception_score_std": 0.1, "precision": 0.7, "recall": 0.5}
-    monkeypatch.setitem(sys.modules, "torch_fidelity",
-                        types.SimpleNamespace(calculate_metrics=metrics))
-    out = inception.fid_is(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), reference="ref", prc=True)
-    assert out == {"fid": 3.0, "is_mean": 9.0, "is_std": 0.1, "precision": 0.7, "recall": 0.5}
-    assert seen["prc"] and seen["feature_extractor"] == "inception-v3-compat"
-    assert seen["feature_layer_prc"] == "2048" and seen["prc_neighborhood"] == 3
+def test_image_metrics_match_the_maskgit_and_adm_evaluators():
+    """tests/fixtures/image_metrics.npz: sony/di4c's MaskGIT-pytorch evaluator and ADM's
+    TensorFlow evaluator run on fixed features (make_metric_fixtures.py). FID and IS agree to
+    float rounding, MaskGIT's precision / recall / density / coverage exactly (5 splits and 1);
+    ADM's precision / recall within 0.005 (its float16 distances move border points; measured
+    0.002 / 0.003 on these 600 / 500 points)."""
+    from eval import image_metrics as im
+    z = np.load(os.path.join(ROOT, "tests", "fixtures", "image_metrics.npz"))
+    real, fake = torch.from_numpy(z["real"]), torch.from_numpy(z["fake"])
+    logits = fake @ torch.from_numpy(z["w"])
+    mg, adm = (im.metrics_from_features(real, fake, logits, p) for p in ("maskgit", "adm"))
+    assert mg["fid"] == pytest.approx(float(z["maskgit_fid"]), rel=2e-5)   # upstream: float32 cov
+    assert adm["fid"] == pytest.approx(float(z["adm_fid"]), rel=1e-7)      # float64; its scipy sqrtm
+    assert mg["is_mean"] == pytest.approx(float(z["maskgit_is"]), rel=1e-6)
+    assert adm["is_mean"] == pytest.approx(float(z["adm_is_5000"]), rel=1e-6)
+    assert im.inception_score(logits, split_size=200)["is_mean"] == \
+        pytest.approx(float(z["adm_is_200"]), rel=1e-6)
+    got = [mg[k] for k in ("precision", "recall", "density", "coverage")]
+    assert got == pytest.approx(z["maskgit_prdc_s5"].tolist(), abs=1e-9)
+    one = im.prdc(real, fake, k=3, splits=1, strict=True)
+    assert list(one.values()) == pytest.approx(z["maskgit_prdc_s1"].tolist(), abs=1e-9)
+    assert abs(adm["precision"] - z["adm_pr"][0]) <= 0.005
+    assert abs(adm["recall"] - z["adm_pr"][1]) <= 0.005
+    # the protocols differ where they should: splits raise precision and recall
+    assert mg["precision"] > one["precision"] + 0.1 and mg["recall"] > one["recall"] + 0.05
+
+
+def test_prdc_blocks_and_ties():
+    """Blocked distance computation gives the unblocked answer; `<` vs `<=` matters on a
+    ball's border (a point exactly at the k-th neighbour's distance)."""
+    from eval import image_metrics as im
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(70, 5, generator=g), torch.randn(50, 5, generator=g) + 0.3
+    r_real, r_fake = im.knn_radii(real, 3), im.knn_radii(fake, 3)
+    whole = im.ball_stats(real, r_real, fake, r_fake, True)
+    small = im.ball_stats(real, im.knn_radii(real, 3, block=16), fake, r_fake, True, block=16)
+    assert all(torch.equal(a, b) for a, b in zip(whole, small))
+    line = torch.tensor([[0.0], [1.0], [2.0], [3.0]])          # k = 1 radii: all 1
+    on_border = torch.tensor([[4.0], [9.0]])                    # 4: distance 1 from the point at 3
+    assert im.prdc(line, on_border, k=1, strict=True)["precision"] == 0.0
+    assert im.prdc(line, on_border, k=1, strict=False)["precision"] == 0.5
+    with pytest.raises(ValueError, match="need more than 3 points per split .5 split.s. of 50 "
+                                         "reference and 15 sample features leave 3"):
+        im.prdc(real[:50], fake[:15], k=3, splits=5)
+    with pytest.raises(ValueError, match="unknown metrics protocol 'fid'"):
+        im.metrics_from_features(real, fake, fake, "fid")
+
+
+# ---------------------------------------- CIFAR-10: the paper's package, pytorch-image-generation-metrics
+
+def random_pigm_weights(monkeypatch):
+    """pytorch-image-generation-metrics builds its FID Inception and then downloads the weights;
+    here the download returns random weights of that architecture (He-normal convolutions, fixed
+    seed), so its real code runs offline."""
+    import math
+    import pytorch_image_generation_metrics.inception as pin
+    from torchvision import models
+    net = models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for name, block, arg in (("Mixed_5b", pin.FIDInceptionA, (192, 32)),
+                             ("Mixed_5c", pin.FIDInceptionA, (256, 64)),
+                             ("Mixed_5d", pin.FIDInceptionA, (288, 64)),
+                             ("Mixed_6b", pin.FIDInceptionC, (768, 128)),
+                             ("Mixed_6c", pin.FIDInceptionC, (768, 160)),
+                             ("Mixed_6d", pin.FIDInceptionC, (768, 160)),
+                             ("Mixed_6e", pin.FIDInceptionC, (768, 192)),
+                             ("Mixed_7b", pin.FIDInceptionE_1, (1280,)),
+                             ("Mixed_7c", pin.FIDInceptionE_2, (2048,))):
+        setattr(net, name, block(*arg))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g)
+                                 * math.sqrt(2 / mod.weight[0].numel()))
+    state = net.state_dict()
+    monkeypatch.setattr(pin, "load_state_dict_from_url", lambda url, progress=True: state)
+
+
+def test_pigm_backend_is_the_packages_own_numbers(tmp_path, monkeypatch):
+    """--fid_backend pigm (cifar10_gaussian.py's paper preset) gives the numbers of the package
+    itself, with the same (random) weights: pigm_stats writes what its fid_ref tool writes from a
+    PNG folder, and pigm_fid_is returns what get_inception_score_and_fid returns (scipy's sqrtm,
+    25 s at 2048 x 2048 on two cores, is replaced on both sides by one stand-in)."""
+    pytest.importorskip("pytorch_image_generation_metrics")
+    import pytorch_image_generation_metrics.core as pcore
+    from PIL import Image
+    from pytorch_image_generation_metrics import get_inception_score_and_fid
+    from pytorch_image_generation_metrics.utils import calc_fid_ref
+    random_pigm_weights(monkeypatch)
+    monkeypatch.setattr(pcore, "linalg", types.SimpleNamespace(
+        sqrtm=lambda a, disp=True: (np.diag(np.sqrt(np.abs(np.diag(a)))), 0.0)))
+    monkeypatch.setattr(pcore.dist, "device", lambda: torch.device("cpu"))   # its default: cuda
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    fake = (real.float() * 0.6 + 40).to(torch.uint8)[:12]
+    os.makedirs(tmp_path / "real")
+    for i, img in enumerate(real.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img).save(tmp_path / "real" / f"{i:03d}.png")
+    calc_fid_ref(str(tmp_path / "real"), str(tmp_path / "theirs.npz"), num_workers=0, verbose=False)
+    stats = str(tmp_path / "ours.npz")
+    inception.pigm_stats(real, stats, cuda=False)
+    with np.load(stats) as a, np.load(tmp_path / "theirs.npz") as b:
+        assert np.abs(a["mu"] - b["mu"]).max() < 1e-6 and np.abs(a["sigma"] - b["sigma"]).max() < 1e-6
+    ours = inception.pigm_fid_is(fake, stats, cuda=False)
+    (is_mean, is_std), fid = get_inception_score_and_fid(fake.float() / 255, stats,
+                                                         device=torch.device("cpu"), batch_size=50)
+    assert ours == pytest.approx({"fid": fid, "is_mean": is_mean, "is_std": is_std}, rel=1e-9)
+    assert ours["fid"] > 1.0 and inception.pigm_fid_is(real, stats, cuda=False)["fid"] < 1e-6

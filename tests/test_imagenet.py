@@ -7,8 +7,11 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
 import imagenet_masked as m
 from tests.runs import metrics_without_timings
@@ -321,17 +324,41 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
                                       "float32"), meta)
     x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
     assert tokens.to_images(x).shape == (2, 3, 16, 16)
-    from eval import inception                                       # FID/IS without weights:
-    monkeypatch.setattr(inception, "fid_is", lambda samples, reference, prc: {
-        "fid": float(len(os.listdir(samples))), "is_mean": float(len(os.listdir(reference))),
-        "is_std": 0.0, **({"precision": 0.5, "recall": 0.25} if prc else {})})
+    from eval import image_metrics, inception                       # Inception without weights:
+    proj = torch.randn(48, 6, generator=torch.Generator().manual_seed(1))
+
+    def features(imgs):                                              # pixels -> (N, 6), (N, 5)
+        assert imgs.dtype == torch.uint8 and imgs.shape[1:] == (3, 16, 16)
+        pooled = nn.functional.avg_pool2d(imgs.float() / 255, 4).flatten(1)   # (N, 48)
+        return pooled @ proj, (pooled @ proj)[:, :5]
+    monkeypatch.setattr(inception, "inception_features", features)
     monkeypatch.setattr(m, "package_needs", lambda packages: [])     # torch-fidelity: mocked
     for stage in ("distill", "sample", "eval"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2,
-                                          "distil_iters": 1, "control_iters": 0}))
+                                          "distil_iters": 1, "control_iters": 0, "metrics": "adm"}))
     ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
-    assert ev["teacher@4_w1"] == {"fid": 4.0, "is_mean": 6.0, "is_std": 0.0, "precision": 0.5,
-                                  "recall": 0.25, "steps": 4, "w": 1.0}
+    with pytest.raises(SystemExit, match="teacher@2_w0: precision / recall with k = 3 need more "
+                                         "than 3 points per split .*--metrics adm"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval", "teacher_iters": 2,
+                                          "distil_iters": 1, "control_iters": 0}))
+    assert os.path.exists(os.path.join(cfg.out_dir, "fid_ref_remapped_features.pt"))
+    # the numbers are image_metrics' on the written PNGs' features against the reference's
+    # (--metrics adm: the reference images as they are; maskgit remaps them, and its 5 splits
+    # need more than 4 samples: one line says so)
+    def read(folder):
+        return torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(folder, n))))
+                            .permute(2, 0, 1) for n in sorted(os.listdir(folder))])
+    ref = read(os.path.join(cfg.out_dir, "fid_ref"))
+    assert len(ref) == 6 and os.path.exists(os.path.join(cfg.out_dir, "fid_ref_features.pt"))
+    real = features(ref)[0]
+    sample = read(os.path.join(cfg.out_dir, "samples", "teacher@4_w1_png"))
+    assert len(sample) == 4 and sample.amin((1, 2, 3)).eq(0).all() and sample.amax((1, 2, 3)).eq(255).all()
+    want = image_metrics.metrics_from_features(real, *features(sample), "adm")
+    got = ev["teacher@4_w1"]
+    assert got.pop("steps") == 4 and got.pop("w") == 1.0
+    assert got == pytest.approx(want) and set(got) == {"fid", "is_mean", "is_std", "precision",
+                                                       "recall", "density", "coverage"}
+    assert got["fid"] > 0 and got["is_mean"] >= 1
 
 
 def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):

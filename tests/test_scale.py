@@ -178,8 +178,9 @@ def hide_packages(monkeypatch, *names):
 def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkeypatch):
     """The paper presets with torch-fidelity / transformers missing: one message naming the
     package and the install command, and nothing written (no data cache, no checkpoint)."""
-    hide_packages(monkeypatch, "torch_fidelity", "transformers")
-    runs = [(cifar, dict(data_dir=str(tmp_path / "cifar")), "FID / IS .*torch-fidelity"),
+    hide_packages(monkeypatch, "torch_fidelity", "transformers", "pytorch_image_generation_metrics")
+    runs = [(cifar, dict(data_dir=str(tmp_path / "cifar")),
+             "FID / IS with --fid_backend pigm .*pytorch-image-generation-metrics"),
             (imagenet, dict(tokenizer="vqvae", data_dir=str(tmp_path / "inet")),
              "FID / IS .*torch-fidelity.*requirements-paper.*FID reference images"),
             (owt, dict(judge="gpt2-large"), "--judge gpt2-large needs the package transformers")]
