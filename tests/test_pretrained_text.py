@@ -80,6 +80,27 @@ def test_authors_lambda_token_student_matches_upstream():
     check_subs(net, fx["x"], fx["logits"], lam)
 
 
+def test_sdtt_sampler_draws_the_upstream_tokens():
+    """--sampler sdtt replays the authors' MultiRoundSDTT.sample (SDTT's ancestral sampler) token
+    for token under the same torch.manual_seed: the lambda-token student (a fresh lambda per
+    NFE) and a plain teacher, 3 and 6 steps, 5 sequences of 8 tokens from all-[MASK]."""
+    fx = fixture("sdtt_sampler")
+    assert len(fx["runs"]) == 4
+    for run in fx["runs"]:
+        kw = dict(lam_dim=1, lam_inject="token") if run["is_di4c"] else {}
+        net = our_net({**fx, "state_dict": fx["state_dicts"][run["is_di4c"]]}, **kw)
+        x_T = torch.full(run["tokens"].shape, net.mask_id)
+        torch.manual_seed(run["seed"])
+        with torch.no_grad():
+            tokens, nfe = m.sdtt_sample(net, x_T, run["steps"], lam_dim=int(run["is_di4c"]))
+        assert torch.equal(tokens, run["tokens"]), (run["is_di4c"], run["steps"])
+        assert (tokens != net.mask_id).all() and nfe in (run["steps"], run["steps"] + 1)
+    # a different seed draws different tokens (the comparison above is not vacuous)
+    torch.manual_seed(run["seed"] + 1)
+    with torch.no_grad():
+        assert not torch.equal(m.sdtt_sample(net, x_T, run["steps"])[0], run["tokens"])
+
+
 def test_safetensors_reader_matches_the_library_file():
     """mdlm_dit.safetensors was written by the safetensors package from the fixture's weights
     under "backbone." (the layout of the Hugging Face model.safetensors)."""
