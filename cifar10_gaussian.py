@@ -83,6 +83,8 @@ class Config:
     L: int = 16
     lr: float = 2e-4
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
+    lam_late: int = 0              # late-fusion lambda: only the last k ResBlocks of the up path see
+                                   # it, the rest of the U-Net runs once per x_t; 0 = every block
     distil_weight: float = 1.0
     alpha_const: float = 1.0       # alpha(t) = alpha_const sigmoid(20 (t - 1/2))
     control_variate: bool = True
@@ -139,7 +141,7 @@ DATA_KEYS = ("flip", "image_size", "data_dir")
 RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr",
                            "seed")
 RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
-                "nll_weight", "lam_lr_mult", "distil_weight", "alpha_const", "control_variate",
+                "nll_weight", "lam_lr_mult", "lam_late", "distil_weight", "alpha_const", "control_variate",
                 "ema_decay")   # the objective
 SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
@@ -151,7 +153,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "ch": (4, INF), "ch_mult": (1, INF), "num_res_blocks": (1, INF), "attn_res": (1, INF),
     "dropout": (0, 0.99), "teacher_iters": (1, INF), "teacher_batch": (1, INF),
     "teacher_lr": (TINY, 1), "nll_weight": (0, INF), "distil_iters": (1, INF),
-    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
+    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF),
     "distil_weight": (0, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "ema_decay": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "hybrid_teacher_steps": (0, INF), "n_samples": (2, INF), "sample_batch": (1, INF),
@@ -860,18 +862,28 @@ class UNet(nn.Module):
     With lam=True it also takes lambda: two embeddings of (lambda, t) -- the second also sees the
     bottleneck's spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the
     student is exactly the teacher at initialisation.
+    Late fusion (lam_late = k > 0, not in the paper): only the last k ResBlocks of the up path
+    have a `lam_proj` (fed by the second embedding); everything before them runs once per
+    distinct consecutive row (x_t, t) (the core repeats each x_t L times in a row) and is
+    repeated, skips included, so the lambda-batch multiplies only the last k blocks.
     """
 
-    def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False):
+    def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False,
+                 lam_late=0):
         super().__init__()
         self.C, self.H, self.S, self.ch, self.lam = C, H, S, ch, lam
+        n_up = len(ch_mult) * (num_res_blocks + 1)                 # ResBlocks of the up path
+        if lam and lam_late > n_up:
+            raise ValueError(f"lam_late {lam_late} exceeds the {n_up} ResBlocks of the up path")
+        self.lam_late = lam_late if lam else 0
+        early_lam = lam and not self.lam_late                      # lambda in down and mid
         emb = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(C, ch, 3, padding=1)
         self.down, chans, c, res = nn.ModuleList(), [ch], ch, H
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(c, ch * m, emb, dropout, lam))
+                self.down.append(ResBlock(c, ch * m, emb, dropout, early_lam))
                 c = ch * m
                 if res in attn_res:
                     self.down.append(Attention(c))
@@ -880,13 +892,17 @@ class UNet(nn.Module):
                 self.down.append(Down(c))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout, lam), Attention(c),
-                                  ResBlock(c, c, emb, dropout, lam)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout, early_lam), Attention(c),
+                                  ResBlock(c, c, emb, dropout, early_lam)])
         c_mid = c
-        self.up = nn.ModuleList()
-        for i, m in reversed(list(enumerate(ch_mult))):
+        self.up, self.late_from, j = nn.ModuleList(), 0, 0          # late_from: first up module
+        for i, m in reversed(list(enumerate(ch_mult))):              # with lambda
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(c + chans.pop(), ch * m, emb, dropout, lam))
+                if self.lam_late and j == n_up - self.lam_late:
+                    self.late_from = len(self.up)
+                self.up.append(ResBlock(c + chans.pop(), ch * m, emb, dropout,
+                                        lam and (not self.lam_late or j >= n_up - self.lam_late)))
+                j += 1
                 c = ch * m
                 if res in attn_res:
                     self.up.append(Attention(c))
@@ -894,9 +910,10 @@ class UNet(nn.Module):
                 self.up.append(Up(c))
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 2 * C, 3, padding=1))
-        if lam:
+        if early_lam:
             self.lam_emb_down = nn.Sequential(nn.Linear(2 * ch, ch), nn.SiLU(), nn.Linear(ch, emb),
                                            nn.SiLU(), nn.Linear(emb, emb))
+        if lam:
             self.lam_emb_up = nn.Sequential(nn.Linear(2 * ch + c_mid, ch),
                                          nn.SiLU(), nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
 
@@ -904,13 +921,15 @@ class UNet(nn.Module):
         N = x_t.shape[0]
         dt = self.conv_in.weight.dtype                                              # float32 unless .double()
         x = x_t.view(N, self.C, self.H, self.H).to(dt) / (self.S - 1) * 2 - 1       # (N, C, H, W)
-        e_t = sinusoid(t, self.ch).to(dt)                                           # (N, ch)
-        temb = self.temb(e_t)
-        lemb = None
+        rows, inverse = self.distinct_rows(x_t, t) if self.lam_late else (None, None)
+        xs, ts = (x, t) if rows is None else (x[rows], t[rows])                     # (U, ...)
+        e_t = sinusoid(ts, self.ch).to(dt)                                          # (U, ch)
+        temb, lemb = self.temb(e_t), None
         if self.lam:
-            e_lam = sinusoid(lam[:, 0], self.ch).to(dt)
+            e_lam = sinusoid(lam[:, 0], self.ch).to(dt)                             # (N, ch)
+        if self.lam and not self.lam_late:
             lemb = self.lam_emb_down(torch.cat([e_lam, e_t], -1))
-        h, skips = self.conv_in(x), []
+        h, skips = self.conv_in(xs), []
         skips.append(h)
         for blk in self.down:
             h = blk(h) if isinstance(blk, Down) else blk(h, temb, lemb)
@@ -918,16 +937,31 @@ class UNet(nn.Module):
                 skips.append(h)
             else:
                 skips[-1] = h
-        if self.lam:
-            lemb = self.lam_emb_up(torch.cat([e_lam, e_t, h.mean((2, 3))], -1))
+        bottleneck = h.mean((2, 3))                                                 # (U, c_mid)
+        if self.lam and not self.lam_late:
+            lemb = self.lam_emb_up(torch.cat([e_lam, e_t, bottleneck], -1))
         for blk in self.mid:
             h = blk(h, temb, lemb)
-        for blk in self.up:
+        for i, blk in enumerate(self.up):
+            if self.lam_late and i == self.late_from:          # late fusion: back to N rows
+                h, temb, e_t, bottleneck = (v[inverse] for v in (h, temb, e_t, bottleneck))
+                skips = [s[inverse] for s in skips]
+                lemb = self.lam_emb_up(torch.cat([e_lam, e_t, bottleneck], -1))
             if isinstance(blk, ResBlock):
                 h = blk(torch.cat([h, skips.pop()], 1), temb, lemb)
             else:
                 h = blk(h)
         return logistic_logits(x, self.out(h), self.S)                             # (N, D, S)
+
+    @staticmethod
+    def distinct_rows(x_t, t):
+        """Late fusion: the first index of each run of equal consecutive rows (x_t, t) (U,) and
+        each row's run (N,)."""
+        key = torch.cat([x_t.to(torch.float64), t.to(torch.float64)[:, None]], 1)   # (N, D + 1)
+        _, inverse = torch.unique_consecutive(key, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), len(key), device=key.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(key), device=key.device), "amin")
+        return first, inverse
 
 
 def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
@@ -948,8 +982,12 @@ def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
     return hi + torch.log1p(-torch.exp(lo - hi) + 1e-6)
 
 
-def build_unet(cfg: Config, C: int, H: int, lam: bool) -> UNet:
-    return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout, lam)
+def build_unet(cfg: Config, C: int, H: int, lam: bool, lam_late=None) -> UNet:
+    try:
+        return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res,
+                    cfg.dropout, lam, cfg.lam_late if lam_late is None else lam_late)
+    except ValueError as e:
+        raise SystemExit(f"error: --lam_late: {e}") from None
 
 
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
@@ -1113,6 +1151,8 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
             st = None
     if st is None:                     # ours: also refuse one written with another config
         st = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
+        if lam:                        # a student runs as it was trained
+            net = build_unet(cfg, C, H, lam, st["config"].get("lam_late", 0)).to(dev)
     sd = st["ema"] if st.get("ema") is not None else st["model"]
     try:
         net.load_state_dict(sd)
@@ -1330,6 +1370,10 @@ def main(cfg: Config):
     check_config(cfg)
     if cfg.ch % 4:
         raise SystemExit(f"error: --ch must be a multiple of 4 (GroupNorm), got {cfg.ch}")
+    n_up = len(cfg.ch_mult) * (cfg.num_res_blocks + 1)
+    if cfg.lam_late > n_up:
+        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds the {n_up} ResBlocks of the "
+                         "up path (len(ch_mult) x (num_res_blocks + 1))")
     preflight(run_needs(cfg))
     rank, world_size, device = setup_dist(cfg.device, cfg.dist_timeout)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -106,6 +106,8 @@ class Config:
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     lam_inject: str = "add"        # how the student sees lambda: add (ours, to every token's
                                    # embedding; student = teacher at init) | token (the authors')
+    lam_late: int = 0              # late-fusion lambda (add only): added before the last k blocks,
+                                   # the first n_layer - k run once per x_t; 0 = at the input
     weight_decay: float = 1e-5
     L: int = 32
     r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
@@ -191,7 +193,7 @@ RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr"
 RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_lr_mult",
                 "weight_decay", "teacher_steps", "alpha_const", "student_ema",
                 "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
-                "lam_inject")                                             # the objective
+                "lam_inject", "lam_late")                                 # the objective
 SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
@@ -206,7 +208,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "mlp_dim": (1, INF), "dropout": (0, 0.99), "label_drop": (0, 1), "teacher_iters": (1, INF),
     "batch_size": (1, INF), "teacher_lr": (TINY, 1), "warmup": (0, INF),
     "label_smoothing": (0, 0.99), "teacher_ema": (0, 1 - 1e-9), "distil_iters": (1, INF),
-    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
+    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF),
     "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
     "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
     "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
@@ -1007,13 +1009,20 @@ class MaskTransformer(nn.Module):
     embedding, so it cannot start equal to the teacher.
     `raw_logits` is MaskGIT-pytorch's output (K + 1 classes, [MASK] included, no rules), which
     its own sampler uses (--sampler maskgit | di4c).
+    Late fusion (lam_late = k > 0, "add" only, not in the paper): the lambda embedding is added
+    to the hidden states before the last k blocks instead of at the input; the blocks before
+    run once per distinct consecutive row (x_t, y) (the core repeats each x_t L times in a row)
+    and their output is repeated, so the lambda-batch multiplies only the last k blocks.
     """
 
     def __init__(self, K: int, D: int, n_classes: int, n_layer: int, E: int, H: int, mlp: int,
-                 dropout: float, lam_dim: int = 0, lam_inject: str = "add"):
+                 dropout: float, lam_dim: int = 0, lam_inject: str = "add", lam_late: int = 0):
         super().__init__()
         self.K, self.D, self.n_classes, self.lam_dim = K, D, n_classes, lam_dim
         self.lam_inject = lam_inject if lam_dim else ""
+        if lam_dim and lam_late and lam_inject != "add":
+            raise ValueError("late fusion (lam_late > 0) needs lam_inject 'add'")
+        self.n_early = n_layer - lam_late if lam_dim and lam_late else 0  # blocks without lambda
         V = K + 1 + n_classes + 1
         self.embed = nn.Embedding(V, E)
         self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, D + 1, E), 0.0, 0.02))
@@ -1036,16 +1045,28 @@ class MaskTransformer(nn.Module):
         """MaskGIT-pytorch's output: (N, D, K + 1) float logits, [MASK] included."""
         N, D = x_t.shape
         tokens = torch.cat([x_t, y[:, None] + self.K + 1], 1)                   # (N, D + 1)
-        h = self.embed(tokens) + self.pos                                       # (N, D + 1, E)
-        if self.lam_inject == "add":
-            h = h + self.lam_mlp(sinusoid(lam))[:, None]
-        elif self.lam_inject == "token":
-            h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
-        h = self.first(h)
-        for block in self.blocks:
+        if self.n_early:
+            h = self.early(tokens) + self.lam_mlp(sinusoid(lam))[:, None]        # (N, D + 1, E)
+        else:
+            h = self.embed(tokens) + self.pos                                   # (N, D + 1, E)
+            if self.lam_inject == "add":
+                h = h + self.lam_mlp(sinusoid(lam))[:, None]
+            elif self.lam_inject == "token":
+                h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
+            h = self.first(h)
+        for block in self.blocks[self.n_early:]:
             h = block(h)
         h = self.last(h)[:, :D]                                                 # (N, D, E)
         return (h @ self.embed.weight[:self.K + 1].T).float() + self.out_bias[:D, :self.K + 1]
+
+    def early(self, tokens):
+        """Late fusion: input layers and the blocks before lambda enters, once per distinct
+        consecutive row of tokens (N, D + 1) -> (N, D + 1, E)."""
+        u, inverse = torch.unique_consecutive(tokens, dim=0, return_inverse=True)  # (U, D + 1)
+        h = self.first(self.embed(u) + self.pos)
+        for block in self.blocks[:self.n_early]:
+            h = block(h)
+        return h[inverse]
 
     def forward(self, x_t, t=None, lam=None, y=None):
         logits = self.raw_logits(x_t, lam, y)                                   # (N, D, S)
@@ -1056,11 +1077,12 @@ class MaskTransformer(nn.Module):
 
 
 def build_model(cfg: Config, meta: dict, lam_dim: int = 0, dropout=None,
-                lam_inject=None) -> MaskTransformer:
+                lam_inject=None, lam_late=None) -> MaskTransformer:
     return MaskTransformer(meta["K"], meta["grid"] ** 2, meta["n_classes"], cfg.n_layer,
                            cfg.n_embd, cfg.n_head, cfg.mlp_dim,
                            cfg.dropout if dropout is None else dropout, lam_dim,
-                           cfg.lam_inject if lam_inject is None else lam_inject)
+                           cfg.lam_inject if lam_inject is None else lam_inject,
+                           cfg.lam_late if lam_late is None else lam_late)
 
 
 def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransformer:
@@ -1091,14 +1113,15 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
         from pretrained.maskgit import maskgit_to_ours
         sd = maskgit_to_ours(state["model_state_dict"])
         lam_dim = 1 if "lam_token.0.weight" in sd else 0      # the authors' student
-        inject = "token"
+        inject, late = "token", 0
         info = {"id": weights_id(sd), "parents": {}}
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         lam_dim, inject = state["lam_dim"], state["config"].get("lam_inject", "add")
+        late = state["config"].get("lam_late", 0)            # a student runs as it was trained
         sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
         info = {"id": state.get("id"), "parents": state.get("parents", {})}
-    net = load_strict(build_model(cfg, meta, lam_dim, lam_inject=inject), sd,
+    net = load_strict(build_model(cfg, meta, lam_dim, lam_inject=inject, lam_late=late), sd,
                       f"{path!r} does not fit this transformer (K = {meta['K']}, D = "
                       f"{meta['grid'] ** 2}, {meta['n_classes']} classes, --n_layer/--n_embd/"
                       "--n_head/--mlp_dim)")
@@ -1684,6 +1707,11 @@ def check(cfg: Config):
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
         raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
+    if cfg.lam_late > cfg.n_layer:
+        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds --n_layer {cfg.n_layer}")
+    if cfg.lam_late and cfg.lam_inject != "add":
+        raise SystemExit("error: --lam_late needs --lam_inject add (a lambda token enters at the "
+                         "input)")
 
 
 def run_needs(cfg: Config) -> list:

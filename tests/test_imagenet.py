@@ -136,6 +136,63 @@ def test_student_equals_teacher_at_init_for_every_lambda():
         assert not torch.allclose(student(x, None, torch.full((3, 1), 0.5), y), want)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation(k, monkeypatch):
+    """--lam_late k: the first 3 - k blocks run on the B distinct (x_t, y) rows only (counted),
+    and the output and every gradient equal the same network run on all B L rows
+    (unique_consecutive replaced by the identity); at init the student is the teacher."""
+    torch.manual_seed(0)
+    net = m.MaskTransformer(17, 16, 4, n_layer=3, E=32, H=4, mlp=64, dropout=0.0, lam_dim=1,
+                            lam_late=k)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randint(0, 17, (3, 16))
+    x[:, ::2] = 17
+    x, y = x.repeat_interleave(4, 0), torch.tensor([0, 3, 4]).repeat_interleave(4)  # L = 4
+    lam = torch.rand(12, 1)
+    seen = []
+    for block in net.blocks:
+        block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+
+    def run():
+        net.zero_grad()
+        out = net(x, None, lam, y)
+        out[x == 17].logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    out, grads = run()
+    assert seen == [3] * (3 - k) + [12] * k
+    monkeypatch.setattr(torch, "unique_consecutive",
+                        lambda x, dim, return_inverse: (x, torch.arange(len(x))))
+    ref, ref_grads = run()
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    for n in grads:
+        assert (grads[n] - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-6, n
+    assert grads["blocks.0.mlp.0.weight"].abs().sum() > 0           # the shared trunk learns
+    teacher = m.MaskTransformer(17, 16, 4, n_layer=3, E=32, H=4, mlp=64, dropout=0.0)
+    teacher.load_state_dict({k: v for k, v in net.state_dict().items()
+                             if not k.startswith("lam_mlp.")})
+    torch.nn.init.zeros_(net.lam_mlp[-1].weight), torch.nn.init.zeros_(net.lam_mlp[-1].bias)
+    with torch.no_grad():
+        assert torch.allclose(net(x, None, lam, y), teacher(x, None, None, y), atol=1e-6)
+
+
+def test_late_fusion_end_to_end_and_reload(tmp_path):
+    """A smoke run with --lam_late 1 trains, samples and scores; the student reloads with the
+    lam_late it was trained with, whatever the flag says; bad values stop with one line."""
+    cfg = smoke(tmp_path, n_layer=2, lam_late=1, teacher_iters=2, distil_iters=2)
+    m.main(cfg)
+    meta = m.codes_meta(cfg)
+    student, _, _ = m.load_model(m.make_config(m.Config, **{**asdict(cfg), "lam_late": 0}), meta,
+                                 m.ckpt_path(cfg, "student"), torch.device("cpu"))
+    assert student.n_early == 1
+    with pytest.raises(SystemExit, match="--lam_late 3 exceeds --n_layer 2"):
+        m.main(smoke(tmp_path, "b", n_layer=2, lam_late=3))
+    with pytest.raises(SystemExit, match="--lam_late needs --lam_inject add"):
+        m.main(smoke(tmp_path, "c", lam_late=1, lam_inject="token"))
+
+
 def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
     meta = {"K": 17, "grid": 8, "n_classes": 10}
     cfg = m.make_config(m.Config, preset="smoke", dropout=0.3, student_dropout=0.0)
