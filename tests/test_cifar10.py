@@ -229,7 +229,8 @@ def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation
     monkeypatch.setattr(torch, "unique_consecutive",
                         lambda x, dim, return_inverse: (x, torch.arange(len(x))))
     ref, ref_grads = run()
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # probabilities: the logistic head amplifies float rounding in the log of near-empty bins
+    assert (out.exp() - ref.exp()).abs().max() <= 1e-5
     for n in grads:
         assert (grads[n] - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-6, n
     assert grads["conv_in.weight"].abs().sum() > 0                  # the shared trunk learns
