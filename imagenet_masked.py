@@ -1589,7 +1589,7 @@ def reference_features(cfg: Config):
     from eval import inception
     folder = fid_reference(cfg)
     remap = cfg.metrics == "maskgit" and not cfg.fid_ref
-    path = os.path.join(folder + ("_remapped" if remap else "") + "_features.pt")
+    path = folder + ("_remapped" if remap else "") + "_features.pt"
     if os.path.exists(path):
         return torch.load(path)
     names = sorted(os.listdir(folder))
