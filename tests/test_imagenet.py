@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import imagenet_masked as m
-from tests.runs import metrics_without_timings
+from tests.runs import late_fusion_against_every_row, metrics_without_timings
 from pretrained.maskgit import maskgit_to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,27 +155,19 @@ def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation
     for block in net.blocks:
         block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
 
-    def run():
-        net.zero_grad()
-        out = net(x, None, lam, y)
-        out[x == 17].logsumexp(-1).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
-
-    out, grads = run()
-    assert seen == [3] * (3 - k) + [12] * k
-    monkeypatch.setattr(torch, "unique_consecutive",
-                        lambda x, dim, return_inverse: (x, torch.arange(len(x))))
-    ref, ref_grads = run()
+    out, ref, grads, rows = late_fusion_against_every_row(
+        net, lambda: net(x, None, lam, y), monkeypatch, seen, mask=x == 17)
+    assert rows == [3] * (3 - k) + [12] * k
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
-    for n in grads:
-        assert (grads[n] - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-6, n
     assert grads["blocks.0.mlp.0.weight"].abs().sum() > 0           # the shared trunk learns
     teacher = m.MaskTransformer(17, 16, 4, n_layer=3, E=32, H=4, mlp=64, dropout=0.0)
     teacher.load_state_dict({k: v for k, v in net.state_dict().items()
                              if not k.startswith("lam_mlp.")})
     torch.nn.init.zeros_(net.lam_mlp[-1].weight), torch.nn.init.zeros_(net.lam_mlp[-1].bias)
     with torch.no_grad():
-        assert torch.allclose(net(x, None, lam, y), teacher(x, None, None, y), atol=1e-6)
+        # (trunk on 3 rows vs 12: matmul blocking differs, so rounding does)
+        assert torch.allclose(net(x, None, lam, y), teacher(x, None, None, y), rtol=1e-5,
+                              atol=1e-5)
 
 
 def test_late_fusion_end_to_end_and_reload(tmp_path):
