@@ -983,11 +983,9 @@ def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
 
 
 def build_unet(cfg: Config, C: int, H: int, lam: bool, lam_late=None) -> UNet:
-    try:
-        return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res,
-                    cfg.dropout, lam, cfg.lam_late if lam_late is None else lam_late)
-    except ValueError as e:
-        raise SystemExit(f"error: --lam_late: {e}") from None
+    """The U-Net of cfg (--lam_late is checked in main; a checkpoint's passed that check)."""
+    return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res,
+                cfg.dropout, lam, cfg.lam_late if lam_late is None else lam_late)
 
 
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:

@@ -21,8 +21,8 @@ import torch
 from eval.frechet import frechet_distance
 
 PROTOCOLS = {
-    "maskgit": dict(k=3, splits=5, strict=True, is_chunks=10),
-    "adm": dict(k=3, splits=1, strict=False, is_split_size=5000),
+    "maskgit": dict(k=3, splits=5, strict_lt=True, is_chunks=10),
+    "adm": dict(k=3, splits=1, strict_lt=False, is_split_size=5000),
 }
 
 
@@ -45,11 +45,11 @@ def knn_radii(x: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
     return torch.cat(out)
 
 
-def ball_stats(real, r_real, fake, r_fake, strict, block=4096):
+def ball_stats(real, r_real, fake, r_fake, strict_lt, block=4096):
     """For the balls of radius r around each point: (fake in some real ball (M,) bool,
     number of real balls holding each fake (M,), real in some fake ball (N,) bool,
     nearest fake of each real inside its own ball (N,) bool)."""
-    lt = torch.lt if strict else torch.le
+    lt = torch.lt if strict_lt else torch.le
     in_real = torch.zeros(len(fake), dtype=torch.bool)
     count = torch.zeros(len(fake), dtype=torch.long)
     in_fake = torch.zeros(len(real), dtype=torch.bool)
@@ -66,10 +66,12 @@ def ball_stats(real, r_real, fake, r_fake, strict, block=4096):
 
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 3, splits: int = 1,
-         strict: bool = True) -> dict:
+         strict_lt: bool = True) -> dict:
     """Improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage
     (Naeem et al. 2020) of fake (M, F) against real (N, F); with splits > 1 both sets are cut into
-    `splits` consecutive chunks (torch.chunk), the metrics computed per pair and averaged."""
+    `splits` consecutive chunks (torch.chunk), the metrics computed per pair and averaged.
+    strict_lt: a point is inside a ball when its distance is < the radius (MaskGIT), else <=
+    (ADM)."""
     real, fake = torch.as_tensor(real).float(), torch.as_tensor(fake).float()
     acc = {"precision": [], "recall": [], "density": [], "coverage": []}
     pairs = list(zip(real.chunk(splits), fake.chunk(splits)))
@@ -80,7 +82,7 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 3, splits: int = 1,
                          f"features leave {small})")
     for r, f in pairs:
         r_real, r_fake = knn_radii(r, k), knn_radii(f, k)
-        in_real, count, in_fake, covered = ball_stats(r, r_real, f, r_fake, strict)
+        in_real, count, in_fake, covered = ball_stats(r, r_real, f, r_fake, strict_lt)
         acc["precision"].append(in_real.double().mean())
         acc["recall"].append(in_fake.double().mean())
         acc["density"].append(count.double().mean() / k)
@@ -117,5 +119,5 @@ def metrics_from_features(real: torch.Tensor, fake: torch.Tensor, fake_logits: t
     out = {"fid": frechet_distance(real, fake)}
     out.update(inception_score(fake_logits, chunks=p.get("is_chunks"),
                                split_size=p.get("is_split_size")))
-    out.update(prdc(real, fake, p["k"], p["splits"], p["strict"]))
+    out.update(prdc(real, fake, p["k"], p["splits"], p["strict_lt"]))
     return out

@@ -118,14 +118,19 @@ def inception_features(images, batch_size=64, cuda=None, weights_path=None):
 
 def pigm_inception(device):
     """pytorch-image-generation-metrics' Inception-v3 (pytorch-fid's port of the FID graph),
-    returning the 2048-d pool features (block 3) and the 1008-way softmax (block 4) in one pass."""
+    returning the 2048-d pool features (block 3) and the 1008-way softmax (block 4) in one pass;
+    built once per device."""
     try:
         from pytorch_image_generation_metrics.inception import InceptionV3
     except ImportError as e:
         raise ImportError("--fid_backend pigm needs pytorch-image-generation-metrics: "
                           "pip install pytorch-image-generation-metrics") from e
+    key = ("pigm", str(device))
+    if key in _EXTRACTORS:
+        return _EXTRACTORS[key]
     try:
-        return InceptionV3([3, 4]).to(device).eval()
+        _EXTRACTORS[key] = InceptionV3([3, 4]).to(device).eval()
+        return _EXTRACTORS[key]
     except OSError as e:
         raise RuntimeError("pytorch-image-generation-metrics could not download its Inception "
                            "weights (no network?): put pt_inception-2015-12-05-6726825d.pth in "

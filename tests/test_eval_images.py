@@ -209,7 +209,7 @@ def test_image_metrics_match_the_maskgit_and_adm_evaluators():
         pytest.approx(float(z["adm_is_200"]), rel=1e-6)
     got = [mg[k] for k in ("precision", "recall", "density", "coverage")]
     assert got == pytest.approx(z["maskgit_prdc_s5"].tolist(), abs=1e-9)
-    one = im.prdc(real, fake, k=3, splits=1, strict=True)
+    one = im.prdc(real, fake, k=3, splits=1, strict_lt=True)
     assert list(one.values()) == pytest.approx(z["maskgit_prdc_s1"].tolist(), abs=1e-9)
     assert abs(adm["precision"] - z["adm_pr"][0]) <= 0.005
     assert abs(adm["recall"] - z["adm_pr"][1]) <= 0.005
@@ -229,8 +229,8 @@ def test_prdc_blocks_and_ties():
     assert all(torch.equal(a, b) for a, b in zip(whole, small))
     line = torch.tensor([[0.0], [1.0], [2.0], [3.0]])          # k = 1 radii: all 1
     on_border = torch.tensor([[4.0], [9.0]])                    # 4: distance 1 from the point at 3
-    assert im.prdc(line, on_border, k=1, strict=True)["precision"] == 0.0
-    assert im.prdc(line, on_border, k=1, strict=False)["precision"] == 0.5
+    assert im.prdc(line, on_border, k=1, strict_lt=True)["precision"] == 0.0
+    assert im.prdc(line, on_border, k=1, strict_lt=False)["precision"] == 0.5
     with pytest.raises(ValueError, match="need more than 3 points per split .5 split.s. of 50 "
                                          "reference and 15 sample features leave 3"):
         im.prdc(real[:50], fake[:15], k=3, splits=5)
@@ -266,6 +266,7 @@ def random_pigm_weights(monkeypatch):
                                  * math.sqrt(2 / mod.weight[0].numel()))
     state = net.state_dict()
     monkeypatch.setattr(pin, "load_state_dict_from_url", lambda url, progress=True: state)
+    monkeypatch.setattr(inception, "_EXTRACTORS", {})        # no network built before leaks in
 
 
 def test_pigm_backend_is_the_packages_own_numbers(tmp_path, monkeypatch):
