@@ -101,6 +101,8 @@ class Config:
     steps: tuple = (10, 20, 40)
     student_steps: tuple = (10, 20, 40)
     hybrid_teacher_steps: int = 3  # hybrid sampler: last NFEs by the teacher
+    lam_fixed: bool = False        # one lambda per sample for all its steps (not in the paper);
+                                   # false = a fresh lambda per sample per step (the paper's)
     n_samples: int = 50000
     sample_batch: int = 50
     fid_backend: str = "pigm"      # pigm: pytorch-image-generation-metrics, the paper's package
@@ -143,7 +145,7 @@ RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr",
 RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
                 "nll_weight", "lam_lr_mult", "lam_late", "distil_weight", "alpha_const", "control_variate",
                 "ema_decay")   # the objective
-SAMPLE_KEYS = ("n_samples", "min_time", "seed")
+SAMPLE_KEYS = ("n_samples", "min_time", "seed", "lam_fixed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
            "dtype": ("float32", "bfloat16"), "fid_backend": ("pigm", "torch-fidelity")}
 INF, TINY = float("inf"), 1e-12
@@ -871,7 +873,7 @@ class UNet(nn.Module):
     def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False,
                  lam_late=0):
         super().__init__()
-        self.C, self.H, self.S, self.ch, self.lam = C, H, S, ch, lam
+        self.C, self.H, self.S, self.ch, self.lam, self.lam_dim = C, H, S, ch, lam, int(lam)
         n_up = len(ch_mult) * (num_res_blocks + 1)                 # ResBlocks of the up path
         if lam and lam_late > n_up:
             raise ValueError(f"lam_late {lam_late} exceeds the {n_up} ResBlocks of the up path")
@@ -1085,15 +1087,21 @@ def stage_teacher(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
 
 
 def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
-    """Di4C (tauLDR variant) from the teacher, then (with --control_iters) the control: the
-    teacher fine-tuned with its own loss for the same compute (so a gain is Di4C's)."""
+    """Di4C (tauLDR variant) from the teacher (a product tauLDR model, or a Di4C student for
+    another round), then (with --control_iters) the control: the teacher fine-tuned with its
+    own loss for the same compute (so a gain is Di4C's)."""
     C, H = images.shape[1], images.shape[2]
     teacher, t_state = load_net(cfg, "teacher", C, H, False, ctx.device)
+    lam_T = t_state["lam_dim"]
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
     parents = {"teacher": t_state["id"]}
     student = student_from_teacher(teacher, cfg).train()
-    fns = core.make_teacher(teacher, proc)
+    fns = core.make_teacher(teacher, proc, lam_T, cfg.L)
     data = Batches((images,), cfg, ctx, cfg.batch_size)
-    ctx.log(f"distill: {cfg.batch_size} images x L = {cfg.L} lambdas per step")
+    ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher, "
+            f"{cfg.batch_size} images x L = {cfg.L} lambdas per step")
     out = fit(cfg, ctx, "student", student,
               lambda model, batch, g: di4c_step(model, student, fns, proc,
                                                 flip_batch(batch, g, cfg.flip), cfg, g),
@@ -1123,7 +1131,9 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     """The finished network `{name}.pt` of this run (EMA weights), or the teacher from
     --teacher_ckpt / the student from --student_ckpt: ours, or tauLDR's layout (detected by its
     keys; its EMA weights; the Di4C authors' student too, see pretrained/tauldr.py). Every key
-    must match (strict). Returns (net in eval mode, state)."""
+    must match (strict). Ours is built as its checkpoint says (lam_dim, lam_late): a Di4C
+    student passed as --teacher_ckpt is a mixture teacher (multi-round, docs/method.md (35)).
+    Returns (net in eval mode, state with "lam_dim")."""
     given = {"teacher": cfg.teacher_ckpt, "student": cfg.student_ckpt}.get(name, "")
     path = given or run_path(cfg, f"{name}.pt")
     if not os.path.exists(path):
@@ -1149,8 +1159,13 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
             st = None
     if st is None:                     # ours: also refuse one written with another config
         st = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
-        if lam:                        # a student runs as it was trained
-            net = build_unet(cfg, C, H, lam, st["config"].get("lam_late", 0)).to(dev)
+        weights = st["ema"] if st.get("ema") is not None else st["model"]
+        st["lam_dim"] = int(any(core.is_lam_param(k) for k in weights))
+        if st["lam_dim"] or lam:       # a student runs as it was trained (a teacher too: round 2)
+            net = build_unet(cfg, C, H, bool(st["lam_dim"]),
+                             st["config"].get("lam_late", 0)).to(dev)
+    else:
+        st["lam_dim"] = int(lam)
     sd = st["ema"] if st.get("ema") is not None else st["model"]
     try:
         net.load_state_dict(sd)
@@ -1165,9 +1180,9 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
 
 @torch.no_grad()
 def sample_images(net, lam_dim, proc, cfg: Config, n_steps: int, n: int, C: int, H: int, dev,
-                  teacher=None, n_teacher: int = 0, seed: int = 0) -> tuple:
+                  teacher=None, n_teacher: int = 0, seed: int = 0, teacher_lam_dim: int = 0) -> tuple:
     """docs/method.md (37): N NFEs on linspace(1, min_time, N), a fresh lambda per sample per
-    step, the last NFE an argmax.
+    step (one per sample with --lam_fixed), the last NFE an argmax.
     Returns (images (n, C, H, H) uint8, NFE per sample)."""
     times = torch.linspace(1, cfg.min_time, n_steps)
     out, nfe = [], 0
@@ -1176,19 +1191,20 @@ def sample_images(net, lam_dim, proc, cfg: Config, n_steps: int, n: int, C: int,
         g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
         x_T = proc.prior(b, C * H * H, g)
         x, nfe = core.ancestral_sample(proc, x_T, times, net, lam_dim=lam_dim, teacher=teacher,
-                                       n_teacher=n_teacher, generator=g)
+                                       n_teacher=n_teacher, teacher_lam_dim=teacher_lam_dim,
+                                       lam_fixed=cfg.lam_fixed, generator=g)
         out.append(x.view(b, C, H, H).to(torch.uint8).cpu())
     return torch.cat(out), nfe
 
 
 def sampler_runs(cfg: Config) -> list:
-    """(label, net name, lam_dim, steps, teacher NFEs) for every sample set of the eval table."""
-    runs = [(f"teacher@{n}", "teacher", 0, n, 0) for n in cfg.steps]
-    runs += [(f"student@{n}", "student", 1, n, 0) for n in cfg.student_steps]
-    runs += [(f"hybrid@{n}", "student", 1, n, cfg.hybrid_teacher_steps) for n in cfg.student_steps
+    """(label, net name, steps, teacher NFEs) for every sample set of the eval table."""
+    runs = [(f"teacher@{n}", "teacher", n, 0) for n in cfg.steps]
+    runs += [(f"student@{n}", "student", n, 0) for n in cfg.student_steps]
+    runs += [(f"hybrid@{n}", "student", n, cfg.hybrid_teacher_steps) for n in cfg.student_steps
              if n > cfg.hybrid_teacher_steps]
     if cfg.control_iters:
-        runs += [(f"control@{n}", "control", 0, n, 0) for n in cfg.student_steps]
+        runs += [(f"control@{n}", "control", n, 0) for n in cfg.student_steps]
     return runs
 
 
@@ -1218,12 +1234,13 @@ def stage_sample(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     C, H = images.shape[1], images.shape[2]
     nets, runs = load_nets(cfg, C, H, ctx.device), sampler_runs(cfg)
     bar = ctx.progress(len(runs), "sample", unit="set")
-    for label, name, lam_dim, n_steps, n_teacher in runs:
+    for label, name, n_steps, n_teacher in runs:
         share = math.ceil(cfg.n_samples / ctx.world_size)
         lo, hi = ctx.rank * share, min(cfg.n_samples, (ctx.rank + 1) * share)
-        x, nfe = sample_images(nets[name][0], lam_dim, proc, cfg, n_steps, hi - lo, C, H,
-                               ctx.device, teacher=nets["teacher"][0], n_teacher=n_teacher,
-                               seed=cfg.seed + lo)
+        x, nfe = sample_images(nets[name][0], nets[name][1]["lam_dim"], proc, cfg, n_steps,
+                               hi - lo, C, H, ctx.device, teacher=nets["teacher"][0],
+                               n_teacher=n_teacher, seed=cfg.seed + lo,
+                               teacher_lam_dim=nets["teacher"][1]["lam_dim"])
         part = os.path.join(cfg.out_dir, f"samples_{label}_rank{ctx.rank}.pt")
         torch.save(x, part)
         ctx.barrier()
@@ -1270,7 +1287,7 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     paths = {label: run_path(cfg, f"samples_{label}.pt") for label, *_ in
              sampler_runs(cfg)}
     sets = {}
-    for (label, path), (_, name, _, _, n_teacher) in zip(paths.items(), sampler_runs(cfg)):
+    for (label, path), (_, name, _, n_teacher) in zip(paths.items(), sampler_runs(cfg)):
         if not os.path.exists(path):
             raise SystemExit(f"error: {path!r} not found: run --stage sample first")
         sets[label] = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
@@ -1294,11 +1311,10 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
             score = inception.fid_is(as_uint8(s["images"], cfg.S), reference=images)
         res[label] = {**score, "nfe": s["nfe"], "steps": s["steps"]}
     bar.close()
-    teacher, student = nets["teacher"][0], nets["student"][0]
     lat = {}
     for n in cfg.student_steps:
-        t_s, s_s = (latency(net, d, proc, cfg, n, C, H, ctx.device) for net, d in
-                    ((teacher, 0), (student, 1)))
+        t_s, s_s = (latency(nets[k][0], nets[k][1]["lam_dim"], proc, cfg, n, C, H, ctx.device)
+                    for k in ("teacher", "student"))
         mean = lambda v: sum(v) / len(v)
         lat[str(n)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),
                            overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))

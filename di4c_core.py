@@ -524,24 +524,30 @@ def di4c_rows_per_step(B: int, L: int, distil_on: str = "x_t", teacher_L: int = 
 @torch.no_grad()
 def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                      lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
-                     n_teacher: int = 0, final_nfe: bool = True, reuse_unchanged: bool = False,
+                     n_teacher: int = 0, teacher_lam_dim: int = 0, final_nfe: bool = True,
+                     reuse_unchanged: bool = False, lam_fixed: bool = False,
                      generator=None) -> tuple:
     """N-step ancestral sampling with the analytic product step, mixture and hybrid (37)-(38).
 
     times (K+1,) decreasing. NFE k < K runs the network at t_k and draws x_{t_{k+1}}; with
     final_nfe (if process.needs_final) one more NFE at t_K returns process.final: tauLDR's N-NFE
     sampler is times = linspace(1, 0.01, N), MDLM's linspace(1, 1e-5, N + 1). A mixture
-    (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher`;
+    (lam_dim > 0) gets a fresh lambda per sample per NFE (the paper's), or with lam_fixed one
+    lambda per sample and network, drawn at its first NFE and kept (not in the paper); the
+    last n_teacher NFEs use `teacher` (a mixture too: teacher_lam_dim > 0, multi-round);
     reuse_unchanged re-runs a product network only on rows whose x changed (networks without a
-    time input only). cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""
+    time input only).
+    cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""
     B = x_T.shape[0]
     K = times.numel() - 1
     n_total = K + int(final_nfe)
     x, nfe, cache = x_T, 0, None
+    kept = {}                                            # lam_fixed: {id(net): lambda (B, dim)}
     for k in range(n_total):
         if k == K and not process.needs_final(x):
             break
-        net, dim = (teacher, 0) if k >= n_total - n_teacher else (denoiser, lam_dim)
+        net, dim = ((teacher, teacher_lam_dim) if k >= n_total - n_teacher
+                    else (denoiser, lam_dim))
         t_k = times[k].expand(B).to(x.device)
         if reuse_unchanged and dim == 0 and cache is not None and cache[0] is net:
             changed = (x != cache[1]).any(1)                                   # (B,) rows to redo
@@ -552,7 +558,10 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                 nfe += 1
             cache = (net, x, log_p0)
         else:
-            lam = draw_lambda(B, dim, generator, x.device) if dim > 0 else None
+            lam = kept.get(id(net)) if lam_fixed else None
+            if dim > 0 and lam is None:
+                lam = draw_lambda(B, dim, generator, x.device)                # (B, dim)
+                kept[id(net)] = lam
             log_p0 = log_probs(net(x, t_k, lam, cond))                        # (B, D, S)
             nfe += 1
             cache = (net, x, log_p0)

@@ -132,6 +132,8 @@ class Config:
     sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
     r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
     lfg: bool = False              # the teacher gives the unconditional CFG branch
+    lam_fixed: bool = False        # one lambda per image for all its steps (not in the paper);
+                                   # false = a fresh lambda per image per step (the paper's)
     sampler: str = "ours"          # ours (docs/method.md (39)-(41)) | maskgit (MaskGIT-pytorch's
                                    # sample(), output over K + 1) | di4c (the authors' modified
                                    # sample(): our reveal counts, otherwise as maskgit)
@@ -194,7 +196,7 @@ RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_
                 "weight_decay", "teacher_steps", "alpha_const", "student_ema",
                 "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
                 "lam_inject", "lam_late")                                 # the objective
-SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler")
+SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler", "lam_fixed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
            "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c"),
@@ -1210,7 +1212,7 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     """MaskGIT's confidence sampler with classifier-free guidance (docs/method.md (39)-(41)).
 
     Start all [MASK]; at step k (ratio k / (K - 1)): a fresh lambda per image for a student
-    (shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
+    (one per image for all steps with --lam_fixed; shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
     uncond = the same net with the class dropped, or `uncond` (the teacher, --lfg); tokens
     from softmax(sm_temp logits), Gumbel scale r_temp (1 - ratio), reveal_counts[k] revealed.
     Args: y (N,) class ids. Returns x_0 (N, D) long, no [MASK] left.
@@ -1219,9 +1221,11 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     N, dev = y.shape[0], y.device
     x = torch.full((N, D), K, dtype=torch.long, device=dev)
     dropped = torch.full_like(y, net.n_classes)
+    lam = None
     for k, n_k in enumerate(reveal_counts(n_steps, D)):
         ratio = k / max(n_steps - 1, 1)
-        lam = core.draw_lambda(N, lam_dim, generator, dev) if lam_dim else None
+        if lam_dim and (lam is None or not cfg.lam_fixed):
+            lam = core.draw_lambda(N, lam_dim, generator, dev)                     # (N, lam_dim)
         logits = net(x, None, lam, y).float()                                         # (N, D, S)
         if w * ratio > 0:
             u_logits = (uncond(x, None, None, dropped) if uncond is not None
@@ -1336,18 +1340,30 @@ def maskgit_loss(cfg: Config, process: core.MaskedProcess, n_classes: int):
 
 
 def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
-              process: core.MaskedProcess, n_classes: int):
+              process: core.MaskedProcess, n_classes: int, lam_T: int = 0):
     """The Di4C objective in the MaskGIT variant (docs/method.md (30), (32)), in diffusion
     time t = 1 - r: r ~ U(0, 1), x_t masked with gamma(r), labels dropped w.p. label_drop and
     passed to every network call as the core's `cond`; teacher_step = one teacher confidence
     step r -> r + r_delta; L lambdas; alpha = alpha_const sigmoid(20 (t - 1/2)) ("di4c-d",
     zero with --data_term false); distillation reuses x_t with weight 1[t <= r_delta] / r_delta,
-    consistency where t > r_delta."""
-    teacher_step = make_teacher_step(cfg, student.D, process.mask_id)
+    consistency where t > r_delta. A Di4C student as teacher (lam_T > 0, another round,
+    docs/method.md (35)): its marginal is the L-lambda average, its step uses one fresh lambda
+    per row."""
+    confidence_step = make_teacher_step(cfg, student.D, process.mask_id)
 
     @torch.no_grad()
     def teacher_marginal(x, t, y, g=None):
+        if lam_T:
+            return core.mixture_marginal_logp(core.student_log_probs(teacher, x, t, cfg.L, lam_T,
+                                                                     g, cond=y))
         return core.log_probs(teacher(x, t, None, y))
+
+    @torch.no_grad()
+    def teacher_step(x_t, t, u, log_p, y=None, generator=None):
+        if lam_T:
+            lam = core.draw_lambda(x_t.shape[0], lam_T, generator, x_t.device)
+            log_p = core.log_probs(teacher(x_t, t, lam, y))
+        return confidence_step(x_t, t, u, log_p, y, generator)
 
     def loss_fn(model, batch, g):
         x0, y = batch                                                           # (B, D), (B,)
@@ -1391,20 +1407,23 @@ def stage_teacher(cfg: Config, ctx: Ctx, meta: dict):
 
 
 def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
-    """Di4C (MaskGIT variant) from the teacher, then the control: the teacher fine-tuned with its
-    own MaskGIT loss for the same compute (so that a gain is Di4C's, not extra training's)."""
+    """Di4C (MaskGIT variant) from the teacher (a product MaskGIT, or a Di4C student for another
+    round), then the control: the teacher fine-tuned with its own MaskGIT loss for the same
+    compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_info = load_model(cfg, meta, t_path, ctx.device)
-    if lam_T:
-        raise SystemExit(f"error: {t_path!r} is a Di4C student; the teacher must be a "
-                         "product model")
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
     init = teacher.state_dict()
     student = init_student(cfg, meta, init, t_path).to(ctx.device)
     process = make_process(meta)
     data = Batches((meta["codes"], meta["labels"]), cfg, ctx, cfg.distil_batch)
-    ctx.log(f"distill: teacher {t_path}, {cfg.distil_batch} x L = {cfg.L} rows per step, {'di4c-d' if cfg.data_term else 'di4c'}")
+    ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
+            f"{cfg.distil_batch} x L = {cfg.L} rows per step, "
+            f"{'di4c-d' if cfg.data_term else 'di4c'}")
     out = fit(cfg, ctx, "student", student,
-              di4c_loss(cfg, teacher, student, process, meta["n_classes"]), data,
+              di4c_loss(cfg, teacher, student, process, meta["n_classes"], lam_T), data,
               cfg.distil_iters, cfg.lr, cfg.distil_batch, betas=(0.9, 0.96),
               weight_decay=cfg.weight_decay, ema_decay=cfg.student_ema, parents={"teacher": t_info["id"]})
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
@@ -1500,6 +1519,9 @@ def stage_sample(cfg: Config, ctx: Ctx, meta: dict):
     tokens = load_tokens(cfg, ctx, meta) if ctx.rank == 0 else None
     y = torch.arange(meta["n_classes"]).repeat_interleave(cfg.n_per_class)    # (N,)
     os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+    if cfg.lfg and nets["teacher"][1]:
+        raise SystemExit("error: --lfg needs a product teacher for the unconditional branch; "
+                         "this teacher is a Di4C student (another round)")
     uncond = nets["teacher"][0] if cfg.lfg else None
     runs = sample_runs(cfg)
     bar = ctx.progress(len(runs), "sample", unit="set")
@@ -1712,6 +1734,9 @@ def check(cfg: Config):
     if cfg.lam_late and cfg.lam_inject != "add":
         raise SystemExit("error: --lam_late needs --lam_inject add (a lambda token enters at the "
                          "input)")
+    if cfg.lam_fixed and cfg.sampler != "ours":
+        raise SystemExit(f"error: --lam_fixed needs --sampler ours (--sampler {cfg.sampler} "
+                         "replays the upstream sampler, a fresh lambda per step)")
 
 
 def run_needs(cfg: Config) -> list:

@@ -112,6 +112,8 @@ class Config:
     sampler: str = "ours"          # ours (docs/method.md (37), float64 draws) | sdtt (SDTT's and the
                                    # authors' ancestral sampler step for step: float32 draws from
                                    # torch's global RNG, log-linear move chances, argmax denoise)
+    lam_fixed: bool = False        # one lambda per sequence for all its steps (not in the paper);
+                                   # false = a fresh lambda per sequence per step (the paper's)
     prefix_len: int = 50
     cont_len: int = 50             # prefix-conditional samples have prefix_len + cont_len
     n_prefix: int = 256
@@ -169,7 +171,7 @@ RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
 RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "lam_inject", "delta", "distil_prob",
                 "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
-               "dtype", "sampler")
+               "dtype", "sampler", "lam_fixed")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16"),
            "lam_inject": ("adaln", "token"), "judge": ("gpt2-large", "trained", "both"),
            "sampler": ("ours", "sdtt")}
@@ -1314,8 +1316,9 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
 
     times = linspace(1, 1e-5, N + 1) in float64, one extra NFE at the end if a [MASK] is left;
     a product model reuses its output when its input did not change (the caching trick); a
-    mixture model gets a fresh lambda per sample per step. Prefix-conditional generation is
-    x_T with the prefix revealed (SUBS keeps it). Returns (x0 (N, D) long on CPU, mean NFE).
+    mixture model gets a fresh lambda per sample per step (one per sample with --lam_fixed).
+    Prefix-conditional generation is x_T with the prefix revealed (SUBS keeps it).
+    Returns (x0 (N, D) long on CPU, mean NFE).
     """
     process = make_process(corpus.S)
     times = torch.linspace(1, T_MIN_SAMPLE, n_steps + 1, dtype=torch.float64, device=ctx.device)
@@ -1333,7 +1336,8 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
             else:
                 x0, nfe = core.ancestral_sample(
                     process, mine[i:i + cfg.sample_batch].to(ctx.device), times, net,
-                    lam_dim=lam_dim, final_nfe=True, reuse_unchanged=lam_dim == 0, generator=g)
+                    lam_dim=lam_dim, final_nfe=True, reuse_unchanged=lam_dim == 0,
+                    lam_fixed=cfg.lam_fixed, generator=g)
         rows.append(x0.cpu())
         nfes += [nfe] * x0.shape[0]
     parts = ctx.gather((torch.cat(rows) if rows else torch.zeros(0, x_T.shape[1],
@@ -1404,7 +1408,8 @@ def latency(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: i
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx.autocast():
-            core.ancestral_sample(process, x_T, times, net, lam_dim=lam_dim, generator=g)
+            core.ancestral_sample(process, x_T, times, net, lam_dim=lam_dim,
+                                  lam_fixed=cfg.lam_fixed, generator=g)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
@@ -1639,6 +1644,9 @@ def main(cfg: Config):
     if cfg.lam_late and cfg.lam_inject != "adaln":
         raise SystemExit("error: --lam_late needs --lam_inject adaln (a lambda token enters at "
                          "the input)")
+    if cfg.lam_fixed and cfg.sampler != "ours":
+        raise SystemExit("error: --lam_fixed needs --sampler ours (--sampler sdtt replays SDTT's "
+                         "sampler, a fresh lambda per step)")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")

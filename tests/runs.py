@@ -36,3 +36,37 @@ def late_fusion_against_every_row(net, forward, monkeypatch, seen: list, mask=No
     for n in grads:
         assert (grads[n] - ref_grads[n]).norm() <= 1e-4 * ref_grads[n].norm() + 1e-6, n
     return out, ref, grads, first
+
+
+def second_di4c_round(m, cfg_of, tmp_path, samples: str, key: str):
+    """Round 2 (docs/method.md (35)) of a domain script `m`: the round-1 student is the mixture
+    teacher and the initialisation, lambda path included; a control is refused (a mixture has no
+    loss of its own). The round-2 teacher's samples must be the round-1 student's, draw for draw
+    (same seeds, a lambda per draw as for a student: sampled as a product it would differ).
+    cfg_of(path, **overrides) -> a smoke config writing to path; samples: a sample file under
+    out_dir with "{model}" for the network; key: its tensor. Returns (round-1, round-2) configs."""
+    import os
+
+    import pytest
+    import torch
+    first = cfg_of(tmp_path / "round1")
+    m.main(first)
+    kw = dict(teacher_ckpt=os.path.join(first.out_dir, "student.pt"))
+    with pytest.raises(SystemExit, match="--control_iters 0"):
+        m.main(cfg_of(tmp_path / "bad", **kw))
+    second = cfg_of(tmp_path / "round2", control_iters=0, **kw)
+    m.main(second)
+    log = open(os.path.join(second.out_dir, "log.txt")).read()
+    assert "nothing to train" in log and "mixture (multi-round) teacher" in log
+    ev = json.load(open(os.path.join(second.out_dir, "metrics.json")))["eval"]
+    assert any(k.startswith("student") for k in ev) and not any("control" in k for k in ev)
+    r1 = torch.load(os.path.join(first.out_dir, "student.pt"), weights_only=True)
+    r2 = torch.load(os.path.join(second.out_dir, "student.pt"), weights_only=True)
+    assert r2["parents"]["teacher"] == r1["id"]
+
+    def drawn(cfg, model):
+        path = os.path.join(cfg.out_dir, samples.format(model=model))
+        return torch.load(path, weights_only=True)[key]
+    assert torch.equal(drawn(second, "teacher"), drawn(first, "student"))
+    assert not torch.equal(drawn(second, "teacher"), drawn(first, "teacher"))
+    return first, second

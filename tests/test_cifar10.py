@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cifar10_gaussian as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings
+from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,3 +243,7 @@ def test_late_fusion_end_to_end_and_reload(tmp_path):
     assert net.lam_late == 2                                      # from the checkpoint
     with pytest.raises(SystemExit, match="--lam_late 9 exceeds the 4 ResBlocks of the up path"):
         m.main(smoke(tmp_path / "b", lam_late=9, stage="distill"))
+
+
+def test_second_di4c_round_from_a_student(tmp_path):
+    second_di4c_round(m, smoke, tmp_path, "samples_{model}@2.pt", "images")

@@ -255,6 +255,26 @@ def test_sampler_lambdas_times_and_hybrid_split():
     assert [c["t"][0].item() for c in teacher.calls] == pytest.approx([0.55, 0.3])
 
 
+def test_sampler_fixed_lambda_and_mixture_teacher_in_a_hybrid():
+    S, D, B = 3, 2, 6
+    proc = masked(S)
+    table = torch.randn(4, S ** D, D, S, generator=gen(14))
+    table[..., S - 1] = -1e4
+    student, teacher = Recorder(TableDenoiser(table, S)), Recorder(TableDenoiser(table, S))
+    times = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.0])
+    for lam_fixed in (True, False):
+        student.calls.clear(), teacher.calls.clear()
+        core.ancestral_sample(proc, proc.prior(B, D), times, student, lam_dim=1, teacher=teacher,
+                              n_teacher=2, teacher_lam_dim=1, final_nfe=False,
+                              lam_fixed=lam_fixed, generator=gen(15))
+        s_lam = torch.stack([c["lam"][:, 0] for c in student.calls])    # (2 steps, B)
+        t_lam = torch.stack([c["lam"][:, 0] for c in teacher.calls])    # a mixture teacher: lambdas
+        assert s_lam[0].unique().numel() == B and t_lam[0].unique().numel() == B
+        assert torch.equal(s_lam[0], s_lam[1]) == lam_fixed              # kept per sample, or fresh
+        assert torch.equal(t_lam[0], t_lam[1]) == lam_fixed
+        assert not torch.equal(s_lam[0], t_lam[0])                      # each network its own
+
+
 def test_sampler_cache_skips_unchanged_rows_only():
     S, D, B = 3, 2, 64
     proc = masked(S)

@@ -392,3 +392,27 @@ def test_ancestral_sample_matches_exact_law_and_is_deterministic():
     x3, nfe3 = core.ancestral_sample(proc, proc.prior(4, 2), torch.tensor([1.0, 0.9, 0.8, 0.7, 0.0]),
                                      counting, reuse_unchanged=True, generator=gen(1))
     assert nfe3 == len(calls) and nfe3 <= 4 and not (x3 == 2).any()
+
+
+def test_fixed_lambda_sampler_is_the_mixture_of_whole_trajectories():
+    """lam_fixed: one lambda per sample for all its steps, so the law is the average over
+    components of each component's N-step law; fresh lambdas mix the components at every step.
+    Both laws are enumerated; 40,000 draws each, TV tolerance 0.02 (sampling TV is about 0.006),
+    and the two laws differ by more than 0.1 here, so a sampler that swaps them fails."""
+    proc, N, n = make_masked(3), 2, 40000
+    times = torch.linspace(1, 0, N + 1)
+    table = torch.randn(2, 9, 2, 3, generator=gen(5))
+    table[0, ..., 0] += 3                                  # component 0 leans to 0, component 1 to 1
+    table[1, ..., 1] += 3
+    table[..., 2] = -1e4                                                     # never predict [MASK]
+    net = TableDenoiser(table, 3)
+    comps = [lambda x, t, lam, c=c: net(x, t, torch.full((x.shape[0], 1), (c + 0.5) / 2))
+             for c in range(2)]
+    fresh, _ = exact_sampler_law(proc, [comps] * N, times.tolist())
+    fixed = sum(exact_sampler_law(proc, [[c]] * N, times.tolist())[0] for c in comps) / 2
+    assert 0.5 * (fresh - fixed).abs().sum() > 0.1
+    for lam_fixed, law in ((True, fixed), (False, fresh)):
+        x, _ = core.ancestral_sample(proc, proc.prior(n, 2), times, net, lam_dim=1,
+                                     lam_fixed=lam_fixed, generator=gen(6))
+        freq = torch.bincount(state_index(x, 3), minlength=9).double() / n
+        assert 0.5 * (freq - law).abs().sum() < 0.02, lam_fixed

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import imagenet_masked as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings
+from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
 from pretrained.maskgit import maskgit_to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +107,16 @@ def test_sampler_follows_the_schedule_and_cfg_ramp():
     uncond = [s for s in seen if s[1] == [10, 10, 10]]
     assert [c[0][0] for c in cond] == [64 - sum(counts[:k]) for k in range(4)]
     assert len(uncond) == 3                                          # w_0 = 0: no uncond call
+    student = tiny_net(lam_dim=1).eval()
+    for lam_fixed in (False, True):                     # a student: lambda per image and step
+        lams = []
+        student.register_forward_pre_hook(lambda mod, a: lams.append(a[2][:, 0].clone()))
+        m.maskgit_sample(m.make_config(m.Config, preset="smoke", lam_fixed=lam_fixed), student, 1,
+                         y, 4, 2.0, torch.Generator().manual_seed(0))
+        student._forward_pre_hooks.clear()
+        assert len(lams) == 7 and lams[0].unique().numel() == 3           # 4 cond + 3 uncond
+        assert torch.equal(lams[1], lams[2])                  # both CFG branches share a lambda
+        assert torch.equal(lams[0], lams[-1]) == lam_fixed    # kept, or fresh at every step
 
 
 # -----------------------------------------------------------------------------
@@ -183,6 +193,8 @@ def test_late_fusion_end_to_end_and_reload(tmp_path):
         m.main(smoke(tmp_path, "b", n_layer=2, lam_late=3))
     with pytest.raises(SystemExit, match="--lam_late needs --lam_inject add"):
         m.main(smoke(tmp_path, "c", lam_late=1, lam_inject="token"))
+    with pytest.raises(SystemExit, match="--lam_fixed needs --sampler ours"):
+        m.main(smoke(tmp_path, "d", lam_fixed=True, sampler="maskgit"))
 
 
 def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
@@ -551,3 +563,8 @@ def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
     assert m.parse_config(m.Config, ["--cfg_ws", "1.5", "2"]).cfg_ws == (1.5, 2.0)
     with pytest.raises(SystemExit, match="--cfg_ws must be values in"):
         m.check(m.make_config(m.Config, preset="smoke", cfg_ws=(2.0, -1.0)))
+
+
+def test_second_di4c_round_from_a_student(tmp_path):
+    second_di4c_round(m, lambda path, **kw: smoke(path.parent, path.name, **kw), tmp_path,
+                      "samples/{model}@2_w0.pt", "codes")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import owt_masked as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings
+from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
 from eval import text_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +94,8 @@ def test_clear_errors(tmp_path):
         m.make_config(m.Config, steps_typo=3)
     with pytest.raises(SystemExit, match="stage"):
         m.main(smoke_cfg(tmp_path, stage="train"))
+    with pytest.raises(SystemExit, match="--lam_fixed needs --sampler ours"):
+        m.main(smoke_cfg(tmp_path, lam_fixed=True, sampler="sdtt"))
     for argv, msg in ((["--seq_len", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
                       (["--resume", "maybe"], "true or false")):
         r = subprocess.run([sys.executable, "owt_masked.py", *argv], cwd=ROOT,
@@ -296,22 +298,8 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_second_di4c_round_from_a_student(tmp_path):
-    """Round 2 (docs/method.md (35)): the round-1 student is the (mixture) teacher and the
-    student's initialisation, lambda path included; there is no control for a mixture."""
-    first = smoke_cfg(tmp_path, "round1")
-    m.main(first)
-    kw = dict(teacher_ckpt=os.path.join(first.out_dir, "student.pt"))
-    with pytest.raises(SystemExit, match="--control_iters 0"):
-        m.main(smoke_cfg(tmp_path, "bad", **kw))
-    second = smoke_cfg(tmp_path, "round2", control_iters=0, **kw)
-    m.main(second)
-    log = open(os.path.join(second.out_dir, "log.txt")).read()
-    assert "nothing to train" in log and "mixture (multi-round) teacher" in log
-    ev = json.load(open(os.path.join(second.out_dir, "metrics.json")))["eval"]
-    assert set(ev) >= {"teacher_uncond_2", "student_uncond_2"} and "control_uncond_2" not in ev
-    r1 = torch.load(os.path.join(first.out_dir, "student.pt"), weights_only=True)
-    r2 = torch.load(os.path.join(second.out_dir, "student.pt"), weights_only=True)
-    assert r2["parents"]["teacher"] == r1["id"]
+    second_di4c_round(m, lambda path, **kw: smoke_cfg(path.parent, path.name, **kw), tmp_path,
+                      "samples/{model}_uncond_2.pt", "tokens")
 
 
 def test_mauve_is_optional_and_called_as_sdtt_does(tmp_path, monkeypatch):
