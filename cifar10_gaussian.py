@@ -49,7 +49,8 @@ class Config:
     out_dir: str = "runs/cifar10"
     run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     # data
-    dataset: str = "cifar10"       # cifar10 | folder (torchvision ImageFolder) | digits (embedded)
+    dataset: str = "cifar10"       # cifar10 | folder (torchvision ImageFolder) | digits | photos
+                                   # (embedded 8x8: digits, or patches of two photographs)
     data_dir: str = "data/cifar10"
     download: bool = False         # let torchvision download CIFAR-10 into data_dir
     image_size: int = 32           # folder datasets are resized to this
@@ -146,8 +147,9 @@ RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "d
                 "nll_weight", "lam_lr_mult", "lam_late", "distil_weight", "alpha_const", "control_variate",
                 "ema_decay")   # the objective
 SAMPLE_KEYS = ("n_samples", "min_time", "seed", "lam_fixed")
-CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits"),
+CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits", "photos"),
            "dtype": ("float32", "bfloat16"), "fid_backend": ("pigm", "torch-fidelity")}
+EMBEDDED = ("digits", "photos")        # 8x8, 17 grey levels, scored by eval/digits.py
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "image_size": (4, INF), "S": (2, 256), "rate_sigma": (TINY, INF), "q_sigma": (TINY, INF),
@@ -677,10 +679,11 @@ def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
 
 
 def load_images(cfg: Config) -> torch.Tensor:
-    """CIFAR-10 (torchvision), an ImageFolder, or the 8x8 digits bundled with scikit-learn."""
-    if cfg.dataset == "digits":
-        from sklearn.datasets import load_digits
-        x = torch.from_numpy(load_digits().images).to(torch.uint8)[:, None]      # (1797, 1, 8, 8)
+    """CIFAR-10 (torchvision), an ImageFolder, or an embedded 8x8 set of 17 grey levels
+    (eval/digits.py): the digits bundled with scikit-learn, or patches of its two photographs."""
+    if cfg.dataset in EMBEDDED:
+        from eval import digits
+        x = digits.load_embedded(cfg.dataset)[0].to(torch.uint8)[:, None]      # (N, 1, 8, 8)
         return _requantise(x, 17, cfg.S)
     import torchvision
     if cfg.dataset == "cifar10":
@@ -702,7 +705,7 @@ def load_images(cfg: Config) -> torch.Tensor:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         return _requantise(x, 256, cfg.S)
-    raise SystemExit(f"error: --dataset must be cifar10, folder or digits, got {cfg.dataset!r}")
+    raise SystemExit(f"error: --dataset must be cifar10, folder, digits or photos, got {cfg.dataset!r}")
 
 
 def read_image(path: str):
@@ -1278,7 +1281,7 @@ def latency(net, lam_dim, proc, cfg, n_steps, C, H, dev, repeats=5) -> list:
 
 
 def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
-    """Fréchet distance of digit-classifier features (digits) or FID/IS (Inception) for every
+    """Fréchet distance of the 8x8 classifier's features (digits, photos) or FID/IS (Inception) for every
     sample set, student vs teacher latency; metrics.json, quality_vs_steps.png, the table."""
     if ctx.rank != 0:
         return ctx.barrier()
@@ -1293,16 +1296,17 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         sets[label] = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
         check_lineage(path, sets[label], sample_parents(nets, name, n_teacher))
     res = {}
-    if cfg.dataset == "digits":
+    if cfg.dataset in EMBEDDED:
         from eval import digits
-        clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
+        clf = digits.load_or_train_classifier(
+            os.path.join(cfg.out_dir, f"{cfg.dataset}_classifier.pt"), data=cfg.dataset)
         real = _requantise(images, cfg.S, 17)
     else:
         from eval import inception
     bar = ctx.progress(len(sets), "eval", unit="set")
     for label, s in sets.items():
         bar.update(1)
-        if cfg.dataset == "digits":
+        if cfg.dataset in EMBEDDED:
             score = {"frechet": digits.digits_frechet(clf, _requantise(s["images"], cfg.S, 17),
                                                       real)}
         elif cfg.fid_backend == "pigm":
@@ -1318,7 +1322,7 @@ def stage_eval(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
         mean = lambda v: sum(v) / len(v)
         lat[str(n)] = dict(teacher_s=mean(t_s), student_s=mean(s_s),
                            overhead_pct=100 * (mean(s_s) / mean(t_s) - 1))
-    key = "frechet" if cfg.dataset == "digits" else "fid"
+    key = "frechet" if cfg.dataset in EMBEDDED else "fid"
     rows = [dict(model=label.split("@")[0], **r) for label, r in res.items()]
     update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key,
                               "speedup": results_table.speedups(rows, key)})
@@ -1365,10 +1369,10 @@ def print_table(res: dict, lat: dict, key: str):
 def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
     a given teacher checkpoint, and the FID / IS package (and --fid_stats) unless the data are
-    digits."""
+    embedded (digits, photos)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = checkpoint_needs(cfg, stages)
-    if "eval" in stages and cfg.dataset != "digits":
+    if "eval" in stages and cfg.dataset not in EMBEDDED:
         needs += package_needs({"pigm": {"pytorch_image_generation_metrics": (
             "pytorch-image-generation-metrics", "FID / IS with --fid_backend pigm (stage eval)")},
             "torch-fidelity": {"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")}}

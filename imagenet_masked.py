@@ -64,9 +64,11 @@ class Config:
     run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     resume: bool = False           # continue every training stage from its checkpoint
     # data and tokens
-    dataset: str = "imagenet"      # imagenet (data_dir/{train,val}/<class>/) | folder | digits
+    dataset: str = "imagenet"      # imagenet (data_dir/{train,val}/<class>/) | folder | digits |
+                                   # photos (embedded 8x8: digits, or patches of two photographs)
     label_div: int = 1             # digits: condition on digit // label_div (2: five classes
-                                   # {0,1}, {2,3}, ...: the digit within a class is left open)
+                                   # {0,1}, {2,3}, ...: the digit within a class is left open);
+                                   # photos: on (5 photo + band) // label_div, eval/digits.py
     data_dir: str = "data/imagenet"
     img_size: int = 256            # Resize(img_size) + CenterCrop(img_size), as MaskGIT-pytorch
     flip: bool = True              # also cache the codes of every mirrored image
@@ -197,10 +199,11 @@ RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_
                 "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
                 "lam_inject", "lam_late")                                 # the objective
 SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler", "lam_fixed")
-CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits"),
+CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits", "photos"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
            "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c"),
            "metrics": ("maskgit", "adm")}
+EMBEDDED = ("digits", "photos")        # 8x8, 17 grey levels, --tokenizer pixels, eval/digits.py
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     "label_div": (1, 10), "img_size": (8, INF), "vq_codes": (2, INF), "vq_dim": (1, INF),
@@ -883,17 +886,19 @@ def stage_tokenize(cfg: Config, ctx: Ctx):
             ctx.log(f"tokenize: reusing {path} ({len(state['codes'])} items)")
             return
     if cfg.tokenizer == "pixels":
-        if cfg.dataset != "digits":
-            raise SystemExit("error: --tokenizer pixels is for --dataset digits (8x8, 17 levels)")
+        if cfg.dataset not in EMBEDDED:
+            raise SystemExit("error: --tokenizer pixels is for --dataset digits or photos (8x8, "
+                             "17 levels)")
         from eval import digits
-        images, labels = digits.load_digits_uint()                              # (N, 8, 8)
+        images, labels = digits.load_embedded(cfg.dataset)                      # (N, 8, 8)
         codes, K, grid = images.flatten(1), digits.LEVELS, 8
         labels = labels // cfg.label_div
-        classes = ["|".join(str(d) for d in range(10) if d // cfg.label_div == c)
+        name = str if cfg.dataset == "digits" else lambda d: f"{('china', 'flower')[d // 5]}{d % 5}"
+        classes = ["|".join(name(d) for d in range(10) if d // cfg.label_div == c)
                    for c in range(int(labels.max()) + 1)]
     else:
-        if cfg.dataset == "digits":
-            raise SystemExit("error: --dataset digits needs --tokenizer pixels")
+        if cfg.dataset in EMBEDDED:
+            raise SystemExit(f"error: --dataset {cfg.dataset} needs --tokenizer pixels")
         ds = image_folder(cfg, "train")
         vq = (load_vqgan(cfg, cfg.vqgan_ckpt) if cfg.tokenizer == "vqgan"
               else train_vqvae(cfg, ctx, ds)).to(ctx.device).eval()
@@ -1560,8 +1565,8 @@ def latency(cfg: Config, ctx: Ctx, net, lam_dim: int, n_steps: int, n_classes: i
 
 
 def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
-    """digits: Fréchet distance of the digit classifier's features against all 1797 real
-    digits, and the accuracy of that classifier on the conditioning labels (eval/digits.py).
+    """digits / photos: Fréchet distance of the 8x8 classifier's features against the whole
+    real set, and that classifier's accuracy on the conditioning labels (eval/digits.py).
     VQ tokens: FID, IS, precision, recall, density and coverage at img_size from torch-fidelity's
     Inception features (eval/inception.py) under cfg.metrics' protocol (eval/image_metrics.py)
     against the reference images, after MaskGIT-pytorch's per-image min-max remap to uint8.
@@ -1569,8 +1574,9 @@ def score_samples(cfg: Config, ctx: Ctx, meta: dict, sets: dict) -> dict:
     res = {}
     if cfg.tokenizer == "pixels":
         from eval import digits
-        clf = digits.load_or_train_classifier(os.path.join(cfg.out_dir, "digits_classifier.pt"))
-        real, _ = digits.load_digits_uint()
+        clf = digits.load_or_train_classifier(
+            os.path.join(cfg.out_dir, f"{cfg.dataset}_classifier.pt"), data=cfg.dataset)
+        real, _ = digits.load_embedded(cfg.dataset)
         for label, s in sets.items():
             imgs = s["codes"].view(-1, 8, 8)
             res[label] = dict(
@@ -1722,9 +1728,9 @@ def print_table(res: dict, lat: dict):
 def check(cfg: Config):
     """Reject bad values before any work, with the flag to fix."""
     check_config(cfg)
-    if cfg.label_div > 1 and cfg.dataset != "digits":
-        raise SystemExit(f"error: --label_div must be 1..10, and 1 unless --dataset digits; got "
-                         f"{cfg.label_div}")
+    if cfg.label_div > 1 and cfg.dataset not in EMBEDDED:
+        raise SystemExit(f"error: --label_div must be 1..10, and 1 unless --dataset digits or "
+                         f"photos; got {cfg.label_div}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists

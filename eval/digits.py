@@ -1,4 +1,5 @@
-"""Offline image metric for the demo presets: scikit-learn's bundled 8x8 handwritten digits.
+"""Offline 8x8 image data and metric for the demo presets: scikit-learn's bundled handwritten
+digits, and (the second data set, which no preset was tuned on) patches of its two photographs.
 
 The data (1797 images, 17 grey levels 0..16, labels 0..9) ships with scikit-learn, so nothing is
 downloaded. A small MLP classifier (64 -> 256 -> 128 -> 10, ReLU) plays Inception's role: its
@@ -11,6 +12,10 @@ real data (898 vs 899 images): 0.93 for halves drawn with torch seed 0, 0.58-0.9
 All 1797 real images vs 1797 uniform-noise images: 80.8. FD is biased upwards at small N, so
 compare numbers only at equal sample sizes; the features differ from the prototype's classifier,
 so its numbers (floor 1.98) do not carry over.
+
+"photos" (load_photo_patches): 1950 grey 8x8 patches, 17 levels, of china.jpg and flower.jpg
+(427 x 640, shipped with scikit-learn); labels = photograph x 5 horizontal bands (10 classes), so
+the same classifier, trained the same way on that set's own 80% split, gives its features.
 
 Notation: N images, 64 = 8 * 8 pixels, 128 feature dimensions.
 """
@@ -34,9 +39,38 @@ def load_digits_uint():
     return torch.as_tensor(d.images).round().long(), torch.as_tensor(d.target).long()
 
 
-def digits_split():
-    """Fixed 80/20 split: (train_images (1437, 8, 8), train_labels, test_images (360, 8, 8), test_labels)."""
-    images, labels = load_digits_uint()
+def load_photo_patches(scale: int = 4, stride: int = 4):
+    """Grey 8x8 patches of the two photographs bundled with scikit-learn (china.jpg, flower.jpg):
+    luma (0.299 R + 0.587 G + 0.114 B), area-downscaled `scale`x (427 x 640 -> 106 x 160), every
+    8x8 window at `stride` (25 x 39 per photograph), levels round(16 v / 255). Label of a patch:
+    5 photo + the fifth of the picture (top to bottom) its first row lies in.
+    Returns images (1950, 8, 8) long in 0..16, labels (1950,) long in 0..9."""
+    from sklearn.datasets import load_sample_images
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    images, labels = [], []
+    for photo, rgb in enumerate(load_sample_images().images):            # (427, 640, 3) uint8
+        grey = torch.from_numpy(rgb.copy()).double() @ luma                # (427, 640)
+        H, W = grey.shape[0] // scale, grey.shape[1] // scale
+        small = grey[:H * scale, :W * scale].view(H, scale, W, scale).mean((1, 3))   # (H, W)
+        win = small.unfold(0, 8, stride).unfold(1, 8, stride)             # (rows, cols, 8, 8)
+        rows, cols = win.shape[:2]
+        band = (torch.arange(rows) * 5 // rows)[:, None].expand(rows, cols)
+        images.append(win.reshape(-1, 8, 8))
+        labels.append((5 * photo + band).reshape(-1))
+    return (torch.cat(images) * (LEVELS - 1) / 255).round().long(), torch.cat(labels)
+
+
+def load_embedded(data: str = "digits"):
+    """An embedded 8x8 set by name: "digits" (load_digits_uint) | "photos" (load_photo_patches)."""
+    if data not in ("digits", "photos"):
+        raise ValueError(f"embedded data must be digits or photos, got {data!r}")
+    return load_digits_uint() if data == "digits" else load_photo_patches()
+
+
+def digits_split(data: str = "digits"):
+    """Fixed 80/20 split of an embedded set (load_embedded): (train_images (1437, 8, 8),
+    train_labels, test_images (360, 8, 8), test_labels) for the digits."""
+    images, labels = load_embedded(data)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
     tr, te = perm[:int(0.8 * len(images))], perm[int(0.8 * len(images)):]
     return images[tr], labels[tr], images[te], labels[te]
@@ -85,14 +119,15 @@ def _random_shift(x, gen):
     return torch.where(torch.rand(n, 1, generator=gen) < 0.5, shifted, x)
 
 
-def train_digits_classifier(seed=0, epochs=60, batch_size=64, lr=2e-3):
-    """Train the classifier on the 80% split, on CPU, deterministically (global RNG left untouched).
+def train_digits_classifier(seed=0, epochs=60, batch_size=64, lr=2e-3, data="digits"):
+    """Train the classifier on the 80% split of `data` (load_embedded), on CPU, deterministically
+    (global RNG left untouched).
 
     AdamW (weight decay 0.01), cosine lr, +-1 pixel shift augmentation. It runs on one thread: the
     model is too small to gain from more, and the result then does not depend on the thread count.
     Returns the model in eval mode.
     """
-    x_tr, y_tr, _, _ = digits_split()
+    x_tr, y_tr, _, _ = digits_split(data)
     x = _as_pixels(x_tr)                                            # (N, 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -120,8 +155,9 @@ def _fit(x, y, seed, epochs, batch_size, lr):
     return clf.eval()
 
 
-def load_or_train_classifier(cache_path, seed=0):
-    """Load the classifier's state_dict from cache_path, or train it and write the cache atomically.
+def load_or_train_classifier(cache_path, seed=0, data="digits"):
+    """Load the classifier's state_dict from cache_path, or train it on `data` (load_embedded) and
+    write the cache atomically (one cache file per data set: the caller names it).
 
     A missing, unreadable or mismatched cache (another architecture) is retrained and overwritten.
     """
@@ -131,7 +167,7 @@ def load_or_train_classifier(cache_path, seed=0):
         return clf.eval()
     except Exception:  # any failure to read the cache means "retrain"; the metric must never crash here
         pass
-    clf = train_digits_classifier(seed)
+    clf = train_digits_classifier(seed, data=data)
     folder = os.path.dirname(os.path.abspath(cache_path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")

@@ -247,3 +247,16 @@ def test_late_fusion_end_to_end_and_reload(tmp_path):
 
 def test_second_di4c_round_from_a_student(tmp_path):
     second_di4c_round(m, smoke, tmp_path, "samples_{model}@2.pt", "images")
+
+
+def test_photos_the_second_embedded_set_end_to_end(tmp_path):
+    """--dataset photos: the training images are the photo patches; the run scores with the
+    classifier trained on the photos (its own cache file)."""
+    from eval import digits
+    cfg = smoke(tmp_path, dataset="photos")
+    assert torch.equal(m.load_images(cfg)[:, 0].long(), digits.load_photo_patches()[0])
+    m.main(cfg)
+    ev = json.load(open(tmp_path / "metrics.json"))["eval"]
+    assert ev and all(v["frechet"] > 0 for v in ev.values())
+    assert (tmp_path / "photos_classifier.pt").exists()
+    assert not (tmp_path / "digits_classifier.pt").exists()

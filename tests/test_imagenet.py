@@ -568,3 +568,20 @@ def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
 def test_second_di4c_round_from_a_student(tmp_path):
     second_di4c_round(m, lambda path, **kw: smoke(path.parent, path.name, **kw), tmp_path,
                       "samples/{model}@2_w0.pt", "codes")
+
+
+def test_photos_the_second_embedded_set_end_to_end(tmp_path):
+    """--dataset photos: the tokens are the photo patches, labels grouped by --label_div; the
+    whole pipeline runs and scores with the classifier trained on the photos."""
+    from eval import digits
+    cfg = smoke(tmp_path, "photos", dataset="photos", label_div=2)
+    m.main(cfg)
+    meta = m.codes_meta(cfg)
+    images, labels = digits.load_photo_patches()
+    assert torch.equal(meta["codes"].long(), images.flatten(1))
+    assert torch.equal(meta["labels"], labels // 2) and meta["classes"][2] == "china4|flower0"
+    ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
+    assert ev and all(v["frechet"] > 0 for v in ev.values())
+    assert os.path.exists(os.path.join(cfg.out_dir, "photos_classifier.pt"))
+    with pytest.raises(SystemExit, match="--dataset photos needs --tokenizer pixels"):
+        m.main(smoke(tmp_path, "bad", dataset="photos", tokenizer="vqvae", stage="tokenize"))
