@@ -1,12 +1,19 @@
 """Markdown results tables from a run's metrics.json (the README's tables are made with it).
 
     python -m eval.results_table runs/cifar10_demo [runs/imagenet_demo ...]
+    python -m eval.results_table --seeds runs/cifar10_demo runs/cifar10_demo_s1 runs/cifar10_demo_s2
 
 One table per run (and per CFG weight / sample kind where the run has them): a row per model
 (teacher, student, hybrid, control), a column per NFE, the primary metric in each cell, and for
 every non-teacher cell the step speedup at matched quality: the teacher NFE that reaches the
 same score (log-linear interpolation on the measured teacher grid) divided by the cell's NFE;
 ">x" where the model beats every teacher NFE measured, "<x" where it is worse than the fewest.
+
+--seeds: the runs are training seeds of one experiment (same models, NFEs and metric); one table
+whose cells are mean ± sd over the runs (sd with n - 1, "mean ± sd" of n = 3 seeds in the README)
+and the mean ± sd of the speedups, each measured against its own run's teacher; a bound (">", "<")
+is marked when it holds in every run, "~" when only some runs are bounds (the mean then mixes a
+bound with interpolations).
 """
 import json
 import math
@@ -89,18 +96,73 @@ def tables(metrics: dict, title: str = "") -> str:
     return "\n".join(out)
 
 
+def _mean_sd(v: list) -> tuple:
+    m = sum(v) / len(v)
+    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+
+
+def seed_table(runs: list, title: str = "") -> str:
+    """One Markdown table over training seeds (`runs`: metrics dicts of one experiment): the
+    cell is the score's mean ± sd and the speedup's mean ± sd (see the module docstring)."""
+    key = runs[0]["primary"]
+    if any(m["primary"] != key for m in runs):
+        raise SystemExit("error: --seeds runs measure different metrics: "
+                         + ", ".join(m["primary"] for m in runs))
+    tag = lambda r: tuple((k, r[k]) for k in ("w", "kind") if k in r)
+    cells = [{(r["model"], r["nfe"], tag(r)): r[key] for r in m["results"]} for m in runs]
+    if any(set(c) != set(cells[0]) for c in cells):
+        raise SystemExit("error: --seeds runs differ in their models, NFEs or CFG weights")
+    sps = [{(r["model"], r["nfe"], tag(r)): r for r in speedups(m["results"], key)} for m in runs]
+    out = []
+    for t in sorted({k[2] for k in cells[0]}):
+        nfes = sorted({k[1] for k in cells[0] if k[2] == t})
+        label = ", ".join(f"{k} = {v}" for k, v in t)
+        head = f"{title} {key}, mean ± sd of {len(runs)} seeds" + (f" ({label})" if label else "")
+        out.append(f"| {head.strip()} | " + " | ".join(f"NFE {n:g}" for n in nfes) + " |")
+        out.append("|---|" + "---:|" * len(nfes))
+        for model in ORDER:
+            if not any((model, n, t) in cells[0] for n in nfes):
+                continue
+            row = []
+            for n in nfes:
+                if (model, n, t) not in cells[0]:
+                    row.append("")
+                    continue
+                m, sd = _mean_sd([c[model, n, t] for c in cells])
+                cell = f"{m:.2f} ± {sd:.2f}"
+                if (model, n, t) in sps[0]:
+                    got = [s[model, n, t] for s in sps]
+                    rels = {g["relation"] for g in got}
+                    mark = "~" if len(rels) > 1 else rels.pop().replace("=", "")
+                    sm, ssd = _mean_sd([g["speedup"] for g in got])
+                    cell += f" ({mark}{sm:.1f} ± {ssd:.1f}x)"
+                row.append(cell)
+            out.append(f"| {model} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _load(run: str) -> dict:
+    path = os.path.join(run, "metrics.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path!r} not found: run the eval stage first")
+    metrics = json.load(open(path))
+    if "results" not in metrics:
+        raise SystemExit(f"error: {path!r} has no results: run the eval stage first")
+    return metrics
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        raise SystemExit("usage: python -m eval.results_table RUN_DIR [RUN_DIR ...]")
+        raise SystemExit("usage: python -m eval.results_table [--seeds] RUN_DIR [RUN_DIR ...]")
+    if argv[0] == "--seeds":
+        if len(argv) < 3:
+            raise SystemExit("error: --seeds needs at least two run folders (one per seed)")
+        print(seed_table([_load(r) for r in argv[1:]], os.path.basename(os.path.normpath(argv[1]))))
+        return
     for run in argv:
-        path = os.path.join(run, "metrics.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {path!r} not found: run the eval stage first")
-        metrics = json.load(open(path))
-        if "results" not in metrics:
-            raise SystemExit(f"error: {path!r} has no results: run the eval stage first")
-        print(tables(metrics, os.path.basename(os.path.normpath(run))))
+        print(tables(_load(run), os.path.basename(os.path.normpath(run))))
 
 
 if __name__ == "__main__":

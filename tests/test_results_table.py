@@ -42,3 +42,36 @@ def test_speedups_per_cfg_weight_against_that_weights_teacher():
     assert got["student", 0]["speedup"] == pytest.approx(2.0) and got["student", 0]["relation"] == "="
     assert got["student", 1]["speedup"] == pytest.approx(4.0)
     assert got["hybrid", 0]["relation"] == ">" and got["hybrid", 0]["speedup"] == 8.0
+
+
+def test_seed_table_mean_sd_and_per_run_speedups(tmp_path, capsys):
+    """--seeds: cells are mean ± sd (n - 1) over the runs; each run's speedup is measured against
+    that run's own teacher; a bound in only some runs is marked "~"."""
+    runs = []
+    for i, (student, shift) in enumerate([(2.0, 1.0), (4.0, 1.0), (2.0, 2.0)]):
+        rows = [dict(model="teacher", nfe=n, frechet=s * shift) for n, s in TEACHER]
+        rows += [dict(model="student", nfe=4, frechet=student),
+                 dict(model="control", nfe=4, frechet=17.0)]
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "metrics.json").write_text(
+            json.dumps({"results": rows, "primary": "frechet"}))
+        runs.append(str(tmp_path / f"s{i}"))
+    rt.main(["--seeds"] + runs)
+    out = capsys.readouterr().out
+    # student 2, 4, 2: mean 8/3, sd sqrt((4/9 + 16/9 + 4/9) / 2) = 1.15; speedups against each
+    # run's own teacher: 8/4 = 2, 4/4 = 1, and 2.0 against 2 * (8, 4, 2, 1) (its last point,
+    # "="): 16/4 = 4; mean 7/3, sd sqrt((1/9 + 16/9 + 25/9) / 2) = 1.53
+    assert "| student |  | 2.67 ± 1.15 (2.3 ± 1.5x) |" in out
+    assert "| control |  | 17.00 ± 0.00 (<0.5 ± 0.0x) |" in out    # worse than every teacher NFE
+    assert "| teacher | 10.67 ± 4.62 |" in out                            # 8, 8, 16
+    (tmp_path / "s2" / "metrics.json").write_text(json.dumps({"results": [
+        dict(model="teacher", nfe=n, frechet=s) for n, s in TEACHER] + [
+        dict(model="student", nfe=4, frechet=0.5), dict(model="control", nfe=4, frechet=17.0)],
+        "primary": "frechet"}))
+    rt.main(["--seeds"] + runs)
+    assert "| student |  | 2.17 ± 1.76 (~2.3 ± 1.5x) |" in capsys.readouterr().out  # 2, 1, >16/4
+    (tmp_path / "s2" / "metrics.json").write_text(json.dumps({"results": [], "primary": "frechet"}))
+    with pytest.raises(SystemExit, match="differ in their models"):
+        rt.main(["--seeds"] + runs)
+    with pytest.raises(SystemExit, match="at least two"):
+        rt.main(["--seeds", runs[0]])
