@@ -1468,7 +1468,10 @@ def judge_logits_fn(judge, ctx: Ctx):
 
 
 def train_judge(cfg: Config, ctx: Ctx, corpus: Corpus) -> nn.Module:
-    """The offline autoregressive judge (the DiT, causal), trained or reused from judge.pt."""
+    """The offline autoregressive judge (the DiT, causal), trained or reused from judge.pt.
+    It is part of the metric, not of the experiment: it trains with seed 0 whatever --seed is,
+    so runs of several training seeds are scored by one judge (a seed run may reuse it)."""
+    cfg = dataclasses.replace(cfg, seed=0)
     torch.manual_seed(cfg.seed + 1)
     judge = build_model(cfg, corpus.S, causal=True).to(ctx.device)
     path, same = run_path(cfg, "judge.pt"), False

@@ -346,3 +346,24 @@ def test_embedding_gradient_is_deterministic():
         (emb(x) * g).sum().backward()
         grads.add(emb.embedding.grad.numpy().tobytes())
     assert len(grads) == 1
+
+
+def test_the_judge_does_not_depend_on_the_training_seed(tmp_path):
+    """The judge is part of the metric: runs of different --seed train the same judge, and a
+    seed run reuses the seed-0 run's judge.pt (its weights are loaded, not retrained)."""
+    path, _ = write_corpus(tmp_path)
+    judges = {}
+    for seed in (0, 3):
+        cfg = smoke_cfg(tmp_path, f"s{seed}", data_files=path, seed=seed)
+        ctx = ctx_for(cfg)
+        judges[seed] = m.train_judge(cfg, ctx, m.Corpus(cfg, ctx)).state_dict()
+    assert judges[0].keys() == judges[3].keys()
+    assert all(torch.equal(judges[0][k], judges[3][k]) for k in judges[0])
+    cfg = smoke_cfg(tmp_path, "reuse", data_files=path, seed=7)
+    ctx = ctx_for(cfg)
+    state = torch.load(tmp_path / "s0" / "judge.pt", weights_only=False)
+    state["model"] = {k: v + 1 for k, v in state["model"].items()}   # marks the file's weights
+    torch.save(state, tmp_path / "reuse" / "judge.pt")
+    got = m.train_judge(cfg, ctx, m.Corpus(cfg, ctx)).state_dict()
+    assert all(torch.equal(got[k], judges[0][k] + 1) for k in got)
+    assert "reusing the judge" in open(tmp_path / "reuse" / "log.txt").read()
