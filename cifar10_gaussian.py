@@ -86,6 +86,7 @@ class Config:
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     lam_late: int = 0              # late-fusion lambda: only the last k ResBlocks of the up path see
                                    # it, the rest of the U-Net runs once per x_t; 0 = every block
+    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     distil_weight: float = 1.0
     alpha_const: float = 1.0       # alpha(t) = alpha_const sigmoid(20 (t - 1/2))
     control_variate: bool = True
@@ -144,7 +145,7 @@ DATA_KEYS = ("flip", "image_size", "data_dir")
 RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr",
                            "seed")
 RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
-                "nll_weight", "lam_lr_mult", "lam_late", "distil_weight", "alpha_const", "control_variate",
+                "nll_weight", "lam_lr_mult", "lam_late", "lam_dim", "distil_weight", "alpha_const", "control_variate",
                 "ema_decay")   # the objective
 SAMPLE_KEYS = ("n_samples", "min_time", "seed", "lam_fixed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits", "photos"),
@@ -157,7 +158,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "ch": (4, INF), "ch_mult": (1, INF), "num_res_blocks": (1, INF), "attn_res": (1, INF),
     "dropout": (0, 0.99), "teacher_iters": (1, INF), "teacher_batch": (1, INF),
     "teacher_lr": (TINY, 1), "nll_weight": (0, INF), "distil_iters": (1, INF),
-    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF),
+    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64),
     "distil_weight": (0, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "ema_decay": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "hybrid_teacher_steps": (0, INF), "n_samples": (2, INF), "sample_batch": (1, INF),
@@ -646,6 +647,18 @@ class Batches:
                      else t[idx].to(self.device) for t in self.tensors)
 
 
+def check_round(cfg, lam_T: int):
+    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
+    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
+    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    if lam_T and lam_T != cfg.lam_dim:
+        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
+                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
+
+
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
     """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
     CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
@@ -864,9 +877,10 @@ class UNet(nn.Module):
     Computes the same function as tauLDR's `UNet` + `ImageX0PredBase` head (fix_logistic=False);
     `down`, `mid`, `up` hold the same blocks in the same order as tauLDR's downsampling, middle and
     upsampling module lists, so a tauLDR checkpoint maps onto it key by key (`tauldr_to_ours`).
-    With lam=True it also takes lambda: two embeddings of (lambda, t) -- the second also sees the
-    bottleneck's spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the
-    student is exactly the teacher at initialisation.
+    With lam = k > 0 (True = 1) it also takes lambda (N, k): two embeddings of (lambda, t) (every
+    coordinate's sinusoid, concatenated with t's) -- the second also sees the bottleneck's
+    spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the student is
+    exactly the teacher at initialisation.
     Late fusion (lam_late = k > 0, not in the paper): only the last k ResBlocks of the up path
     have a `lam_proj` (fed by the second embedding); everything before them runs once per
     distinct consecutive row (x_t, t) (the core repeats each x_t L times in a row) and is
@@ -876,7 +890,7 @@ class UNet(nn.Module):
     def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False,
                  lam_late=0):
         super().__init__()
-        self.C, self.H, self.S, self.ch, self.lam, self.lam_dim = C, H, S, ch, lam, int(lam)
+        self.C, self.H, self.S, self.ch, self.lam, self.lam_dim = C, H, S, ch, bool(lam), int(lam)
         n_up = len(ch_mult) * (num_res_blocks + 1)                 # ResBlocks of the up path
         if lam and lam_late > n_up:
             raise ValueError(f"lam_late {lam_late} exceeds the {n_up} ResBlocks of the up path")
@@ -916,10 +930,11 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 2 * C, 3, padding=1))
         if early_lam:
-            self.lam_emb_down = nn.Sequential(nn.Linear(2 * ch, ch), nn.SiLU(), nn.Linear(ch, emb),
+            self.lam_emb_down = nn.Sequential(nn.Linear((self.lam_dim + 1) * ch, ch), nn.SiLU(),
+                                              nn.Linear(ch, emb),
                                            nn.SiLU(), nn.Linear(emb, emb))
         if lam:
-            self.lam_emb_up = nn.Sequential(nn.Linear(2 * ch + c_mid, ch),
+            self.lam_emb_up = nn.Sequential(nn.Linear((self.lam_dim + 1) * ch + c_mid, ch),
                                          nn.SiLU(), nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
 
     def forward(self, x_t, t, lam=None, cond=None):
@@ -931,7 +946,8 @@ class UNet(nn.Module):
         e_t = sinusoid(ts, self.ch).to(dt)                                          # (U, ch)
         temb, lemb = self.temb(e_t), None
         if self.lam:
-            e_lam = sinusoid(lam[:, 0], self.ch).to(dt)                             # (N, ch)
+            e_lam = torch.cat([sinusoid(lam[:, i], self.ch) for i in range(self.lam_dim)],
+                              -1).to(dt)                                            # (N, k ch)
         if self.lam and not self.lam_late:
             lemb = self.lam_emb_down(torch.cat([e_lam, e_t], -1))
         h, skips = self.conv_in(xs), []
@@ -987,15 +1003,17 @@ def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
     return hi + torch.log1p(-torch.exp(lo - hi) + 1e-6)
 
 
-def build_unet(cfg: Config, C: int, H: int, lam: bool, lam_late=None) -> UNet:
-    """The U-Net of cfg (--lam_late is checked in main; a checkpoint's passed that check)."""
+def build_unet(cfg: Config, C: int, H: int, lam: int, lam_late=None) -> UNet:
+    """The U-Net of cfg with lam = the lambda dimension (0: a product model; --lam_late is
+    checked in main; a checkpoint's passed that check)."""
     return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res,
                 cfg.dropout, lam, cfg.lam_late if lam_late is None else lam_late)
 
 
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
     """Student = the teacher's weights + a fresh, zero-initialised lambda path (strict)."""
-    student = build_unet(cfg, teacher.C, teacher.H, lam=True).to(next(teacher.parameters()).device)
+    student = build_unet(cfg, teacher.C, teacher.H, lam=cfg.lam_dim)
+    student = student.to(next(teacher.parameters()).device)
     try:
         return core.student_from_teacher(student, teacher.state_dict())
     except ValueError as e:
@@ -1065,7 +1083,8 @@ def di4c_step(student, student_raw, teacher_fns, proc, x0, cfg: Config, g):
     weights["distil"] = weights["distil"] * cfg.distil_weight
     marginal, step = teacher_fns
     return core.di4c_loss(student, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
-                          teacher_step=step, L=cfg.L, student_target=core.eval_target(student_raw),
+                          teacher_step=step, L=cfg.L, lam_dim=student_raw.lam_dim,
+                          student_target=core.eval_target(student_raw),
                           x_tau=x_tau, tau=tau, control_variate=cfg.control_variate, generator=g)
 
 
@@ -1096,9 +1115,7 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     C, H = images.shape[1], images.shape[2]
     teacher, t_state = load_net(cfg, "teacher", C, H, False, ctx.device)
     lam_T = t_state["lam_dim"]
-    if lam_T and cfg.control_iters:
-        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
-                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    check_round(cfg, lam_T)
     parents = {"teacher": t_state["id"]}
     student = student_from_teacher(teacher, cfg).train()
     fns = core.make_teacher(teacher, proc, lam_T, cfg.L)
@@ -1163,9 +1180,9 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     if st is None:                     # ours: also refuse one written with another config
         st = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         weights = st["ema"] if st.get("ema") is not None else st["model"]
-        st["lam_dim"] = int(any(core.is_lam_param(k) for k in weights))
+        st["lam_dim"] = (st.get("lam_dim") or 1) if any(core.is_lam_param(k) for k in weights) else 0
         if st["lam_dim"] or lam:       # a student runs as it was trained (a teacher too: round 2)
-            net = build_unet(cfg, C, H, bool(st["lam_dim"]),
+            net = build_unet(cfg, C, H, st["lam_dim"],
                              st["config"].get("lam_late", 0)).to(dev)
     else:
         st["lam_dim"] = int(lam)

@@ -110,6 +110,7 @@ class Config:
                                    # embedding; student = teacher at init) | token (the authors')
     lam_late: int = 0              # late-fusion lambda (add only): added before the last k blocks,
                                    # the first n_layer - k run once per x_t; 0 = at the input
+    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     weight_decay: float = 1e-5
     L: int = 32
     r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
@@ -197,7 +198,7 @@ RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr"
 RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_lr_mult",
                 "weight_decay", "teacher_steps", "alpha_const", "student_ema",
                 "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
-                "lam_inject", "lam_late")                                 # the objective
+                "lam_inject", "lam_late", "lam_dim")                      # the objective
 SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler", "lam_fixed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits", "photos"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
@@ -213,7 +214,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "mlp_dim": (1, INF), "dropout": (0, 0.99), "label_drop": (0, 1), "teacher_iters": (1, INF),
     "batch_size": (1, INF), "teacher_lr": (TINY, 1), "warmup": (0, INF),
     "label_smoothing": (0, 0.99), "teacher_ema": (0, 1 - 1e-9), "distil_iters": (1, INF),
-    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF),
+    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64),
     "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
     "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
     "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
@@ -705,6 +706,18 @@ class Batches:
                      else t[idx].to(self.device) for t in self.tensors)
 
 
+def check_round(cfg, lam_T: int):
+    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
+    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
+    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    if lam_T and lam_T != cfg.lam_dim:
+        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
+                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
+
+
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
     """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
     CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
@@ -1098,7 +1111,7 @@ def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransf
     student trained with dropout to match them gets sharper than its targets once dropout is
     off (docs/imagenet.md), so the demo trains it without."""
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg, meta, lam_dim=1, dropout=cfg.student_dropout)
+    student = build_model(cfg, meta, lam_dim=cfg.lam_dim, dropout=cfg.student_dropout)
     try:
         return core.student_from_teacher(student, init)
     except ValueError as e:
@@ -1381,7 +1394,8 @@ def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
                                        cfg.alpha_const if cfg.data_term else 0.0)
         return core.di4c_loss(model, x0, x_t, t, u, weights=weights, cond=y,
                               teacher_marginal=teacher_marginal, teacher_step=teacher_step,
-                              L=cfg.L, lam_dim=1, student_target=core.eval_target(student),
+                              L=cfg.L, lam_dim=student.lam_dim,
+                              student_target=core.eval_target(student),
                               generator=g)
     return loss_fn
 
@@ -1417,9 +1431,7 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
     compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_info = load_model(cfg, meta, t_path, ctx.device)
-    if lam_T and cfg.control_iters:
-        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
-                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    check_round(cfg, lam_T)
     init = teacher.state_dict()
     student = init_student(cfg, meta, init, t_path).to(ctx.device)
     process = make_process(meta)

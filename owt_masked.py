@@ -87,6 +87,7 @@ class Config:
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     lam_late: int = 0              # late-fusion lambda: only the last k blocks see it and the
                                    # trunk runs once per x_t (0 = every block, the paper's)
+    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     lam_inject: str = "adaln"      # how the student sees lambda: adaln (ours, student = teacher
                                    # at init) | token (the authors' released SDTT students)
     warmup: int = 2500
@@ -168,7 +169,7 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
                            "teacher_lr", "warmup", "seed")
-RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "lam_inject", "delta", "distil_prob",
+RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "lam_dim", "lam_inject", "delta", "distil_prob",
                 "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
                "dtype", "sampler", "lam_fixed")
@@ -181,7 +182,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "n_head": (1, INF), "cond_dim": (1, INF), "dropout": (0, 0.99), "teacher_iters": (1, INF),
     "judge_iters": (1, INF), "batch_size": (1, INF), "teacher_lr": (TINY, 1),
     "ema": (0, 1 - 1e-9), "distil_iters": (1, INF), "distil_batch": (1, INF), "lr": (TINY, 1),
-    "lam_lr_mult": (0, INF), "lam_late": (0, INF), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
+    "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
     "distil_prob": (0, 1), "T": (1, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "student_ema": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "n_samples": (1, INF), "sample_batch": (1, INF), "prefix_len": (1, INF),
@@ -669,6 +670,18 @@ class Batches:
         idx = self.order[i * self.B + rows.start:i * self.B + rows.stop]
         return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
                      else t[idx].to(self.device) for t in self.tensors)
+
+
+def check_round(cfg, lam_T: int):
+    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
+    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
+    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    if lam_T and cfg.control_iters:
+        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
+                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    if lam_T and lam_T != cfg.lam_dim:
+        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
+                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
 
 
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
@@ -1260,12 +1273,10 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     loss for the same compute (so that a gain is Di4C's, not extra training's)."""
     t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_meta = load_model(cfg, corpus, t_path)
-    if lam_T and cfg.control_iters:
-        raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
-                         "Di4C student as teacher (another round) has none: add --control_iters 0")
+    check_round(cfg, lam_T)
     torch.manual_seed(cfg.seed)
     try:
-        student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
+        student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=cfg.lam_dim),
                                             teacher.state_dict()).to(ctx.device)
     except ValueError as e:
         hint = (" (the teacher is a lambda-token student: add --lam_inject token)"
@@ -1281,7 +1292,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
         x_t = process.add_noise(x0, t, g)                                     # (B, D)
         weights = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
         return core.di4c_loss(model, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
-                              teacher_step=teacher_step, L=cfg.L, lam_dim=1,
+                              teacher_step=teacher_step, L=cfg.L, lam_dim=student.lam_dim,
                               student_target=core.eval_target(student), generator=g)
 
     out = fit(cfg, ctx, "student", student, loss_fn, random_blocks(corpus), cfg.distil_iters,
@@ -1373,7 +1384,7 @@ def sdtt_sample(net, x_T: torch.Tensor, n_steps: int, lam_dim: int = 0,
         return 1 - torch.exp(-(-torch.log1p(-(1 - noise_eps) * t)))
 
     def step(x, i):
-        lam = torch.rand(B)[:, None].to(dev) if lam_dim else None             # (B, 1)
+        lam = torch.rand(B, lam_dim).to(dev) if lam_dim else None             # (B, k)
         logits = net(x, None, lam).float()                                    # (B, D, S)
         p0 = (logits - torch.logsumexp(logits, -1, keepdim=True)).exp()
         t = ts[i] * torch.ones(B, device=dev)

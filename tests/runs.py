@@ -44,17 +44,21 @@ def second_di4c_round(m, cfg_of, tmp_path, samples: str, key: str):
     loss of its own). The round-2 teacher's samples must be the round-1 student's, draw for draw
     (same seeds, a lambda per draw as for a student: sampled as a product it would differ).
     cfg_of(path, **overrides) -> a smoke config writing to path; samples: a sample file under
-    out_dir with "{model}" for the network; key: its tensor. Returns (round-1, round-2) configs."""
+    out_dir with "{model}" for the network; key: its tensor. Round 1 trains a student with a
+    2-dimensional lambda (--lam_dim 2), round 2 one with k = 1 from it: the checkpoint carries k,
+    the mixture teacher draws 2-d lambdas. Returns (round-1, round-2) configs."""
     import os
 
     import pytest
     import torch
-    first = cfg_of(tmp_path / "round1")
+    first = cfg_of(tmp_path / "round1", lam_dim=2)
     m.main(first)
     kw = dict(teacher_ckpt=os.path.join(first.out_dir, "student.pt"))
     with pytest.raises(SystemExit, match="--control_iters 0"):
         m.main(cfg_of(tmp_path / "bad", **kw))
-    second = cfg_of(tmp_path / "round2", control_iters=0, **kw)
+    with pytest.raises(SystemExit, match="2-dimensional lambda .* pass --lam_dim 2"):
+        m.main(cfg_of(tmp_path / "bad_k", control_iters=0, lam_dim=1, **kw))
+    second = cfg_of(tmp_path / "round2", control_iters=0, lam_dim=2, **kw)
     m.main(second)
     log = open(os.path.join(second.out_dir, "log.txt")).read()
     assert "nothing to train" in log and "mixture (multi-round) teacher" in log
@@ -62,7 +66,7 @@ def second_di4c_round(m, cfg_of, tmp_path, samples: str, key: str):
     assert any(k.startswith("student") for k in ev) and not any("control" in k for k in ev)
     r1 = torch.load(os.path.join(first.out_dir, "student.pt"), weights_only=True)
     r2 = torch.load(os.path.join(second.out_dir, "student.pt"), weights_only=True)
-    assert r2["parents"]["teacher"] == r1["id"]
+    assert r2["parents"]["teacher"] == r1["id"] and (r1["lam_dim"], r2["lam_dim"]) == (2, 2)
 
     def drawn(cfg, model):
         path = os.path.join(cfg.out_dir, samples.format(model=model))
