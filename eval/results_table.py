@@ -9,8 +9,8 @@ every non-teacher cell the step speedup at matched quality: the teacher NFE that
 same score (log-linear interpolation on the measured teacher grid) divided by the cell's NFE;
 ">x" where the model beats every teacher NFE measured, "<x" where it is worse than the fewest.
 
---seeds: the runs are training seeds of one experiment (same models, NFEs and metric); one table
-whose cells are mean ± sd over the runs (sd with n - 1, "mean ± sd" of n = 3 seeds in the README)
+--seeds: the runs are training seeds of one experiment (same models, step counts and metric); one
+table whose cells (keyed by step count) are mean ± sd over the runs (sd with n - 1, "mean ± sd" of n = 3 seeds in the README)
 and the mean ± sd of the speedups, each measured against its own run's teacher; a bound (">", "<")
 is marked when it holds in every run, "~" when only some runs are bounds (the mean then mixes a
 bound with interpolations).
@@ -48,7 +48,7 @@ def speedup(teacher: list, nfe: float, score: float, lower: bool = True) -> str:
 
 def speedups(rows: list, key: str) -> list:
     """The step speedup at matched quality of every non-teacher row of a run's "results":
-    [{model, nfe, [w | kind], key, teacher_nfe, relation ("=", ">" or "<"), speedup}] where
+    [{model, nfe, [steps], [w | kind], key, teacher_nfe, relation ("=", ">" or "<"), speedup}] where
     teacher_nfe is the teacher NFE with the same score (log-NFE interpolation) and speedup =
     teacher_nfe / nfe (a lower bound for ">", an upper bound for "<")."""
     lower, out = LOWER_IS_BETTER.get(key, True), []
@@ -59,8 +59,9 @@ def speedups(rows: list, key: str) -> list:
         if r["model"] == "teacher" or not teacher:
             continue
         n, rel = matched_nfe(teacher, r[key], lower)
-        out.append(dict(model=r["model"], nfe=r["nfe"], **tag, **{key: r[key]}, teacher_nfe=n,
-                        relation=rel, speedup=n / r["nfe"]))
+        steps = {"steps": r["steps"]} if "steps" in r else {}
+        out.append(dict(model=r["model"], nfe=r["nfe"], **steps, **tag, **{key: r[key]},
+                        teacher_nfe=n, relation=rel, speedup=n / r["nfe"]))
     return out
 
 
@@ -109,10 +110,11 @@ def seed_table(runs: list, title: str = "") -> str:
         raise SystemExit("error: --seeds runs measure different metrics: "
                          + ", ".join(m["primary"] for m in runs))
     tag = lambda r: tuple((k, r[k]) for k in ("w", "kind") if k in r)
-    cells = [{(r["model"], r["nfe"], tag(r)): r[key] for r in m["results"]} for m in runs]
+    at = lambda r: (r["model"], r.get("steps", r["nfe"]), tag(r))     # by step count: the NFE
+    cells = [{at(r): r[key] for r in m["results"]} for m in runs]     # measured (16.5 with a
+    sps = [{at(r): r for r in speedups(m["results"], key)} for m in runs]   # final argmax) varies
     if any(set(c) != set(cells[0]) for c in cells):
         raise SystemExit("error: --seeds runs differ in their models, NFEs or CFG weights")
-    sps = [{(r["model"], r["nfe"], tag(r)): r for r in speedups(m["results"], key)} for m in runs]
     out = []
     for t in sorted({k[2] for k in cells[0]}):
         nfes = sorted({k[1] for k in cells[0] if k[2] == t})

@@ -70,6 +70,12 @@ def test_seed_table_mean_sd_and_per_run_speedups(tmp_path, capsys):
         "primary": "frechet"}))
     rt.main(["--seeds"] + runs)
     assert "| student |  | 2.17 ± 1.76 (~2.3 ± 1.5x) |" in capsys.readouterr().out  # 2, 1, >16/4
+    rows = [dict(model="teacher", nfe=n, steps=n, frechet=s) for n, s in TEACHER]
+    (tmp_path / "s2" / "metrics.json").write_text(json.dumps({"results": rows + [
+        dict(model="student", nfe=5.0, steps=4, frechet=2.0),     # NFE measured: 5 for 4 steps
+        dict(model="control", nfe=4, steps=4, frechet=17.0)], "primary": "frechet"}))
+    rt.main(["--seeds"] + runs)                # keyed by step count; that run's speedup 8/5
+    assert "| student |  | 2.67 ± 1.15 (1.5 ± 0.5x) |" in capsys.readouterr().out
     (tmp_path / "s2" / "metrics.json").write_text(json.dumps({"results": [], "primary": "frechet"}))
     with pytest.raises(SystemExit, match="differ in their models"):
         rt.main(["--seeds"] + runs)
