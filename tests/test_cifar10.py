@@ -227,8 +227,8 @@ def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation
     teacher.load_state_dict({n: v for n, v in net.state_dict().items() if "lam_" not in n})
     for b in lam_blocks:
         torch.nn.init.zeros_(b.lam_proj.weight), torch.nn.init.zeros_(b.lam_proj.bias)
-    with torch.no_grad():
-        assert (net(x, t, lam).exp() - teacher(x, t).exp()).abs().max() <= 1e-6
+    with torch.no_grad():       # trunk on 3 rows vs on 12: rounding of other batch shapes
+        assert (net(x, t, lam).exp() - teacher(x, t).exp()).abs().max() <= 1e-5
     # t differing inside a run of equal x_t is not shared
     t2 = t.clone()
     t2[1] = 0.7
