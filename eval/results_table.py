@@ -2,6 +2,7 @@
 
     python -m eval.results_table runs/cifar10_demo [runs/imagenet_demo ...]
     python -m eval.results_table --seeds runs/cifar10_demo runs/cifar10_demo_s1 runs/cifar10_demo_s2
+    python -m eval.results_table runs/cifar10_demo_r2 --teacher_from runs/cifar10_demo
 
 One table per run (and per CFG weight / sample kind where the run has them): a row per model
 (teacher, student, hybrid, control), a column per NFE, the primary metric in each cell, and for
@@ -14,6 +15,10 @@ table whose cells (keyed by step count) are mean ± sd over the runs (sd with n 
 and the mean ± sd of the speedups, each measured against its own run's teacher; a bound (">", "<")
 is marked when it holds in every run, "~" when only some runs are bounds (the mean then mixes a
 bound with interpolations).
+
+--teacher_from BASE [BASE ...] (one per run, after the runs): measure against BASE's teacher
+rows instead of each run's own, which are dropped. For another Di4C round (docs/method.md (35)),
+whose own "teacher" is the round-1 student: its speedup over the original product teacher.
 """
 import json
 import math
@@ -154,17 +159,50 @@ def _load(run: str) -> dict:
     return metrics
 
 
+def with_teacher_of(metrics: dict, base: dict) -> dict:
+    """`metrics` with its teacher rows replaced by `base`'s (same metric; every CFG weight /
+    sample kind of `metrics` must have base teacher rows)."""
+    if base["primary"] != metrics["primary"]:
+        raise SystemExit(f"error: --teacher_from run measures {base['primary']}, "
+                         f"not {metrics['primary']}")
+    tag = lambda r: tuple((k, r[k]) for k in ("w", "kind") if k in r)
+    teacher = [r for r in base["results"] if r["model"] == "teacher"]
+    missing = {tag(r) for r in metrics["results"]} - {tag(r) for r in teacher}
+    if missing:
+        raise SystemExit(f"error: the --teacher_from run has no teacher rows for {sorted(missing)}")
+    rows = [r for r in metrics["results"] if r["model"] != "teacher"]
+    return {**metrics, "results": teacher + rows}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m eval.results_table [--seeds] RUN_DIR [RUN_DIR ...]")
-    if argv[0] == "--seeds":
-        if len(argv) < 3:
+    usage = ("usage: python -m eval.results_table [--seeds] RUN_DIR [RUN_DIR ...] "
+             "[--teacher_from BASE_DIR ...]")
+    seeds = bool(argv) and argv[0] == "--seeds"
+    runs = argv[1:] if seeds else list(argv)
+    bases = []
+    if "--teacher_from" in runs:
+        i = runs.index("--teacher_from")
+        runs, bases = runs[:i], runs[i + 1:]
+        if len(bases) != len(runs):
+            raise SystemExit(f"error: --teacher_from needs one run folder per run "
+                             f"({len(runs)}), got {len(bases)}")
+    if not runs:
+        raise SystemExit(usage)
+    metrics = [_load(r) for r in runs]
+    if bases:
+        metrics = [with_teacher_of(m, _load(b)) for m, b in zip(metrics, bases)]
+    names = [os.path.basename(os.path.normpath(r)) for r in runs]
+    if bases:
+        names = [f"{n} vs {os.path.basename(os.path.normpath(b))}'s teacher"
+                 for n, b in zip(names, bases)]
+    if seeds:
+        if len(runs) < 2:
             raise SystemExit("error: --seeds needs at least two run folders (one per seed)")
-        print(seed_table([_load(r) for r in argv[1:]], os.path.basename(os.path.normpath(argv[1]))))
+        print(seed_table(metrics, names[0]))
         return
-    for run in argv:
-        print(tables(_load(run), os.path.basename(os.path.normpath(run))))
+    for m, name in zip(metrics, names):
+        print(tables(m, name))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,33 @@ def test_seed_table_mean_sd_and_per_run_speedups(tmp_path, capsys):
         rt.main(["--seeds"] + runs)
     with pytest.raises(SystemExit, match="at least two"):
         rt.main(["--seeds", runs[0]])
+
+
+def test_teacher_from_measures_against_another_runs_teacher(tmp_path, capsys):
+    """--teacher_from: a round-2 run (its own "teacher" the round-1 student) is measured against
+    the product teacher of the base run; one base per run; the metric must match."""
+    base = [dict(model="teacher", nfe=n, steps=n, frechet=s) for n, s in TEACHER]
+    round2 = [dict(model="teacher", nfe=n, steps=n, frechet=s / 4) for n, s in TEACHER]
+    round2 += [dict(model="student", nfe=4, steps=4, frechet=2.0)]
+    for name, rows in (("base", base), ("r2", round2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"results": rows, "primary": "frechet"}))
+    r2, b = str(tmp_path / "r2"), str(tmp_path / "base")
+    rt.main([r2])
+    assert "| student |  | 2.00 (0.5x) |" in capsys.readouterr().out   # = its round-1 student at 2
+    rt.main([r2, "--teacher_from", b])
+    out = capsys.readouterr().out
+    assert "r2 vs base's teacher" in out and "| teacher | 8.00 | 4.00 |" in out
+    assert "| student |  | 2.00 (2.0x) |" in out                    # 2.0 is the base's NFE 8
+    rt.main(["--seeds", r2, r2, "--teacher_from", b, b])
+    assert "| student |  | 2.00 ± 0.00 (2.0 ± 0.0x) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one run folder per run"):
+        rt.main(["--seeds", r2, r2, "--teacher_from", b])
+    (tmp_path / "base" / "metrics.json").write_text(json.dumps({"results": base, "primary": "fid"}))
+    with pytest.raises(SystemExit, match="measures fid"):
+        rt.main([r2, "--teacher_from", b])
+    (tmp_path / "base" / "metrics.json").write_text(json.dumps(
+        {"results": [dict(r, w=1.0) for r in base], "primary": "frechet"}))
+    with pytest.raises(SystemExit, match="no teacher rows"):
+        rt.main([r2, "--teacher_from", b])
