@@ -102,6 +102,11 @@ def tables(metrics: dict, title: str = "") -> str:
     return "\n".join(out)
 
 
+def tag(r: dict) -> tuple:
+    """A result row's CFG weight / sample kind, the group its teacher rows must match."""
+    return tuple((k, r[k]) for k in ("w", "kind") if k in r)
+
+
 def _mean_sd(v: list) -> tuple:
     m = sum(v) / len(v)
     return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
@@ -114,7 +119,6 @@ def seed_table(runs: list, title: str = "") -> str:
     if any(m["primary"] != key for m in runs):
         raise SystemExit("error: --seeds runs measure different metrics: "
                          + ", ".join(m["primary"] for m in runs))
-    tag = lambda r: tuple((k, r[k]) for k in ("w", "kind") if k in r)
     at = lambda r: (r["model"], r.get("steps", r["nfe"]), tag(r))     # by step count: the NFE
     cells = [{at(r): r[key] for r in m["results"]} for m in runs]     # measured (16.5 with a
     sps = [{at(r): r for r in speedups(m["results"], key)} for m in runs]   # final argmax) varies
@@ -165,7 +169,6 @@ def with_teacher_of(metrics: dict, base: dict) -> dict:
     if base["primary"] != metrics["primary"]:
         raise SystemExit(f"error: --teacher_from run measures {base['primary']}, "
                          f"not {metrics['primary']}")
-    tag = lambda r: tuple((k, r[k]) for k in ("w", "kind") if k in r)
     teacher = [r for r in base["results"] if r["model"] == "teacher"]
     missing = {tag(r) for r in metrics["results"]} - {tag(r) for r in teacher}
     if missing:
@@ -190,10 +193,9 @@ def main(argv=None):
     if not runs:
         raise SystemExit(usage)
     metrics = [_load(r) for r in runs]
-    if bases:
-        metrics = [with_teacher_of(m, _load(b)) for m, b in zip(metrics, bases)]
     names = [os.path.basename(os.path.normpath(r)) for r in runs]
     if bases:
+        metrics = [with_teacher_of(m, _load(b)) for m, b in zip(metrics, bases)]
         names = [f"{n} vs {os.path.basename(os.path.normpath(b))}'s teacher"
                  for n, b in zip(names, bases)]
     if seeds:
