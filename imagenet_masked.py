@@ -454,10 +454,12 @@ def run_path(cfg, *parts: str) -> str:
     return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
 
 
-def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
-    """One generator per (stage, rank, step): training resumes exactly without saving RNG
-    state. It also seeds the global RNG, which dropout uses."""
-    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
+def step_rng(cfg, ctx: Ctx, salt: str, step: int, row: int) -> torch.Generator:
+    """The generator of a micro-batch: one per (stage, step, first global row of the
+    micro-batch), so resume is exact without saving RNG state, and runs that cut a global
+    batch into the same micro-batches draw the same numbers on any number of ranks
+    (docs/scale.md). It also seeds the global RNG, which dropout uses."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + row * 2 ** 32
             + step) % (2 ** 63)
     torch.manual_seed(seed)
     return torch.Generator(device=ctx.device).manual_seed(seed)
@@ -666,7 +668,7 @@ def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int
     for j, rows in enumerate(plan):
         if rows.start == rows.stop:    # a rank with fewer rows: nothing to do (not a sync step)
             continue
-        g = step_rng(cfg, ctx, name, step * len(plan) + j)
+        g = step_rng(cfg, ctx, name, step, rows.start)
         batch = batches(step, rows, g)
         sync = j == len(plan) - 1 or ctx.world_size == 1
         with nullcontext() if sync else ddp.no_sync():

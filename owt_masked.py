@@ -421,10 +421,12 @@ def run_path(cfg, *parts: str) -> str:
     return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
 
 
-def step_rng(cfg, ctx: Ctx, salt: str, step: int) -> torch.Generator:
-    """One generator per (stage, rank, step): training resumes exactly without saving RNG
-    state. It also seeds the global RNG, which dropout uses."""
-    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + ctx.rank * 104_729
+def step_rng(cfg, ctx: Ctx, salt: str, step: int, row: int) -> torch.Generator:
+    """The generator of a micro-batch: one per (stage, step, first global row of the
+    micro-batch), so resume is exact without saving RNG state, and runs that cut a global
+    batch into the same micro-batches draw the same numbers on any number of ranks
+    (docs/scale.md). It also seeds the global RNG, which dropout uses."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + row * 2 ** 32
             + step) % (2 ** 63)
     torch.manual_seed(seed)
     return torch.Generator(device=ctx.device).manual_seed(seed)
@@ -633,7 +635,7 @@ def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int
     for j, rows in enumerate(plan):
         if rows.start == rows.stop:    # a rank with fewer rows: nothing to do (not a sync step)
             continue
-        g = step_rng(cfg, ctx, name, step * len(plan) + j)
+        g = step_rng(cfg, ctx, name, step, rows.start)
         batch = batches(step, rows, g)
         sync = j == len(plan) - 1 or ctx.world_size == 1
         with nullcontext() if sync else ddp.no_sync():
@@ -1297,6 +1299,24 @@ def di4c_times(cfg: Config, B: int, g: torch.Generator) -> tuple:
     return t, t - torch.minimum(torch.full_like(t, 1 / cfg.T), t / 2)
 
 
+def di4c_loss(cfg: Config, teacher, student, process: core.MaskedProcess, lam_T: int = 0):
+    """fit's loss_fn of Di4C in the SDTT variant (docs/method.md (30), (33)): t, u from
+    di4c_times, x_t masked at t, weights 1[t < delta] (distillation on x_t), 1[t >= delta]
+    (consistency), alpha_const sigmoid(20 (t - 1/2)); the teacher's step t -> u is the analytic
+    masked step (a Di4C student as teacher, lam_T > 0: its L-lambda marginal and a fresh lambda
+    per row for its step, docs/method.md (35))."""
+    marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
+
+    def loss_fn(model, x0, g):
+        t, u = di4c_times(cfg, x0.shape[0], g)
+        x_t = process.add_noise(x0, t, g)                                     # (B, D)
+        weights = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
+        return core.di4c_loss(model, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
+                              teacher_step=teacher_step, L=cfg.L, lam_dim=student.lam_dim,
+                              student_target=core.eval_target(student), generator=g)
+    return loss_fn
+
+
 def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     """Di4C in the SDTT variant (docs/method.md (30)) from the teacher (a product MDLM, or a
     Di4C student for another round), then the control: the teacher fine-tuned with its own MDLM
@@ -1313,19 +1333,10 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
                 if "lam_token" in str(e) and cfg.lam_inject != "token" else "")
         raise SystemExit(f"error: {t_path}: {e}{hint}") from None
     process = make_process(corpus.S)
-    marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
     ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
             f"{cfg.distil_batch} sequences x L = {cfg.L} lambdas per step")
-
-    def loss_fn(model, x0, g):
-        t, u = di4c_times(cfg, x0.shape[0], g)
-        x_t = process.add_noise(x0, t, g)                                     # (B, D)
-        weights = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
-        return core.di4c_loss(model, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
-                              teacher_step=teacher_step, L=cfg.L, lam_dim=student.lam_dim,
-                              student_target=core.eval_target(student), generator=g)
-
-    out = fit(cfg, ctx, "student", student, loss_fn, random_blocks(corpus), cfg.distil_iters,
+    out = fit(cfg, ctx, "student", student, di4c_loss(cfg, teacher, student, process, lam_T),
+              random_blocks(corpus), cfg.distil_iters,
               cfg.lr, cfg.distil_batch, warmup=cfg.warmup, ema_decay=cfg.student_ema,
               parents={"teacher": t_meta["id"]})
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})

@@ -127,25 +127,30 @@ def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    """Teacher cut at step 2 and resumed, student stopped by --time_limit at step 1 and resumed:
+    the states and the finished checkpoints equal the uninterrupted run's, the raw weights and
+    the EMA weights (which sampling uses; restored from the state, not restarted from the raw
+    weights) both."""
     a, b = tmp_path / "a", tmp_path / "b"
     m.main(smoke(a, stage="teacher", teacher_iters=4, ckpt_every=100))
     m.main(smoke(b, stage="teacher", teacher_iters=2, ckpt_every=100))      # "interrupted" at step 2
     m.main(smoke(b, stage="teacher", teacher_iters=4, ckpt_every=100, resume=True))  # from step 2
-    sa = torch.load(a / "teacher_state.pt", weights_only=True)
-    sb = torch.load(b / "teacher_state.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == 4
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
     m.main(smoke(a, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100))
     with pytest.raises(SystemExit, match="time_limit .* used up at step 1"):   # stops, saves
         m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100,
                      time_limit=1e-9))
     m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100, resume=True))
-    sa = torch.load(a / "student_state.pt", weights_only=True)
-    sb = torch.load(b / "student_state.pt", weights_only=True)
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
-
+    for name in ("teacher_state", "teacher", "student_state", "student"):
+        sa = torch.load(a / f"{name}.pt", weights_only=True)
+        sb = torch.load(b / f"{name}.pt", weights_only=True)
+        assert sa["step"] == sb["step"] == 4, name
+        for key in ("model", "ema"):
+            assert sa[key].keys() == sb[key].keys()
+            for k in sa[key]:
+                assert torch.equal(sa[key][k], sb[key][k]), (name, key, k)
+        assert any(not torch.equal(sa["ema"][k], sa["model"][k]) for k in sa["model"]), name
+        if not name.endswith("_state"):
+            assert sa["id"] == sb["id"]
 
 
 def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):

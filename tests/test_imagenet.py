@@ -317,7 +317,13 @@ def taming_keys(ch, ch_mult, n_res, attn_res, res, z, K):
     return keys
 
 
-def test_vqgan_checkpoint_loads_strictly_and_codes_round_trip(tmp_path):
+def test_vqgan_checkpoint_loads_strictly_and_quantisation_round_trips(tmp_path):
+    """A random VQGAN in MaskGIT's checkpoint layout loads strictly. Its codes round-trip through
+    the codebook (codes -> code vectors -> nearest code = the same codes); image -> codes -> image
+    does not for random weights (encode(decode(codes)) != codes), so encode and decode are checked
+    against the definition instead: code (i, j) of the h x w grid, at index i w + j, is the nearest
+    codebook entry to quant_conv(encoder(x)) there, and decode puts each code's vector back at
+    (i, j) before post_quant_conv and the decoder."""
     cfg = m.make_config(m.Config, preset="smoke", img_size=8, vq_ch=32, vq_ch_mult=(1, 2, 2),
                         vq_res_blocks=1, vq_attn_res=(2,), vq_codes=16, vq_dim=8)
     keys = taming_keys(32, (1, 2, 2), 1, (2,), 8, 8, 16)
@@ -328,12 +334,33 @@ def test_vqgan_checkpoint_loads_strictly_and_codes_round_trip(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": sd, "global_step": 3}, path)
     vq = m.load_vqgan(cfg, str(path)).eval()
-    assert torch.equal(vq.quantize.embedding.weight, sd["quantize.embedding.weight"])
+    E = sd["quantize.embedding.weight"]                              # (16, 8)
+    assert torch.equal(vq.quantize.embedding.weight, E)
+    assert torch.cdist(E, E).add(torch.eye(16)).min() > 0.05         # distinct code vectors
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     codes = vq.encode(x)
     assert codes.shape == (2, 4) and codes.max() < 16
     assert torch.equal(vq.encode(x), codes)
-    assert vq.decode(codes).shape == (2, 3, 8, 8)
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(x))                             # (2, 8, 2, 2)
+        h, w = z.shape[2:]
+        for n in range(2):
+            for i in range(h):
+                for j in range(w):
+                    dist = ((z[n, :, i, j][None] - E) ** 2).sum(1)
+                    assert codes[n, i * w + j] == dist.argmin(), (n, i, j)
+        some = torch.randint(0, 16, (5, h * w), generator=torch.Generator().manual_seed(1))
+        z_q = torch.zeros(5, 8, h, w)
+        for n in range(5):
+            for i in range(h):
+                for j in range(w):
+                    z_q[n, :, i, j] = E[some[n, i * w + j]]
+        assert torch.equal(vq._nearest(z_q), some)                   # codes -> vectors -> codes
+        want = vq.decoder(vq.post_quant_conv(z_q))
+    got = vq.decode(some)
+    assert got.shape == (5, 3, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, vq.decode(some.flip(1)), atol=1e-4)   # positions matter
     for bad, msg in (({k: v for k, v in sd.items() if "conv_out" not in k}, "missing"),
                      (dict(sd, **{"quantize.embedding.weight": torch.zeros(32, 8)}), "shape")):
         torch.save({"state_dict": bad}, path)

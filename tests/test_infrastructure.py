@@ -142,12 +142,47 @@ def test_truncated_or_foreign_checkpoints_give_one_line(tmp_path):
         stage(owt, cfg, "distill")
 
 
-def test_identical_runs_and_one_resume_default():
+def test_identical_runs_and_one_resume_default(tmp_path):
+    """Two runs of one config train bitwise the same weights with the same weights_id, a content
+    hash (names, shapes, dtypes, bytes; one function in the three scripts) by which children and
+    samples know a checkpoint. Resume is off by default in all three scripts (dataclass and CLI):
+    rerunning a command in an out_dir that holds a saved state (step 3 of 6) starts over, all 6
+    steps, and ends where a fresh run ends; --resume true runs only the 3 steps left."""
     for m in (cifar, imagenet, owt):
-        assert m.Config().resume is False
-    assert json.dumps(owt.weights_id({"a": torch.ones(2)})) == \
-        json.dumps(owt.weights_id({"a": torch.ones(2)}))
-    assert owt.weights_id({"a": torch.ones(2)}) != owt.weights_id({"a": torch.zeros(2)})
+        assert m.Config().resume is False and m.parse_config(m.Config, []).resume is False
+        assert m.parse_config(m.Config, ["--resume", "true"]).resume is True
+
+    def loss_fn(model, x, g):
+        loss_fn.calls += 1
+        if loss_fn.calls == 4 and loss_fn.interrupt:
+            raise KeyboardInterrupt
+        return model(x)[:, 0] ** 2, {}
+    runs = {}
+    for name, interrupt, resume in (("a", False, False), ("b", False, False),
+                                    ("c", True, False), ("c", False, False),
+                                    ("d", True, False), ("d", False, True)):
+        loss_fn.calls, loss_fn.interrupt = 0, interrupt
+        if interrupt:
+            with pytest.raises(SystemExit, match="interrupted: toy state at step 3 saved"):
+                fit_owt(tmp_path / name, loss_fn, iters=6)
+            continue
+        fit_owt(tmp_path / name, loss_fn, iters=6, resume=resume)
+        runs[name] = (loss_fn.calls, torch.load(tmp_path / name / "run" / "toy.pt",
+                                                weights_only=True))
+    assert [runs[k][0] for k in "abcd"] == [6, 6, 6, 3]       # c starts over, d resumes
+    a = runs["a"][1]
+    assert a["id"] == owt.weights_id(a["model"])
+    for k in "bcd":
+        assert runs[k][1]["step"] == 6 and runs[k][1]["id"] == a["id"]
+        assert all(torch.equal(a["model"][n], runs[k][1]["model"][n]) for n in a["model"])
+    log = open(tmp_path / "c" / "run" / "log.txt").read()
+    assert "resumed" not in log and "resumed" in open(tmp_path / "d" / "run" / "log.txt").read()
+    one = {"a": torch.ones(2)}                       # each variant differs in one respect only
+    variants = [one, {"b": torch.ones(2)}, {"a": torch.ones(1, 2)}, {"a": torch.tensor([1.0, 0.0])},
+                {"a": torch.zeros(2)}, {"a": torch.zeros(2, dtype=torch.int32)}]  # same bytes
+    assert len({owt.weights_id(v) for v in variants}) == len(variants)
+    assert {m.weights_id({"a": torch.ones(2)}) for m in (cifar, imagenet, owt)} == \
+        {owt.weights_id(one)}
 
 
 # -----------------------------------------------------------------------------

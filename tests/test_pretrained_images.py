@@ -71,16 +71,22 @@ def run_tauldr(net, fx) -> tuple:
 
 
 def check_tauldr(net, fx, which: str, suffix: str = ""):
-    """The U-Net body (its output before the logistic head) and the head (ours applied to
-    upstream's body output; bit-identical here) each within TOL. End to end, a few logits differ
-    by more (2e-4 to 4e-4 in 21 of 9792 with this fixture): the head is ill-conditioned where a
-    bin's mass is small, log(1e-6 + 1 - exp(lo - hi)) with exp(lo - hi) near 1, so a 1-ulp change
-    of that exp (6e-8) moves the logit by 6e-8 / exp(logit - hi), and the body's float32 rounding
-    differences (< 1e-6) are enough to flip such ulps; that is rounding, not a different function."""
+    """The U-Net body (its output before the logistic head) within TOL, and the head (ours
+    applied to upstream's body output): logits within TOL in every bin of mass >= 0.01, and
+    probabilities within 1e-6 in every bin. The head is ill-conditioned where a bin's mass is
+    small, log(1e-6 + 1 - exp(lo - hi)) with exp(lo - hi) near 1: a 1-ulp change of that exp
+    (6e-8) moves the logit by 6e-8 / exp(logit - hi), so the CPU's exp (AVX2 or AVX-512 kernels
+    round differently) moves such logits by up to 0.02 (55 of 9792 here, at mass ~3e-6); that is
+    rounding, not a different function. The same holds end to end for the body's rounding."""
     _, raw, x = run_tauldr(net, fx)
     close(raw, fx["net_out" + suffix], f"tauLDR U-Net output before the head ({which})")
-    close(cg.logistic_logits(x, fx["net_out" + suffix], net.S), fx["logits" + suffix],
-          f"tauLDR logistic head on upstream's U-Net output ({which})")
+    head, want = cg.logistic_logits(x, fx["net_out" + suffix], net.S), fx["logits" + suffix]
+    what = f"tauLDR logistic head on upstream's U-Net output ({which})"
+    sure = want.exp() >= 0.01          # bins where a 1-ulp exp moves the logit by < 6e-6
+    assert sure.float().mean() > 0.05, what
+    close(head[sure], want[sure], what)
+    gap = (head.exp() - want.exp()).abs().max().item()     # every bin, as probabilities
+    assert gap <= 1e-6, f"{what}: max abs probability difference {gap:.3g} > 1e-6"
 
 
 def test_tauldr_unet_matches_upstream(tmp_path):

@@ -65,7 +65,11 @@ def test_upstream_sampler_draws_upstreams_tokens(name):
 
 
 def test_upstream_schedule():
-    """MaskGIT-pytorch's arccos schedule: sums to D, at least one token per step, 1 step refused."""
+    """MaskGIT-pytorch's arccos schedule: sums to D, at least one token per step, 1 step refused;
+    one case by hand. (The golden-file sampler test checks it at the fixture's sizes.)"""
+    # arccos(r) / (pi / 2) at r = 1, 2/3, 1/3, 0: 0, 0.5354, 0.7837, 1 (sum 2.3191); x 16 / sum:
+    # 0, 3.69, 5.41, 6.90, rounded 0, 4, 5, 7; the 0 raised to 1; the last gives back the excess
+    assert m.upstream_schedule(4, 16) == [1, 4, 5, 6]
     assert m.upstream_schedule(12, 256)[0] == 1 and sum(m.upstream_schedule(12, 256)) == 256
     assert all(n >= 1 and sum(m.upstream_schedule(k, 16)) == 16
                for k in range(2, 9) for n in m.upstream_schedule(k, 16))

@@ -72,7 +72,18 @@ def smoke_cfg(ckpt):
 
 
 def test_smoke_size_key_list_is_complete():
-    assert len(tauldr_keys()) == 144                  # what tauLDR's own state dict holds at this size
+    """The key list read off tauLDR against our UNet of the smoke size (the network load_net
+    builds), which is built without the key mapping: the same number of parameters (a module
+    left out of the list, a stray one or a wrong width shows), and tauldr_to_ours, the loading
+    direction, maps the list onto exactly the network's keys with their shapes. 144 tensors is
+    what tauLDR's own state dict holds at this size."""
+    keys = tauldr_keys()
+    assert len(keys) == len(dict(keys)) == 144
+    net = m.build_unet(m.make_config(m.Config, preset="smoke"), 1, 8, lam=False)
+    assert sum(math.prod(s) for _, s in keys) == sum(p.numel() for p in net.parameters())
+    mapped = tauldr.tauldr_to_ours({k: torch.zeros(s) for k, s in keys}, ema=False)
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == \
+        {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 @pytest.mark.parametrize("prefix", ["net.", "net.module."])             # plain and DDP-trained
