@@ -211,6 +211,8 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
                              f"got {getattr(cfg, name)!r}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
     for name, (lo, hi) in LIMITS.items():
         v = getattr(cfg, name)
         if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in

@@ -270,6 +270,8 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
                              f"got {getattr(cfg, name)!r}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
     for name, (lo, hi) in LIMITS.items():
         v = getattr(cfg, name)
         if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in
@@ -1747,6 +1749,9 @@ def check(cfg: Config):
                          f"photos; got {cfg.label_div}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    D = 64 if cfg.tokenizer == "pixels" else (cfg.img_size // 2 ** (len(cfg.vq_ch_mult) - 1)) ** 2
+    for n in cfg.steps + cfg.student_steps:      # the schedule's own one-line errors, up front
+        reveal_counts(n, D) if cfg.sampler != "maskgit" else upstream_schedule(n, D)
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
         raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
     if cfg.lam_late > cfg.n_layer:

@@ -237,6 +237,8 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
                              f"got {getattr(cfg, name)!r}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
     for name, (lo, hi) in LIMITS.items():
         v = getattr(cfg, name)
         if isinstance(v, tuple) and not v or any(not lo <= x <= hi for x in
@@ -778,7 +780,7 @@ def load_documents(cfg: Config):
             ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
         except Exception as e:
             raise SystemExit(f"error: could not read --data_files {cfg.data_files!r} as {kind} "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+                             f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]})"
                              ) from None
     elif cfg.dataset == "pydoc":
         import pydoc_data.topics
@@ -1664,9 +1666,13 @@ def run_needs(cfg: Config) -> list:
                   f"download it: {SDTT7_GET}; or --teacher_ckpt '' trains MDLM from scratch")
                  if problem.startswith("--teacher_ckpt") else (problem, fix)
                  for problem, fix in needs]
-    if cfg.data_files and not any(glob.glob(os.path.expanduser(p.strip()))
-                                  for p in cfg.data_files.split(",") if p.strip()):
+    files = [f for p in cfg.data_files.split(",") if p.strip()
+             for f in glob.glob(os.path.expanduser(p.strip()))]
+    if cfg.data_files and not files:
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
+    empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]
+    if empty:
+        needs.append((f"--data_files file {empty[0]!r} is empty", "remove it or fix the pattern"))
     if "eval" in stages:
         needs += package_needs({"nltk": ("nltk", "self-BLEU (stage eval)")})
     if "eval" in stages and cfg.mauve:

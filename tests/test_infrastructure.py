@@ -260,3 +260,30 @@ def test_resume_with_another_objective_is_refused(tmp_path):
         stage(owt, cfg, "distill", resume=True, distil_iters=5, alpha_const=0.0)
     stage(owt, cfg, "distill", resume=True, distil_iters=5)           # same objective: continues
     assert torch.load(os.path.join(cfg.out_dir, "student.pt"), weights_only=True)["step"] == 5
+
+
+def test_three_bad_inputs_stop_before_any_work_with_one_line(tmp_path):
+    """An --out_dir that is a file (all three scripts), an empty --data_files file (text) and
+    more image steps than the schedule can run: one line each, before anything is written."""
+    import cifar10_gaussian as cifar
+    import imagenet_masked as imagenet
+    import owt_masked as owt
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for m in (cifar, imagenet, owt):
+        cfg = m.make_config(m.Config, preset="smoke", out_dir=str(afile))
+        with pytest.raises(SystemExit, match=r"^error: --out_dir .*a_file' is a file, not a folder$"):
+            m.main(cfg)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "full.txt").write_text("some text")
+    cfg = owt.make_config(owt.Config, preset="smoke", out_dir=str(tmp_path / "o"),
+                          data_files=str(tmp_path / "*.txt"))
+    with pytest.raises(SystemExit, match=r"--data_files file .*empty.txt' is empty"):
+        owt.main(cfg)
+    assert not (tmp_path / "o").exists()
+    for steps in (dict(student_steps=(64,)), dict(steps=(2, 80))):
+        cfg = imagenet.make_config(imagenet.Config, preset="smoke", out_dir=str(tmp_path / "i"),
+                                   **steps)
+        with pytest.raises(SystemExit, match=r"^error: \d+ steps cannot reveal 64 tokens"):
+            imagenet.main(cfg)
+        assert not (tmp_path / "i").exists()
