@@ -84,14 +84,11 @@ class Config:
     L: int = 16
     lr: float = 2e-4
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
-    lam_late: int = 0              # late-fusion lambda: only the last k ResBlocks of the up path see
-                                   # it, the rest of the U-Net runs once per x_t; 0 = every block
-    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     distil_weight: float = 1.0
     alpha_const: float = 1.0       # alpha(t) = alpha_const sigmoid(20 (t - 1/2))
     control_variate: bool = True
     control_iters: int = 0         # the teacher fine-tuned with its own loss: -1 = the Di4C run's
-                                   # compute (core.di4c_rows_per_step), 0 = none, N = N steps
+                                   # compute (control_steps), 0 = none, N = N steps
     # optimisation (AdamW without weight decay = Adam, grad clip 1)
     ema_decay: float = 0.9999
     micro_batch: int = 0           # rows per forward pass and GPU (gradient accumulation over
@@ -103,8 +100,6 @@ class Config:
     steps: tuple = (10, 20, 40)
     student_steps: tuple = (10, 20, 40)
     hybrid_teacher_steps: int = 3  # hybrid sampler: last NFEs by the teacher
-    lam_fixed: bool = False        # one lambda per sample for all its steps (not in the paper);
-                                   # false = a fresh lambda per sample per step (the paper's)
     n_samples: int = 50000
     sample_batch: int = 50
     fid_backend: str = "pigm"      # pigm: pytorch-image-generation-metrics, the paper's package
@@ -145,9 +140,9 @@ DATA_KEYS = ("flip", "image_size", "data_dir")
 RESUME_KEYS = ARCH_KEYS + DATA_KEYS + ("L", "batch_size", "teacher_batch", "lr", "teacher_lr",
                            "seed")
 RESUME_KEYS += ("rate_sigma", "q_sigma", "time_base", "time_exp", "min_time", "dropout",
-                "nll_weight", "lam_lr_mult", "lam_late", "lam_dim", "distil_weight", "alpha_const", "control_variate",
+                "nll_weight", "lam_lr_mult", "distil_weight", "alpha_const", "control_variate",
                 "ema_decay")   # the objective
-SAMPLE_KEYS = ("n_samples", "min_time", "seed", "lam_fixed")
+SAMPLE_KEYS = ("n_samples", "min_time", "seed")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("cifar10", "folder", "digits", "photos"),
            "dtype": ("float32", "bfloat16"), "fid_backend": ("pigm", "torch-fidelity")}
 EMBEDDED = ("digits", "photos")        # 8x8, 17 grey levels, scored by eval/digits.py
@@ -158,7 +153,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "ch": (4, INF), "ch_mult": (1, INF), "num_res_blocks": (1, INF), "attn_res": (1, INF),
     "dropout": (0, 0.99), "teacher_iters": (1, INF), "teacher_batch": (1, INF),
     "teacher_lr": (TINY, 1), "nll_weight": (0, INF), "distil_iters": (1, INF),
-    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64),
+    "batch_size": (1, INF), "L": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
     "distil_weight": (0, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "ema_decay": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "hybrid_teacher_steps": (0, INF), "n_samples": (2, INF), "sample_batch": (1, INF),
@@ -502,7 +497,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     micro_rows = max(r.stop - r.start for r in plan)
     state_path = ckpt_path(cfg, f"{name}_state")
-    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
     step, wall = 0, 0.0
@@ -652,15 +647,11 @@ class Batches:
 
 
 def check_round(cfg, lam_T: int):
-    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
-    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
-    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    """Another Di4C round (a student as --teacher_ckpt, lam_T > 0; docs/method.md (35)): no
+    control (a mixture has no loss of its own to fine-tune with)."""
     if lam_T and cfg.control_iters:
         raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
                          "Di4C student as teacher (another round) has none: add --control_iters 0")
-    if lam_T and lam_T != cfg.lam_dim:
-        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
-                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
 
 
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
@@ -881,32 +872,24 @@ class UNet(nn.Module):
     Computes the same function as tauLDR's `UNet` + `ImageX0PredBase` head (fix_logistic=False);
     `down`, `mid`, `up` hold the same blocks in the same order as tauLDR's downsampling, middle and
     upsampling module lists, so a tauLDR checkpoint maps onto it key by key (`tauldr_to_ours`).
-    With lam = k > 0 (True = 1) it also takes lambda (N, k): two embeddings of (lambda, t) (every
-    coordinate's sinusoid, concatenated with t's) -- the second also sees the bottleneck's
-    spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the student is
-    exactly the teacher at initialisation.
-    Late fusion (lam_late = k > 0, not in the paper): only the last k ResBlocks of the up path
-    have a `lam_proj` (fed by the second embedding); everything before them runs once per
-    distinct consecutive row (x_t, t) (the core repeats each x_t L times in a row) and is
-    repeated, skips included, so the lambda-batch multiplies only the last k blocks.
+    With lam (a Di4C student: lam_dim = 1; a product model: 0) it also takes lambda (N, 1): two
+    embeddings of (lambda, t) (their sinusoids concatenated) -- the second also sees the
+    bottleneck's spatial mean -- feed a zero-initialised `lam_proj` in every ResBlock, so the
+    student is exactly the teacher at initialisation.
     """
 
-    def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False,
-                 lam_late=0):
+    def __init__(self, C, H, S, ch, ch_mult, num_res_blocks, attn_res, dropout, lam=False):
         super().__init__()
-        self.C, self.H, self.S, self.ch, self.lam, self.lam_dim = C, H, S, ch, bool(lam), int(lam)
-        n_up = len(ch_mult) * (num_res_blocks + 1)                 # ResBlocks of the up path
-        if lam and lam_late > n_up:
-            raise ValueError(f"lam_late {lam_late} exceeds the {n_up} ResBlocks of the up path")
-        self.lam_late = lam_late if lam else 0
-        early_lam = lam and not self.lam_late                      # lambda in down and mid
+        self.C, self.H, self.S, self.ch = C, H, S, ch
+        self.lam, self.lam_dim = bool(lam), int(bool(lam))
+        lam = self.lam
         emb = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(C, ch, 3, padding=1)
         self.down, chans, c, res = nn.ModuleList(), [ch], ch, H
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(c, ch * m, emb, dropout, early_lam))
+                self.down.append(ResBlock(c, ch * m, emb, dropout, lam))
                 c = ch * m
                 if res in attn_res:
                     self.down.append(Attention(c))
@@ -915,17 +898,13 @@ class UNet(nn.Module):
                 self.down.append(Down(c))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout, early_lam), Attention(c),
-                                  ResBlock(c, c, emb, dropout, early_lam)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout, lam), Attention(c),
+                                  ResBlock(c, c, emb, dropout, lam)])
         c_mid = c
-        self.up, self.late_from, j = nn.ModuleList(), 0, 0          # late_from: first up module
-        for i, m in reversed(list(enumerate(ch_mult))):              # with lambda
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                if self.lam_late and j == n_up - self.lam_late:
-                    self.late_from = len(self.up)
-                self.up.append(ResBlock(c + chans.pop(), ch * m, emb, dropout,
-                                        lam and (not self.lam_late or j >= n_up - self.lam_late)))
-                j += 1
+                self.up.append(ResBlock(c + chans.pop(), ch * m, emb, dropout, lam))
                 c = ch * m
                 if res in attn_res:
                     self.up.append(Attention(c))
@@ -933,28 +912,22 @@ class UNet(nn.Module):
                 self.up.append(Up(c))
                 res *= 2
         self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 2 * C, 3, padding=1))
-        if early_lam:
-            self.lam_emb_down = nn.Sequential(nn.Linear((self.lam_dim + 1) * ch, ch), nn.SiLU(),
-                                              nn.Linear(ch, emb),
-                                           nn.SiLU(), nn.Linear(emb, emb))
-        if lam:
-            self.lam_emb_up = nn.Sequential(nn.Linear((self.lam_dim + 1) * ch + c_mid, ch),
-                                         nn.SiLU(), nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if lam:                                                      # (lambda, t) sinusoids: 2 ch
+            self.lam_emb_down = nn.Sequential(nn.Linear(2 * ch, ch), nn.SiLU(), nn.Linear(ch, emb),
+                                              nn.SiLU(), nn.Linear(emb, emb))
+            self.lam_emb_up = nn.Sequential(nn.Linear(2 * ch + c_mid, ch), nn.SiLU(),
+                                            nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
 
     def forward(self, x_t, t, lam=None, cond=None):
         N = x_t.shape[0]
         dt = self.conv_in.weight.dtype                                              # float32 unless .double()
         x = x_t.view(N, self.C, self.H, self.H).to(dt) / (self.S - 1) * 2 - 1       # (N, C, H, W)
-        rows, inverse = self.distinct_rows(x_t, t) if self.lam_late else (None, None)
-        xs, ts = (x, t) if rows is None else (x[rows], t[rows])                     # (U, ...)
-        e_t = sinusoid(ts, self.ch).to(dt)                                          # (U, ch)
+        e_t = sinusoid(t, self.ch).to(dt)                                           # (N, ch)
         temb, lemb = self.temb(e_t), None
         if self.lam:
-            e_lam = torch.cat([sinusoid(lam[:, i], self.ch) for i in range(self.lam_dim)],
-                              -1).to(dt)                                            # (N, k ch)
-        if self.lam and not self.lam_late:
+            e_lam = sinusoid(lam[:, 0], self.ch).to(dt)                             # (N, ch)
             lemb = self.lam_emb_down(torch.cat([e_lam, e_t], -1))
-        h, skips = self.conv_in(xs), []
+        h, skips = self.conv_in(x), []
         skips.append(h)
         for blk in self.down:
             h = blk(h) if isinstance(blk, Down) else blk(h, temb, lemb)
@@ -962,31 +935,16 @@ class UNet(nn.Module):
                 skips.append(h)
             else:
                 skips[-1] = h
-        bottleneck = h.mean((2, 3))                                                 # (U, c_mid)
-        if self.lam and not self.lam_late:
-            lemb = self.lam_emb_up(torch.cat([e_lam, e_t, bottleneck], -1))
+        if self.lam:
+            lemb = self.lam_emb_up(torch.cat([e_lam, e_t, h.mean((2, 3))], -1))    # + bottleneck
         for blk in self.mid:
             h = blk(h, temb, lemb)
-        for i, blk in enumerate(self.up):
-            if self.lam_late and i == self.late_from:          # late fusion: back to N rows
-                h, temb, e_t, bottleneck = (v[inverse] for v in (h, temb, e_t, bottleneck))
-                skips = [s[inverse] for s in skips]
-                lemb = self.lam_emb_up(torch.cat([e_lam, e_t, bottleneck], -1))
+        for blk in self.up:
             if isinstance(blk, ResBlock):
                 h = blk(torch.cat([h, skips.pop()], 1), temb, lemb)
             else:
                 h = blk(h)
         return logistic_logits(x, self.out(h), self.S)                             # (N, D, S)
-
-    @staticmethod
-    def distinct_rows(x_t, t):
-        """Late fusion: the first index of each run of equal consecutive rows (x_t, t) (U,) and
-        each row's run (N,)."""
-        key = torch.cat([x_t.to(torch.float64), t.to(torch.float64)[:, None]], 1)   # (N, D + 1)
-        _, inverse = torch.unique_consecutive(key, dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), len(key), device=key.device)
-        first = first.scatter_reduce(0, inverse, torch.arange(len(key), device=key.device), "amin")
-        return first, inverse
 
 
 def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
@@ -1007,16 +965,15 @@ def logistic_logits(x: torch.Tensor, raw: torch.Tensor, S: int) -> torch.Tensor:
     return hi + torch.log1p(-torch.exp(lo - hi) + 1e-6)
 
 
-def build_unet(cfg: Config, C: int, H: int, lam: int, lam_late=None) -> UNet:
-    """The U-Net of cfg with lam = the lambda dimension (0: a product model; --lam_late is
-    checked in main; a checkpoint's passed that check)."""
+def build_unet(cfg: Config, C: int, H: int, lam: bool) -> UNet:
+    """The U-Net of cfg, with the lambda path (a Di4C student) or without (a product model)."""
     return UNet(C, H, cfg.S, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res,
-                cfg.dropout, lam, cfg.lam_late if lam_late is None else lam_late)
+                cfg.dropout, lam)
 
 
 def student_from_teacher(teacher: UNet, cfg: Config) -> UNet:
     """Student = the teacher's weights + a fresh, zero-initialised lambda path (strict)."""
-    student = build_unet(cfg, teacher.C, teacher.H, lam=cfg.lam_dim)
+    student = build_unet(cfg, teacher.C, teacher.H, lam=True)
     student = student.to(next(teacher.parameters()).device)
     try:
         return core.student_from_teacher(student, teacher.state_dict())
@@ -1088,7 +1045,6 @@ def di4c_step(student, student_raw, teacher_fns, proc, x0, cfg: Config, g):
     marginal, step = teacher_fns
     return core.di4c_loss(student, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
                           teacher_step=step, L=cfg.L, lam_dim=student_raw.lam_dim,
-                          student_target=core.eval_target(student_raw),
                           x_tau=x_tau, tau=tau, control_variate=cfg.control_variate, generator=g)
 
 
@@ -1122,7 +1078,7 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
     check_round(cfg, lam_T)
     parents = {"teacher": t_state["id"]}
     student = student_from_teacher(teacher, cfg).train()
-    fns = core.make_teacher(teacher, proc, lam_T, cfg.L)
+    fns = core.make_teacher(teacher, proc.step, lam_T, cfg.L)
     data = Batches((images,), cfg, ctx, cfg.batch_size)
     ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher, "
             f"{cfg.batch_size} images x L = {cfg.L} lambdas per step")
@@ -1144,19 +1100,21 @@ def stage_distill(cfg: Config, ctx: Ctx, images: torch.Tensor, proc):
 
 def control_steps(cfg: Config) -> int:
     """The control's length: --control_iters, or for -1 the Di4C run's compute in network rows
-    (core.di4c_rows_per_step; a step of the teacher's own loss costs 3 rows per item)."""
+    (a forward and its backward: 3 rows per row): the student on the B L rows of x_t and of
+    x_tau with gradients, the target on B L rows and the teacher on 2 B without; a step of
+    the teacher's own loss costs 3 rows per item."""
     if cfg.control_iters >= 0:
         return cfg.control_iters
-    return math.ceil(cfg.distil_iters * core.di4c_rows_per_step(cfg.batch_size, cfg.L, "tau")
-                     / (3 * cfg.teacher_batch))
+    B, L = cfg.batch_size, cfg.L
+    return math.ceil(cfg.distil_iters * (3 * 2 * B * L + B * L + 2 * B) / (3 * cfg.teacher_batch))
 
 
 def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     """The finished network `{name}.pt` of this run (EMA weights), or the teacher from
     --teacher_ckpt / the student from --student_ckpt: ours, or tauLDR's layout (detected by its
     keys; its EMA weights; the Di4C authors' student too, see pretrained/tauldr.py). Every key
-    must match (strict). Ours is built as its checkpoint says (lam_dim, lam_late): a Di4C
-    student passed as --teacher_ckpt is a mixture teacher (multi-round, docs/method.md (35)).
+    must match (strict). Ours is built as its checkpoint says (with a lambda path or not): a
+    Di4C student passed as --teacher_ckpt is a mixture teacher (multi-round, docs/method.md (35)).
     Returns (net in eval mode, state with "lam_dim")."""
     given = {"teacher": cfg.teacher_ckpt, "student": cfg.student_ckpt}.get(name, "")
     path = given or run_path(cfg, f"{name}.pt")
@@ -1184,10 +1142,9 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
     if st is None:                     # ours: also refuse one written with another config
         st = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         weights = st["ema"] if st.get("ema") is not None else st["model"]
-        st["lam_dim"] = (st.get("lam_dim") or 1) if any(core.is_lam_param(k) for k in weights) else 0
+        st["lam_dim"] = int(any(core.is_lam_param(k) for k in weights))
         if st["lam_dim"] or lam:       # a student runs as it was trained (a teacher too: round 2)
-            net = build_unet(cfg, C, H, st["lam_dim"],
-                             st["config"].get("lam_late", 0)).to(dev)
+            net = build_unet(cfg, C, H, bool(st["lam_dim"])).to(dev)
     else:
         st["lam_dim"] = int(lam)
     sd = st["ema"] if st.get("ema") is not None else st["model"]
@@ -1206,7 +1163,7 @@ def load_net(cfg: Config, name: str, C: int, H: int, lam: bool, dev) -> tuple:
 def sample_images(net, lam_dim, proc, cfg: Config, n_steps: int, n: int, C: int, H: int, dev,
                   teacher=None, n_teacher: int = 0, seed: int = 0, teacher_lam_dim: int = 0) -> tuple:
     """docs/method.md (37): N NFEs on linspace(1, min_time, N), a fresh lambda per sample per
-    step (one per sample with --lam_fixed), the last NFE an argmax.
+    step, the last NFE an argmax.
     Returns (images (n, C, H, H) uint8, NFE per sample)."""
     times = torch.linspace(1, cfg.min_time, n_steps)
     out, nfe = [], 0
@@ -1216,7 +1173,7 @@ def sample_images(net, lam_dim, proc, cfg: Config, n_steps: int, n: int, C: int,
         x_T = proc.prior(b, C * H * H, g)
         x, nfe = core.ancestral_sample(proc, x_T, times, net, lam_dim=lam_dim, teacher=teacher,
                                        n_teacher=n_teacher, teacher_lam_dim=teacher_lam_dim,
-                                       lam_fixed=cfg.lam_fixed, generator=g)
+                                       generator=g)
         out.append(x.view(b, C, H, H).to(torch.uint8).cpu())
     return torch.cat(out), nfe
 
@@ -1409,10 +1366,6 @@ def main(cfg: Config):
     check_config(cfg)
     if cfg.ch % 4:
         raise SystemExit(f"error: --ch must be a multiple of 4 (GroupNorm), got {cfg.ch}")
-    n_up = len(cfg.ch_mult) * (cfg.num_res_blocks + 1)
-    if cfg.lam_late > n_up:
-        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds the {n_up} ResBlocks of the "
-                         "up path (len(ch_mult) x (num_res_blocks + 1))")
     preflight(run_needs(cfg))
     rank, world_size, device = setup_dist(cfg.device, cfg.dist_timeout)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -142,7 +142,8 @@ class CTMCProcess:
         return sample_categorical(self.posterior(log_p0, x_t, t, s).log(), generator)
 
     def prior(self, B: int, D: int, generator=None, device=None) -> Tensor:
-        return sample_categorical(self.pi.log().expand(B, D, self.S), generator)
+        pi = self.pi if device is None else self.pi.to(device)
+        return sample_categorical(pi.log().expand(B, D, self.S), generator)
 
     def final(self, log_p0: Tensor, x_t: Tensor) -> Tensor:
         return log_p0.argmax(-1)
@@ -326,13 +327,9 @@ def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
     return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
 
 
-def alpha_t(t: Tensor, schedule: str = "sigmoid", const: float = 1.0) -> Tensor:
-    """Weight of data_loss_cor: const * {sigmoid(20 (t - 1/2)) | t | 1 | 0} (28)."""
-    shapes = {"sigmoid": lambda: torch.sigmoid(20 * (t - 0.5)), "linear": lambda: t,
-              "const": lambda: torch.ones_like(t), "zero": lambda: torch.zeros_like(t)}
-    if schedule not in shapes:
-        raise ValueError(f"alpha schedule must be one of {sorted(shapes)}, got {schedule!r}")
-    return const * shapes[schedule]()
+def alpha_t(t: Tensor, const: float = 1.0) -> Tensor:
+    """Weight of data_loss_cor, const * sigmoid(20 (t - 1/2)) (28; paper Sec. 4.3)."""
+    return const * torch.sigmoid(20 * (t - 0.5))
 
 
 VARIANTS = ("tauldr", "maskgit", "sdtt")
@@ -351,7 +348,7 @@ def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant != "tauldr" and not 0 < delta < 1:
         raise ValueError(f"variant {variant!r} needs 0 < delta < 1, got {delta}")
-    alpha = alpha_t(t, "sigmoid", a if alpha_const is None else alpha_const)
+    alpha = alpha_t(t, a if alpha_const is None else alpha_const)
     if variant == "tauldr":
         return dict(distil=torch.ones_like(t), consis=torch.ones_like(t), alpha=alpha,
                     distil_on="tau")
@@ -364,13 +361,16 @@ def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
 # Teachers and students: product or mixture teachers (multi-round), the student's initialisation
 
 
-def make_teacher(teacher: Callable, process, lam_dim: int = 0, L: int = 16) -> tuple:
-    """Build (teacher_marginal, teacher_step) for di4c_loss from a denoiser (35).
+def make_teacher(teacher: Callable, step: Callable, lam_dim: int = 0, L: int = 16) -> tuple:
+    """(teacher_marginal, teacher_step) for di4c_loss from a denoiser and its sampling step
+    (24)-(26), (35); paper Sec. 4.2 and App. on multi-round distillation.
 
+    step(log_p0 (N, D, S), x_t (N, D), t, u, generator) -> x_u: one step of the teacher's sampler,
+        e.g. process.step (the analytic posterior) or MaskGIT's confidence step.
     teacher_marginal(x (N, D), t (N,), cond, g) -> log p^psi_{0|t} (N, D, S): the product
         teacher's log-probs, or for a mixture teacher (lam_dim > 0) the L-sample lambda-average.
-    teacher_step(x_t (N, D), t, u, log_p0 (N, D, S), cond, g) -> x_u (N, D): one analytic step
-        t -> u; a product teacher reuses log_p0, a mixture teacher draws a fresh lambda per row.
+    teacher_step(x_t (N, D), t, u, log_p0 (N, D, S), cond, g) -> x_u (N, D): `step` from t to
+        u; a product teacher reuses log_p0, a mixture teacher draws a fresh lambda per row.
     """
     @torch.no_grad()
     def teacher_marginal(x, t, cond=None, generator=None):
@@ -384,7 +384,7 @@ def make_teacher(teacher: Callable, process, lam_dim: int = 0, L: int = 16) -> t
         if lam_dim > 0:
             lam = draw_lambda(x_t.shape[0], lam_dim, generator, x_t.device)
             log_p0 = log_probs(teacher(x_t, t, lam, cond))
-        return process.step(log_p0, x_t, t, u, generator)
+        return step(log_p0, x_t, t, u, generator)
 
     return teacher_marginal, teacher_step
 
@@ -394,17 +394,19 @@ def is_lam_param(name: str) -> bool:
     return any(part.startswith("lam_") for part in name.split("."))
 
 
-def lam_param_groups(model: nn.Module, mult: float = 1.0) -> list:
-    """Optimizer groups: the lambda path learns `mult` times faster than the rest.
+def lam_param_groups(model: nn.Module, lr: float, mult: float = 1.0) -> list:
+    """Optimizer groups with their learning rates: lr for the network, lr * mult for the lambda
+    path (14); not in the paper, whose students train every weight at one rate.
 
     At initialisation every mixture component is the same, where the correlation terms'
-    gradients vanish (14); a larger step on the lambda path leaves that point sooner. Each
-    group carries its multiplier ("mult") so that LR schedules keep the ratio.
+    gradients vanish; a larger step on the lambda path leaves that point sooner. Each group also
+    carries its multiplier ("mult"), so an LR schedule sets group["lr"] = lr_now * group["mult"].
     """
     named = list(model.named_parameters())
     rest = [p for n, p in named if not is_lam_param(n)]
     lam = [p for n, p in named if is_lam_param(n)]
-    return [g for g in (dict(params=rest, mult=1.0), dict(params=lam, mult=mult)) if g["params"]]
+    groups = (dict(params=rest, lr=lr, mult=1.0), dict(params=lam, lr=lr * mult, mult=mult))
+    return [g for g in groups if g["params"]]
 
 
 def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
@@ -428,8 +430,13 @@ def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
 
 
 def eval_target(net: nn.Module) -> Callable:
-    """The current student as a target: eval mode (no dropout), no grad, mode restored
-    (docs/method.md §6, "Where gradients flow")."""
+    """The current student as the consistency target at u (25)-(26): eval mode (no dropout), no
+    grad, mode restored (docs/method.md §6). A DDP-wrapped or torch.compile'd student is
+    unwrapped first: the target needs no gradient sync and no compiled graph."""
+    for _ in range(2):                                     # DDP(compile(net)), compile(DDP(net))
+        net = getattr(net, "_orig_mod", net)
+        net = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
     @torch.no_grad()
     def target(x, t, lam, cond=None):
         if not isinstance(net, nn.Module):                 # a plain function has no mode
@@ -505,18 +512,6 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def di4c_rows_per_step(B: int, L: int, distil_on: str = "x_t", teacher_L: int = 0) -> int:
-    """Network row-evaluations of one di4c_loss call on B x_t (a backward counted as two
-    forwards), to give a control run the same compute: the student on B L rows (2 B L with a
-    separate x_tau) forward and backward, the no-grad target on B L rows, the teacher at x_t
-    (and x_tau) on B rows each; a mixture teacher (teacher_L > 0) needs teacher_L B per
-    marginal and B L more for its steps."""
-    student = B * L * (2 if distil_on == "tau" else 1)
-    calls = 2 if distil_on == "tau" else 1
-    teacher = calls * B * max(teacher_L, 1) + (B * L if teacher_L else 0)
-    return 3 * student + B * L + teacher
-
-
 # -----------------------------------------------------------------------------
 # Samplers (37)
 
@@ -525,16 +520,13 @@ def di4c_rows_per_step(B: int, L: int, distil_on: str = "x_t", teacher_L: int = 
 def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                      lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
                      n_teacher: int = 0, teacher_lam_dim: int = 0, final_nfe: bool = True,
-                     reuse_unchanged: bool = False, lam_fixed: bool = False,
-                     generator=None) -> tuple:
+                     reuse_unchanged: bool = False, generator=None) -> tuple:
     """N-step ancestral sampling with the analytic product step, mixture and hybrid (37)-(38).
 
     times (K+1,) decreasing. NFE k < K runs the network at t_k and draws x_{t_{k+1}}; with
     final_nfe (if process.needs_final) one more NFE at t_K returns process.final: tauLDR's N-NFE
     sampler is times = linspace(1, 0.01, N), MDLM's linspace(1, 1e-5, N + 1). A mixture
-    (lam_dim > 0) gets a fresh lambda per sample per NFE (the paper's), or with lam_fixed one
-    lambda per sample and network, drawn at its first NFE and kept (not in the paper); the
-    last n_teacher NFEs use `teacher` (a mixture too: teacher_lam_dim > 0, multi-round);
+    (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher` (a mixture too: teacher_lam_dim > 0, multi-round);
     reuse_unchanged re-runs a product network only on rows whose x changed (networks without a
     time input only).
     cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""
@@ -542,7 +534,6 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
     K = times.numel() - 1
     n_total = K + int(final_nfe)
     x, nfe, cache = x_T, 0, None
-    kept = {}                                            # lam_fixed: {id(net): lambda (B, dim)}
     for k in range(n_total):
         if k == K and not process.needs_final(x):
             break
@@ -558,10 +549,7 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                 nfe += 1
             cache = (net, x, log_p0)
         else:
-            lam = kept.get(id(net)) if lam_fixed else None
-            if dim > 0 and lam is None:
-                lam = draw_lambda(B, dim, generator, x.device)                # (B, dim)
-                kept[id(net)] = lam
+            lam = draw_lambda(B, dim, generator, x.device) if dim > 0 else None   # (B, dim)
             log_p0 = log_probs(net(x, t_k, lam, cond))                        # (B, D, S)
             nfe += 1
             cache = (net, x, log_p0)

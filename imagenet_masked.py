@@ -108,9 +108,6 @@ class Config:
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
     lam_inject: str = "add"        # how the student sees lambda: add (ours, to every token's
                                    # embedding; student = teacher at init) | token (the authors')
-    lam_late: int = 0              # late-fusion lambda (add only): added before the last k blocks,
-                                   # the first n_layer - k run once per x_t; 0 = at the input
-    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     weight_decay: float = 1e-5
     L: int = 32
     r_delta: float = 0.05          # teacher step r -> r + r_delta; distil where r >= 1 - r_delta
@@ -121,7 +118,7 @@ class Config:
     student_dropout: float = 0.1   # dropout of the student in training (MaskGIT's 0.1, as the
                                    # official code); the demo uses 0, see init_student
     control_iters: int = -1        # the teacher fine-tuned with its own loss: -1 = the Di4C run's
-                                   # compute (core.di4c_rows_per_step), 0 = none, N = N steps
+                                   # compute (control_steps), 0 = none, N = N steps
     # sampling and evaluation (docs/method.md (39)-(41))
     steps: tuple = (4, 8)          # teacher step counts
     student_steps: tuple = (4,)    # student and control step counts
@@ -135,8 +132,6 @@ class Config:
     sm_temp: float = 1.0           # multiplies the logits (an inverse temperature)
     r_temp: float = 4.5            # Gumbel temperature of the confidence, annealed to 0
     lfg: bool = False              # the teacher gives the unconditional CFG branch
-    lam_fixed: bool = False        # one lambda per image for all its steps (not in the paper);
-                                   # false = a fresh lambda per image per step (the paper's)
     sampler: str = "ours"          # ours (docs/method.md (39)-(41)) | maskgit (MaskGIT-pytorch's
                                    # sample(), output over K + 1) | di4c (the authors' modified
                                    # sample(): our reveal counts, otherwise as maskgit)
@@ -197,9 +192,8 @@ RESUME_KEYS = ARCH_KEYS + ("batch_size", "distil_batch", "L", "lr", "teacher_lr"
                            "r_delta", "data_term", "seed", "vqvae_lr")
 RESUME_KEYS += ("dropout", "label_drop", "label_smoothing", "teacher_ema", "lam_lr_mult",
                 "weight_decay", "teacher_steps", "alpha_const", "student_ema",
-                "student_dropout", "sm_temp", "r_temp", "teacher_cosine",
-                "lam_inject", "lam_late", "lam_dim")                      # the objective
-SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler", "lam_fixed")
+                "student_dropout", "sm_temp", "r_temp", "teacher_cosine", "lam_inject")
+SAMPLE_KEYS = ("n_per_class", "sm_temp", "r_temp", "lfg", "seed", "dtype", "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits", "photos"),
            "tokenizer": ("vqgan", "vqvae", "pixels"), "dtype": ("float32", "bfloat16"),
            "lam_inject": ("add", "token"), "sampler": ("ours", "maskgit", "di4c"),
@@ -214,7 +208,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "mlp_dim": (1, INF), "dropout": (0, 0.99), "label_drop": (0, 1), "teacher_iters": (1, INF),
     "batch_size": (1, INF), "teacher_lr": (TINY, 1), "warmup": (0, INF),
     "label_smoothing": (0, 0.99), "teacher_ema": (0, 1 - 1e-9), "distil_iters": (1, INF),
-    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64),
+    "distil_batch": (1, INF), "lr": (TINY, 1), "lam_lr_mult": (0, INF),
     "weight_decay": (0, INF), "L": (1, INF), "r_delta": (TINY, 0.999),
     "teacher_steps": (2, INF), "alpha_const": (0, INF), "student_ema": (0, 1 - 1e-9),
     "student_dropout": (0, 0.99), "control_iters": (-1, INF), "steps": (1, INF),
@@ -561,7 +555,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     micro_rows = max(r.stop - r.start for r in plan)
     state_path = ckpt_path(cfg, f"{name}_state")
-    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
     step, wall = 0, 0.0
@@ -711,15 +705,11 @@ class Batches:
 
 
 def check_round(cfg, lam_T: int):
-    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
-    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
-    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    """Another Di4C round (a student as --teacher_ckpt, lam_T > 0; docs/method.md (35)): no
+    control (a mixture has no loss of its own to fine-tune with)."""
     if lam_T and cfg.control_iters:
         raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
                          "Di4C student as teacher (another round) has none: add --control_iters 0")
-    if lam_T and lam_T != cfg.lam_dim:
-        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
-                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
 
 
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
@@ -991,7 +981,7 @@ NEG = -1e6                                 # logit of an impossible state
 
 
 def sinusoid(v: torch.Tensor, dim: int = 128) -> torch.Tensor:
-    """Timestep embedding of 1000 v, half sin, half cos: (N, k) -> (N, k dim)."""
+    """Timestep embedding of 1000 v, half sin, half cos: (N, 1) -> (N, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=v.device) / (half - 1))
     ang = 1000 * v.float()[..., None] * freqs                                   # (N, k, dim/2)
@@ -1015,7 +1005,7 @@ class Block(nn.Module):
 
 
 class MaskTransformer(nn.Module):
-    """denoiser(x_t (N, D) long, y (N,) long, lam (N, k) | None) -> logits (N, D, S), S = K + 1.
+    """denoiser(x_t (N, D) long, y (N,) long, lam (N, 1) | None) -> logits (N, D, S), S = K + 1.
 
     MaskGIT-pytorch's network: D image tokens + 1 class token (index n_classes =
     "dropped", for CFG) embedded in one table of K + 1 + n_classes + 1 rows, learned positions,
@@ -1024,7 +1014,7 @@ class MaskTransformer(nn.Module):
     Two output rules (where we differ from MaskGIT-pytorch, docs/imagenet.md): [MASK] is never
     predicted, and revealed tokens are copied (log-prob 0), so revealed positions add exactly
     zero to every Di4C term; the sampler never changes them either way.
-    Student (lam_dim > 0), lam_inject "add" (ours): sinusoid(1000 lam) -> Linear(128 k, 512)
+    Student (lam_dim = 1), lam_inject "add" (ours): sinusoid(1000 lam) -> Linear(128, 512)
     -> GELU -> Linear(512, E) is added to every token's input embedding. Its last layer starts
     at zero, so at init the student is the teacher exactly, for every lambda (docs/method.md
     (14)). lam_inject "token" (the authors' student, so that it loads: maskgit-di4c-d.pth): the
@@ -1033,20 +1023,16 @@ class MaskTransformer(nn.Module):
     embedding, so it cannot start equal to the teacher.
     `raw_logits` is MaskGIT-pytorch's output (K + 1 classes, [MASK] included, no rules), which
     its own sampler uses (--sampler maskgit | di4c).
-    Late fusion (lam_late = k > 0, "add" only, not in the paper): the lambda embedding is added
-    to the hidden states before the last k blocks instead of at the input; the blocks before
-    run once per distinct consecutive row (x_t, y) (the core repeats each x_t L times in a row)
-    and their output is repeated, so the lambda-batch multiplies only the last k blocks.
+    lam_dim: 0 = a product network (teacher, control), 1 = a student (a 1-d lambda).
     """
 
     def __init__(self, K: int, D: int, n_classes: int, n_layer: int, E: int, H: int, mlp: int,
-                 dropout: float, lam_dim: int = 0, lam_inject: str = "add", lam_late: int = 0):
+                 dropout: float, lam_dim: int = 0, lam_inject: str = "add"):
         super().__init__()
+        if lam_dim not in (0, 1):
+            raise ValueError(f"lam_dim must be 0 (product) or 1 (student), got {lam_dim}")
         self.K, self.D, self.n_classes, self.lam_dim = K, D, n_classes, lam_dim
         self.lam_inject = lam_inject if lam_dim else ""
-        if lam_dim and lam_late and lam_inject != "add":
-            raise ValueError("late fusion (lam_late > 0) needs lam_inject 'add'")
-        self.n_early = n_layer - lam_late if lam_dim and lam_late else 0  # blocks without lambda
         V = K + 1 + n_classes + 1
         self.embed = nn.Embedding(V, E)
         self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, D + 1, E), 0.0, 0.02))
@@ -1058,39 +1044,25 @@ class MaskTransformer(nn.Module):
                                   nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12))
         self.out_bias = nn.Parameter(torch.zeros(D + 1, V))
         if self.lam_inject == "add":
-            self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
-                                         nn.Linear(512, E))
+            self.lam_mlp = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, E))
             nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
         elif self.lam_inject == "token":
-            self.lam_token = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
-                                           nn.Linear(512, E))
+            self.lam_token = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, E))
 
     def raw_logits(self, x_t, lam=None, y=None):
         """MaskGIT-pytorch's output: (N, D, K + 1) float logits, [MASK] included."""
         N, D = x_t.shape
         tokens = torch.cat([x_t, y[:, None] + self.K + 1], 1)                   # (N, D + 1)
-        if self.n_early:
-            h = self.early(tokens) + self.lam_mlp(sinusoid(lam))[:, None]        # (N, D + 1, E)
-        else:
-            h = self.embed(tokens) + self.pos                                   # (N, D + 1, E)
-            if self.lam_inject == "add":
-                h = h + self.lam_mlp(sinusoid(lam))[:, None]
-            elif self.lam_inject == "token":
-                h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
-            h = self.first(h)
-        for block in self.blocks[self.n_early:]:
+        h = self.embed(tokens) + self.pos                                       # (N, D + 1, E)
+        if self.lam_inject == "add":
+            h = h + self.lam_mlp(sinusoid(lam))[:, None]
+        elif self.lam_inject == "token":
+            h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
+        h = self.first(h)
+        for block in self.blocks:
             h = block(h)
         h = self.last(h)[:, :D]                                                 # (N, D, E)
         return (h @ self.embed.weight[:self.K + 1].T).float() + self.out_bias[:D, :self.K + 1]
-
-    def early(self, tokens):
-        """Late fusion: input layers and the blocks before lambda enters, once per distinct
-        consecutive row of tokens (N, D + 1) -> (N, D + 1, E)."""
-        u, inverse = torch.unique_consecutive(tokens, dim=0, return_inverse=True)  # (U, D + 1)
-        h = self.first(self.embed(u) + self.pos)
-        for block in self.blocks[:self.n_early]:
-            h = block(h)
-        return h[inverse]
 
     def forward(self, x_t, t=None, lam=None, y=None):
         logits = self.raw_logits(x_t, lam, y)                                   # (N, D, S)
@@ -1101,12 +1073,12 @@ class MaskTransformer(nn.Module):
 
 
 def build_model(cfg: Config, meta: dict, lam_dim: int = 0, dropout=None,
-                lam_inject=None, lam_late=None) -> MaskTransformer:
+                lam_inject=None) -> MaskTransformer:
+    """lam_dim: 0 = product network, 1 = student."""
     return MaskTransformer(meta["K"], meta["grid"] ** 2, meta["n_classes"], cfg.n_layer,
                            cfg.n_embd, cfg.n_head, cfg.mlp_dim,
                            cfg.dropout if dropout is None else dropout, lam_dim,
-                           cfg.lam_inject if lam_inject is None else lam_inject,
-                           cfg.lam_late if lam_late is None else lam_late)
+                           cfg.lam_inject if lam_inject is None else lam_inject)
 
 
 def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransformer:
@@ -1115,7 +1087,7 @@ def init_student(cfg: Config, meta: dict, init: dict, t_path: str) -> MaskTransf
     student trained with dropout to match them gets sharper than its targets once dropout is
     off (docs/imagenet.md), so the demo trains it without."""
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg, meta, lam_dim=cfg.lam_dim, dropout=cfg.student_dropout)
+    student = build_model(cfg, meta, lam_dim=1, dropout=cfg.student_dropout)
     try:
         return core.student_from_teacher(student, init)
     except ValueError as e:
@@ -1137,15 +1109,17 @@ def load_model(cfg: Config, meta: dict, path: str, device, use_ema: bool = True)
         from pretrained.maskgit import maskgit_to_ours
         sd = maskgit_to_ours(state["model_state_dict"])
         lam_dim = 1 if "lam_token.0.weight" in sd else 0      # the authors' student
-        inject, late = "token", 0
+        inject = "token"
         info = {"id": weights_id(sd), "parents": {}}
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         lam_dim, inject = state["lam_dim"], state["config"].get("lam_inject", "add")
-        late = state["config"].get("lam_late", 0)            # a student runs as it was trained
+        if lam_dim > 1:
+            raise SystemExit(f"error: {path!r} has a {lam_dim}-dimensional lambda; this script "
+                             "has a 1-dimensional one (docs/beyond.md)")
         sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
         info = {"id": state.get("id"), "parents": state.get("parents", {})}
-    net = load_strict(build_model(cfg, meta, lam_dim, lam_inject=inject, lam_late=late), sd,
+    net = load_strict(build_model(cfg, meta, lam_dim, lam_inject=inject), sd,
                       f"{path!r} does not fit this transformer (K = {meta['K']}, D = "
                       f"{meta['grid'] ** 2}, {meta['n_classes']} classes, --n_layer/--n_embd/"
                       "--n_head/--mlp_dim)")
@@ -1210,14 +1184,14 @@ def teacher_noise(r: torch.Tensor, K_T: int) -> torch.Tensor:
 
 
 def make_teacher_step(cfg: Config, D: int, mask_id: int):
-    """teacher_step for core.di4c_loss: ONE MaskGIT confidence step r -> r' = r + delta on
-    x_t (docs/method.md (34)), reusing the teacher's log-probs at x_t (no CFG in training).
+    """The teacher's step for core.make_teacher: ONE MaskGIT confidence step r -> r' = r + delta
+    on x_t (docs/method.md (34)), from the teacher's log-probs at x_t (no CFG in training).
 
     Reveal n = floor((1 - gamma(r')) D - #revealed), clamped to [0, #masked]; tokens from
     softmax(sm_temp logits); Gumbel scale r_temp * teacher_noise(r). t = 1 - r, u = 1 - r'.
     """
     @torch.no_grad()
-    def teacher_step(x_t, t, u, log_p, y=None, generator=None):
+    def teacher_step(log_p, x_t, t, u, generator=None):
         r, r_next = 1 - t.double(), 1 - u.double()                               # (B L,)
         masked = (x_t == mask_id).sum(1)                                        # (B L,)
         n = ((1 - gamma(r_next)) * D - (D - masked)).floor().long()
@@ -1234,7 +1208,7 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     """MaskGIT's confidence sampler with classifier-free guidance (docs/method.md (39)-(41)).
 
     Start all [MASK]; at step k (ratio k / (K - 1)): a fresh lambda per image for a student
-    (one per image for all steps with --lam_fixed; shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
+    (shared by both CFG branches), logits = (1 + w_k) cond - w_k uncond with w_k = w ratio,
     uncond = the same net with the class dropped, or `uncond` (the teacher, --lfg); tokens
     from softmax(sm_temp logits), Gumbel scale r_temp (1 - ratio), reveal_counts[k] revealed.
     Args: y (N,) class ids. Returns x_0 (N, D) long, no [MASK] left.
@@ -1243,11 +1217,9 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     N, dev = y.shape[0], y.device
     x = torch.full((N, D), K, dtype=torch.long, device=dev)
     dropped = torch.full_like(y, net.n_classes)
-    lam = None
     for k, n_k in enumerate(reveal_counts(n_steps, D)):
         ratio = k / max(n_steps - 1, 1)
-        if lam_dim and (lam is None or not cfg.lam_fixed):
-            lam = core.draw_lambda(N, lam_dim, generator, dev)                     # (N, lam_dim)
+        lam = core.draw_lambda(N, lam_dim, generator, dev) if lam_dim else None    # (N, 1)
         logits = net(x, None, lam, y).float()                                         # (N, D, S)
         if w * ratio > 0:
             u_logits = (uncond(x, None, None, dropped) if uncond is not None
@@ -1371,21 +1343,8 @@ def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
     consistency where t > r_delta. A Di4C student as teacher (lam_T > 0, another round,
     docs/method.md (35)): its marginal is the L-lambda average, its step uses one fresh lambda
     per row."""
-    confidence_step = make_teacher_step(cfg, student.D, process.mask_id)
-
-    @torch.no_grad()
-    def teacher_marginal(x, t, y, g=None):
-        if lam_T:
-            return core.mixture_marginal_logp(core.student_log_probs(teacher, x, t, cfg.L, lam_T,
-                                                                     g, cond=y))
-        return core.log_probs(teacher(x, t, None, y))
-
-    @torch.no_grad()
-    def teacher_step(x_t, t, u, log_p, y=None, generator=None):
-        if lam_T:
-            lam = core.draw_lambda(x_t.shape[0], lam_T, generator, x_t.device)
-            log_p = core.log_probs(teacher(x_t, t, lam, y))
-        return confidence_step(x_t, t, u, log_p, y, generator)
+    teacher_marginal, teacher_step = core.make_teacher(
+        teacher, make_teacher_step(cfg, student.D, process.mask_id), lam_T, cfg.L)
 
     def loss_fn(model, batch, g):
         x0, y = batch                                                           # (B, D), (B,)
@@ -1398,9 +1357,7 @@ def di4c_loss(cfg: Config, teacher: MaskTransformer, student: MaskTransformer,
                                        cfg.alpha_const if cfg.data_term else 0.0)
         return core.di4c_loss(model, x0, x_t, t, u, weights=weights, cond=y,
                               teacher_marginal=teacher_marginal, teacher_step=teacher_step,
-                              L=cfg.L, lam_dim=student.lam_dim,
-                              student_target=core.eval_target(student),
-                              generator=g)
+                              L=cfg.L, lam_dim=student.lam_dim, generator=g)
     return loss_fn
 
 
@@ -1461,11 +1418,13 @@ def stage_distill(cfg: Config, ctx: Ctx, meta: dict):
 
 def control_steps(cfg: Config) -> int:
     """The control's length: --control_iters, or for -1 the Di4C run's compute in network rows
-    (core.di4c_rows_per_step; a step of the teacher's own loss costs 3 rows per item)."""
+    (a forward and its backward: 3 rows per row): the student on B L rows with gradients, the
+    target on B L rows and the teacher on B without; a step of the teacher's own loss costs 3
+    rows per item."""
     if cfg.control_iters >= 0:
         return cfg.control_iters
-    return math.ceil(cfg.distil_iters * core.di4c_rows_per_step(cfg.distil_batch, cfg.L)
-                     / (3 * cfg.batch_size))
+    B, L = cfg.distil_batch, cfg.L
+    return math.ceil(cfg.distil_iters * (3 * B * L + B * L + B) / (3 * cfg.batch_size))
 
 
 def sample_runs(cfg: Config) -> list:
@@ -1754,14 +1713,6 @@ def check(cfg: Config):
         reveal_counts(n, D) if cfg.sampler != "maskgit" else upstream_schedule(n, D)
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
         raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
-    if cfg.lam_late > cfg.n_layer:
-        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds --n_layer {cfg.n_layer}")
-    if cfg.lam_late and cfg.lam_inject != "add":
-        raise SystemExit("error: --lam_late needs --lam_inject add (a lambda token enters at the "
-                         "input)")
-    if cfg.lam_fixed and cfg.sampler != "ours":
-        raise SystemExit(f"error: --lam_fixed needs --sampler ours (--sampler {cfg.sampler} "
-                         "replays the upstream sampler, a fresh lambda per step)")
 
 
 def run_needs(cfg: Config) -> list:

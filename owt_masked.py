@@ -86,9 +86,6 @@ class Config:
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
     lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
-    lam_late: int = 0              # late-fusion lambda: only the last k blocks see it and the
-                                   # trunk runs once per x_t (0 = every block, the paper's)
-    lam_dim: int = 1               # lambda ~ U[0,1]^k (the paper: k = 1), each coordinate embedded
     lam_inject: str = "adaln"      # how the student sees lambda: adaln (ours, student = teacher
                                    # at init) | token (the authors' released SDTT students)
     warmup: int = 2500
@@ -104,7 +101,7 @@ class Config:
     student_ckpt: str = ""         # "" = out_dir/student.pt; or a released Di4C-SDTT student
                                    # (sampled and scored beside the teacher; no distill stage)
     control_iters: int = -1        # the teacher fine-tuned with its MDLM loss: -1 = the Di4C
-                                   # run's compute (core.di4c_rows_per_step), 0 = none, N = N steps
+                                   # run's compute (control_steps), 0 = none, N = N steps
     student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
     # sampling and evaluation (docs/method.md (37); MDLM's gen-PPL protocol)
     steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
@@ -114,8 +111,6 @@ class Config:
     sampler: str = "ours"          # ours (docs/method.md (37), float64 draws) | sdtt (SDTT's and the
                                    # authors' ancestral sampler step for step: float32 draws from
                                    # torch's global RNG, log-linear move chances, argmax denoise)
-    lam_fixed: bool = False        # one lambda per sequence for all its steps (not in the paper);
-                                   # false = a fresh lambda per sequence per step (the paper's)
     prefix_len: int = 50
     cont_len: int = 50             # prefix-conditional samples have prefix_len + cont_len
     n_prefix: int = 256
@@ -170,10 +165,10 @@ ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset"
              "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
                            "teacher_lr", "warmup", "seed")
-RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_late", "lam_dim", "lam_inject", "delta", "distil_prob",
-                "T", "alpha_const", "student_ema")   # the objective
+RESUME_KEYS += ("dropout", "ema", "teacher_cosine", "lam_lr_mult", "lam_inject", "delta",
+                "distil_prob", "T", "alpha_const", "student_ema")   # the objective
 SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "n_cont", "seed",
-               "dtype", "sampler", "lam_fixed")
+               "dtype", "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16"),
            "lam_inject": ("adaln", "token"), "judge": ("gpt2-large", "trained", "both"),
            "sampler": ("ours", "sdtt")}
@@ -183,7 +178,7 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     "n_head": (1, INF), "cond_dim": (1, INF), "dropout": (0, 0.99), "teacher_iters": (1, INF),
     "judge_iters": (1, INF), "batch_size": (1, INF), "teacher_lr": (TINY, 1),
     "ema": (0, 1 - 1e-9), "distil_iters": (1, INF), "distil_batch": (1, INF), "lr": (TINY, 1),
-    "lam_lr_mult": (0, INF), "lam_late": (0, INF), "lam_dim": (1, 64), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
+    "lam_lr_mult": (0, INF), "warmup": (0, INF), "L": (1, INF), "delta": (TINY, 0.999),
     "distil_prob": (0, 1), "T": (1, INF), "alpha_const": (0, INF), "control_iters": (-1, INF),
     "student_ema": (0, 1 - 1e-9), "steps": (1, INF), "student_steps": (1, INF),
     "n_samples": (1, INF), "sample_batch": (1, INF), "prefix_len": (1, INF),
@@ -528,7 +523,7 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     micro_rows = max(r.stop - r.start for r in plan)
     state_path = ckpt_path(cfg, f"{name}_state")
-    opt = torch.optim.AdamW(core.lam_param_groups(raw, cfg.lam_lr_mult), lr=lr, betas=betas,
+    opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
     step, wall = 0, 0.0
@@ -678,15 +673,11 @@ class Batches:
 
 
 def check_round(cfg, lam_T: int):
-    """Another Di4C round (a student as --teacher_ckpt, lam_T its lambda dimension; docs/method.md
-    (35)): no control (a mixture has no loss of its own to fine-tune with), and the new student
-    starts from the teacher's weights, lambda path included, so it keeps the teacher's k."""
+    """Another Di4C round (a student as --teacher_ckpt, lam_T > 0; docs/method.md (35)): no
+    control (a mixture has no loss of its own to fine-tune with)."""
     if lam_T and cfg.control_iters:
         raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
                          "Di4C student as teacher (another round) has none: add --control_iters 0")
-    if lam_T and lam_T != cfg.lam_dim:
-        raise SystemExit(f"error: the teacher is a Di4C student with a {lam_T}-dimensional lambda "
-                         f"and the new student starts from its weights: pass --lam_dim {lam_T}")
 
 
 def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
@@ -1038,53 +1029,46 @@ LAM_INJECT = CHOICES["lam_inject"]
 
 
 class DiT(nn.Module):
-    """denoiser(x_t (N, D) long, t (N,), lam (N, k) | None) -> SUBS logits (N, D, S).
+    """denoiser(x_t (N, D) long, t (N,), lam (N, 1) | None) -> SUBS logits (N, D, S).
 
     MDLM's DiT with MDLM's parameter names (vocab_embed, sigma_map, blocks.i.{norm1, attn_qkv,
     attn_out, norm2, mlp, adaLN_modulation}, output_layer), so that MDLM and SDTT checkpoints
     load by name (pretrained/mdlm.py). No time input: as MDLM-OWT and SDTT (time_conditioning
     False) the condition is c = SiLU(sigma_map(0)), so the sampler may reuse an unchanged
     input's output.
-    The student (lam_dim > 0) sees lambda in one of two ways (lam_inject):
-    "adaln" (ours, the default): sinusoid(1000 lam) -> Linear(128 k, 512) -> GELU ->
+    lam_dim is 0 (a product teacher) or 1 (a student: lambda ~ U[0, 1], the paper's). The
+    student sees lambda in one of two ways (lam_inject):
+    "adaln" (ours, the default): sinusoid(1000 lam) -> Linear(128, 512) -> GELU ->
       Linear(512, cond_dim), last layer zero-initialised, added to sigma_map's output: at init
       the student is the teacher exactly (docs/method.md (14)).
     "token" (the authors' SDTT student): sinusoid(1000 lam) -> Linear(128, 512) -> GELU ->
       Linear(512, E) is appended to the sequence as one more token, without rotary, and its
       output is dropped. A token changes every attention normaliser, so the student cannot
       start equal to the teacher; this option exists to load and continue the released students.
-    Late fusion (lam_late = k > 0, "adaln" only, not in the paper): lambda enters the condition
-    of the last k blocks and the final adaLN only. The first n_layer - k blocks see no lambda, so
-    they run once per distinct input row (torch.unique_consecutive: the core repeats each x_t L
-    times in a row) and their output is repeated: the lambda-batch multiplies only the last k
-    blocks and the head (the L copies then share the trunk's dropout mask). k = n_layer is the
-    paper's injection, computed the same way.
     SUBS (MDLM's substitution parameterisation): revealed tokens are copied (log-prob 0), [MASK]
     is never predicted, and the output layer runs only at masked positions. causal=True gives
     the autoregressive judge (plain next-token logits, no SUBS).
     """
 
     def __init__(self, S: int, n_layer: int, E: int, H: int, cond_dim: int, dropout: float,
-                 lam_dim: int = 0, causal: bool = False, lam_late: int = 0,
-                 lam_inject: str = "adaln"):
+                 lam_dim: int = 0, causal: bool = False, lam_inject: str = "adaln"):
         super().__init__()
         if lam_inject not in LAM_INJECT:
             raise ValueError(f"lam_inject {lam_inject!r} is not one of {LAM_INJECT}")
-        if lam_dim and lam_late and lam_inject != "adaln":
-            raise ValueError("late fusion (lam_late > 0) needs lam_inject 'adaln'")
+        if lam_dim not in (0, 1):
+            raise ValueError(f"lam_dim {lam_dim}: 0 (product teacher) or 1 (student)")
         self.S, self.mask_id, self.lam_dim, self.causal, self.hd = S, S - 1, lam_dim, causal, E // H
         self.lam_inject = lam_inject if lam_dim else ""
-        self.n_early = n_layer - lam_late if lam_dim and lam_late else 0  # blocks without lambda
         self.vocab_embed = VocabEmbed(S, E)
         self.sigma_map = SigmaMap(cond_dim)
         self.blocks = nn.ModuleList(Block(E, H, cond_dim, dropout, causal) for _ in range(n_layer))
         self.output_layer = FinalLayer(E, S, cond_dim)
         if self.lam_inject == "adaln":
-            self.lam_mlp = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+            self.lam_mlp = nn.Sequential(nn.Linear(128, 512), nn.GELU(),
                                          nn.Linear(512, cond_dim))
             nn.init.zeros_(self.lam_mlp[-1].weight), nn.init.zeros_(self.lam_mlp[-1].bias)
         elif self.lam_inject == "token":
-            self.lam_token = nn.Sequential(nn.Linear(128 * lam_dim, 512), nn.GELU(),
+            self.lam_token = nn.Sequential(nn.Linear(128, 512), nn.GELU(),
                                            nn.Linear(512, E))
 
     def condition(self, N: int, device) -> torch.Tensor:
@@ -1099,21 +1083,12 @@ class DiT(nn.Module):
         c = F.silu(c)
         extra = int(self.lam_inject == "token")
         cos, sin = rotary(D, self.hd, x.device, extra)
-        h = self.early(x, cos, sin) if self.n_early else self.vocab_embed(x)  # (N, D, E)
+        h = self.vocab_embed(x)                                               # (N, D, E)
         if extra:
             h = torch.cat([h, self.lam_token(sinusoid(lam))[:, None].to(h.dtype)], 1)
-        for block in self.blocks[self.n_early:]:
+        for block in self.blocks:
             h = block(h, c, cos, sin)
         return self.output_layer.modulate(h[:, :D], c)                        # (N, D, E)
-
-    def early(self, x, cos, sin):
-        """Late fusion: the blocks before lambda enters, once per distinct consecutive row."""
-        u, inverse = torch.unique_consecutive(x, dim=0, return_inverse=True)  # (U, D), (N,)
-        c = F.silu(self.condition(len(u), x.device))                          # (U, C)
-        h = self.vocab_embed(u)                                               # (U, D, E)
-        for block in self.blocks[:self.n_early]:
-            h = block(h, c, cos, sin)
-        return h[inverse]                                                     # (N, D, E)
 
     def forward(self, x_t, t=None, lam=None, cond=None, masked_only: bool = False):
         h = self.trunk(x_t, lam)
@@ -1132,9 +1107,9 @@ class DiT(nn.Module):
 
 
 def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False,
-                lam_late: Optional[int] = None, lam_inject: Optional[str] = None) -> DiT:
+                lam_inject: Optional[str] = None) -> DiT:
+    """lam_dim 0: a product teacher (or the judge, causal); 1: a Di4C student."""
     return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal,
-               cfg.lam_late if lam_late is None else lam_late,
                cfg.lam_inject if lam_inject is None else lam_inject)
 
 
@@ -1149,7 +1124,6 @@ def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> 
         return load_released(cfg, corpus, path, use_ema)
     state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
     net = build_model(cfg, corpus.S, state["lam_dim"],      # a student runs as it was trained
-                      lam_late=state["config"].get("lam_late", 0),
                       lam_inject=state["config"].get("lam_inject", "adaln")).to(corpus.device)
     net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None else state["model"])
     meta = {"id": state.get("id"), "parents": state.get("parents", {})}
@@ -1173,7 +1147,7 @@ def load_released(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) 
            if arch[k] != v]
     if bad:
         raise SystemExit(f"error: {path!r} does not fit this configuration: " + "; ".join(bad))
-    net = build_model(cfg, corpus.S, arch["lam_dim"], lam_late=0, lam_inject=arch["lam_inject"])
+    net = build_model(cfg, corpus.S, arch["lam_dim"], lam_inject=arch["lam_inject"])
     try:
         mdlm.load_into(net, ema if use_ema and ema is not None else weights, cfg.n_embd // cfg.n_head)
     except ValueError as e:
@@ -1307,7 +1281,7 @@ def di4c_loss(cfg: Config, teacher, student, process: core.MaskedProcess, lam_T:
     (consistency), alpha_const sigmoid(20 (t - 1/2)); the teacher's step t -> u is the analytic
     masked step (a Di4C student as teacher, lam_T > 0: its L-lambda marginal and a fresh lambda
     per row for its step, docs/method.md (35))."""
-    marginal, teacher_step = core.make_teacher(teacher, process, lam_T, cfg.L)
+    marginal, teacher_step = core.make_teacher(teacher, process.step, lam_T, cfg.L)
 
     def loss_fn(model, x0, g):
         t, u = di4c_times(cfg, x0.shape[0], g)
@@ -1315,7 +1289,7 @@ def di4c_loss(cfg: Config, teacher, student, process: core.MaskedProcess, lam_T:
         weights = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
         return core.di4c_loss(model, x0, x_t, t, u, weights=weights, teacher_marginal=marginal,
                               teacher_step=teacher_step, L=cfg.L, lam_dim=student.lam_dim,
-                              student_target=core.eval_target(student), generator=g)
+                              generator=g)
     return loss_fn
 
 
@@ -1328,7 +1302,7 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
     check_round(cfg, lam_T)
     torch.manual_seed(cfg.seed)
     try:
-        student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=cfg.lam_dim),
+        student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
                                             teacher.state_dict()).to(ctx.device)
     except ValueError as e:
         hint = (" (the teacher is a lambda-token student: add --lam_inject token)"
@@ -1356,11 +1330,13 @@ def stage_distill(cfg: Config, ctx: Ctx, corpus: Corpus):
 
 def control_steps(cfg: Config) -> int:
     """The control's length: --control_iters, or for -1 the Di4C run's compute in network rows
-    (core.di4c_rows_per_step; a step of the teacher's own loss costs 3 rows per item)."""
+    (a forward and its backward: 3 rows per row): the student on B L rows with gradients, the
+    target on B L rows and the teacher on B without; a step of the teacher's own loss costs 3
+    rows per item."""
     if cfg.control_iters >= 0:
         return cfg.control_iters
-    rows = core.di4c_rows_per_step(cfg.distil_batch, cfg.L, "x_t")
-    return math.ceil(cfg.distil_iters * rows / (3 * cfg.batch_size))
+    B, L = cfg.distil_batch, cfg.L
+    return math.ceil(cfg.distil_iters * (3 * B * L + B * L + B) / (3 * cfg.batch_size))
 
 
 @torch.no_grad()
@@ -1370,7 +1346,7 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
 
     times = linspace(1, 1e-5, N + 1) in float64, one extra NFE at the end if a [MASK] is left;
     a product model reuses its output when its input did not change (the caching trick); a
-    mixture model gets a fresh lambda per sample per step (one per sample with --lam_fixed).
+    mixture model gets a fresh lambda per sample per step.
     Prefix-conditional generation is x_T with the prefix revealed (SUBS keeps it).
     Returns (x0 (N, D) long on CPU, mean NFE).
     """
@@ -1390,8 +1366,7 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
             else:
                 x0, nfe = core.ancestral_sample(
                     process, mine[i:i + cfg.sample_batch].to(ctx.device), times, net,
-                    lam_dim=lam_dim, final_nfe=True, reuse_unchanged=lam_dim == 0,
-                    lam_fixed=cfg.lam_fixed, generator=g)
+                    lam_dim=lam_dim, final_nfe=True, reuse_unchanged=lam_dim == 0, generator=g)
         rows.append(x0.cpu())
         nfes += [nfe] * x0.shape[0]
     parts = ctx.gather((torch.cat(rows) if rows else torch.zeros(0, x_T.shape[1],
@@ -1427,7 +1402,7 @@ def sdtt_sample(net, x_T: torch.Tensor, n_steps: int, lam_dim: int = 0,
         return 1 - torch.exp(-(-torch.log1p(-(1 - noise_eps) * t)))
 
     def step(x, i):
-        lam = torch.rand(B, lam_dim).to(dev) if lam_dim else None             # (B, k)
+        lam = torch.rand(B, lam_dim).to(dev) if lam_dim else None             # (B, 1)
         logits = net(x, None, lam).float()                                    # (B, D, S)
         p0 = (logits - torch.logsumexp(logits, -1, keepdim=True)).exp()
         t = ts[i] * torch.ones(B, device=dev)
@@ -1462,8 +1437,7 @@ def latency(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: i
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx.autocast():
-            core.ancestral_sample(process, x_T, times, net, lam_dim=lam_dim,
-                                  lam_fixed=cfg.lam_fixed, generator=g)
+            core.ancestral_sample(process, x_T, times, net, lam_dim=lam_dim, generator=g)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
@@ -1700,14 +1674,6 @@ def main(cfg: Config):
     preflight(run_needs(cfg))
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    if cfg.lam_late > cfg.n_layer:
-        raise SystemExit(f"error: --lam_late {cfg.lam_late} exceeds --n_layer {cfg.n_layer}")
-    if cfg.lam_late and cfg.lam_inject != "adaln":
-        raise SystemExit("error: --lam_late needs --lam_inject adaln (a lambda token enters at "
-                         "the input)")
-    if cfg.lam_fixed and cfg.sampler != "ours":
-        raise SystemExit("error: --lam_fixed needs --sampler ours (--sampler sdtt replays SDTT's "
-                         "sampler, a fresh lambda per step)")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")

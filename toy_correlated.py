@@ -117,7 +117,7 @@ def train_student(teacher, states, pi, iters=400, B=64, L=16, lr=2e-3, seed=0, l
     student = Student(teacher)
     opt = torch.optim.Adam(student.mlp.parameters(), lr=lr)
     proc = process()
-    marg, step = core.make_teacher(teacher, proc)
+    marg, step = core.make_teacher(teacher, proc.step)
     delta = 0.05
     for it in range(iters):
         x0 = states[torch.multinomial(pi, B, replacement=True, generator=g)]   # (B, D)
@@ -127,7 +127,7 @@ def train_student(teacher, states, pi, iters=400, B=64, L=16, lr=2e-3, seed=0, l
         loss, terms = core.di4c_loss(student, x0, x_t, t, u, teacher_marginal=marg, teacher_step=step,
                                      L=L, weights=dict(distil=(t < delta).float(),
                                                        consis=(t >= delta).float(),
-                                                       alpha=core.alpha_t(t, "const", 1.0),
+                                                       alpha=torch.ones_like(t),
                                                        distil_on="x_t"),
                                      generator=g)
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,5 @@
 """Training cost of a Di4C step over a teacher step, at equal x_t per step, side by side in one
-run: the paper's lambda injection (every block) against late fusion (--lam_late k: only the last
-k blocks see lambda, the layers before run once per x_t), in the three domain scripts.
+run, in the three domain scripts.
 
     python bench/step_cost.py                                   # all domains, demo and paper sizes
     python bench/step_cost.py --domains images pixels --sizes demo --repeats 5
@@ -28,10 +27,10 @@ import di4c_core as core  # noqa: E402
 import imagenet_masked as img  # noqa: E402
 import owt_masked as owt  # noqa: E402
 
-SIZES = {   # domain -> size -> (preset, overrides, B (x_t per step), L, late-fusion k values)
-    "text": {"demo": ("demo", {}, 4, 8, (1, 2)), "paper": ("paper", {}, 1, 4, (1, 2, 4))},
-    "images": {"demo": ("demo", {}, 4, 16, (1, 2)), "paper": ("paper", {}, 1, 4, (1, 4, 8))},
-    "pixels": {"demo": ("demo", {}, 8, 16, (1, 2)), "paper": ("paper", {}, 1, 4, (1, 3, 6))},
+SIZES = {   # domain -> size -> (preset, overrides, B (x_t per step), L)
+    "text": {"demo": ("demo", {}, 4, 8), "paper": ("paper", {}, 1, 4)},
+    "images": {"demo": ("demo", {}, 4, 16), "paper": ("paper", {}, 1, 4)},
+    "pixels": {"demo": ("demo", {}, 8, 16), "paper": ("paper", {}, 1, 4)},
 }
 
 
@@ -46,8 +45,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def measure_text(size: str, repeats: int) -> list:
-    preset, over, B, L, ks = SIZES["text"][size]
-    cfg = owt.make_config(owt.Config, preset=preset, dropout=0.0, **over)
+    preset, over, B, L = SIZES["text"][size]
+    cfg = owt.make_config(owt.Config, preset=preset, dropout=0.0, L=L, **over)
     S = 50258 if preset == "paper" else 5031               # GPT-2 + [MASK]; the demo's remapped ids
     torch.manual_seed(0)
     teacher = owt.build_model(cfg, S).eval().requires_grad_(False)
@@ -63,32 +62,20 @@ def measure_text(size: str, repeats: int) -> list:
         loss.mean().backward()
 
     rows = [("teacher step (MDLM loss)", B, "-", timed(teacher_step, repeats))]
-    marginal, step = core.make_teacher(teacher, process, 0, L)
-    for k in (0, *ks):
-        student = core.student_from_teacher(owt.build_model(cfg, S, lam_dim=1, lam_late=k),
-                                            teacher.state_dict())
+    student = core.student_from_teacher(owt.build_model(cfg, S, lam_dim=1), teacher.state_dict())
+    loss = owt.di4c_loss(cfg, teacher, student, process)
 
-        def di4c_step():
-            student.zero_grad()
-            t, u = owt.di4c_times(cfg, B, g)
-            x_t = process.add_noise(x0, t, g)
-            w = core.variant_weights("sdtt", t, cfg.delta, cfg.alpha_const)
-            loss, _ = core.di4c_loss(student, x0, x_t, t, u, weights=w, teacher_marginal=marginal,
-                                     teacher_step=step, L=L, lam_dim=1,
-                                     student_target=core.eval_target(student), generator=g)
-            loss.mean().backward()
+    def di4c_step():
+        student.zero_grad()
+        loss(student, x0, g)[0].mean().backward()
 
-        rows.append((step_name(k), B, L, timed(di4c_step, repeats)))
-    return [("text", size, cfg.n_layer, *r) for r in rows]
-
-
-def step_name(k: int) -> str:
-    return "Di4C step, paper injection" if k == 0 else f"Di4C step, late fusion k = {k}"
+    rows.append(("Di4C step", B, L, timed(di4c_step, repeats)))
+    return [("text", size, *r) for r in rows]
 
 
 def measure_images(size: str, repeats: int) -> list:
     """imagenet_masked.py: MaskGIT's loss vs its Di4C loss (MaskGIT variant, class labels)."""
-    preset, over, B, L, ks = SIZES["images"][size]
+    preset, over, B, L = SIZES["images"][size]
     cfg = img.make_config(img.Config, preset=preset, dropout=0.0, L=L, **over)
     meta = ({"K": cfg.vq_codes, "grid": cfg.img_size // 16, "n_classes": 1000}
             if preset == "paper" else {"K": 17, "grid": 8, "n_classes": 5})
@@ -107,23 +94,21 @@ def measure_images(size: str, repeats: int) -> list:
         teacher_loss(trainee, batch, g)[0].mean().backward()
 
     rows = [("teacher step (MaskGIT loss)", B, "-", timed(teacher_step, repeats))]
-    for k in (0, *ks):
-        student = core.student_from_teacher(img.build_model(cfg, meta, lam_dim=1, lam_late=k),
-                                            teacher.state_dict())
-        loss = img.di4c_loss(cfg, teacher, student, process, meta["n_classes"])
+    student = core.student_from_teacher(img.build_model(cfg, meta, lam_dim=1),
+                                        teacher.state_dict())
+    loss = img.di4c_loss(cfg, teacher, student, process, meta["n_classes"])
 
-        def di4c_step():
-            student.zero_grad()
-            loss(student, batch, g)[0].mean().backward()
+    def di4c_step():
+        student.zero_grad()
+        loss(student, batch, g)[0].mean().backward()
 
-        rows.append((step_name(k), B, L, timed(di4c_step, repeats)))
-    return [("images", size, cfg.n_layer, *r) for r in rows]
+    rows.append(("Di4C step", B, L, timed(di4c_step, repeats)))
+    return [("images", size, *r) for r in rows]
 
 
 def measure_pixels(size: str, repeats: int) -> list:
-    """cifar10_gaussian.py: tauLDR's loss vs its Di4C step (tauLDR variant, x_tau rows too);
-    "blocks" are the up path's ResBlocks, where late fusion puts lambda."""
-    preset, over, B, L, ks = SIZES["pixels"][size]
+    """cifar10_gaussian.py: tauLDR's loss vs its Di4C step (tauLDR variant, x_tau rows too)."""
+    preset, over, B, L = SIZES["pixels"][size]
     cfg = pix.make_config(pix.Config, preset=preset, dropout=0.0, L=L, **over)
     C, H = (3, 32) if preset == "paper" else (1, 8)
     torch.manual_seed(0)
@@ -140,18 +125,15 @@ def measure_pixels(size: str, repeats: int) -> list:
         teacher_loss(trainee, (x0,), g)[0].mean().backward()
 
     rows = [("teacher step (tauLDR loss)", B, "-", timed(teacher_step, repeats))]
-    fns = core.make_teacher(teacher, proc)
-    for k in (0, *ks):
-        student = core.student_from_teacher(pix.build_unet(cfg, C, H, lam=True, lam_late=k),
-                                            teacher.state_dict())
+    fns = core.make_teacher(teacher, proc.step)
+    student = pix.student_from_teacher(teacher, cfg)
 
-        def di4c_step():
-            student.zero_grad()
-            pix.di4c_step(student, student, fns, proc, x0, cfg, g)[0].mean().backward()
+    def di4c_step():
+        student.zero_grad()
+        pix.di4c_step(student, student, fns, proc, x0, cfg, g)[0].mean().backward()
 
-        rows.append((step_name(k), B, L, timed(di4c_step, repeats)))
-    n_up = len(cfg.ch_mult) * (cfg.num_res_blocks + 1)
-    return [("pixels", size, n_up, *r) for r in rows]
+    rows.append(("Di4C step", B, L, timed(di4c_step, repeats)))
+    return [("pixels", size, *r) for r in rows]
 
 
 MEASURE = {"text": measure_text, "images": measure_images, "pixels": measure_pixels}
@@ -166,14 +148,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
-    print("| domain | size | blocks | step | x_t | L | seconds | / teacher step |")
-    print("|---|---|---:|---|---:|---:|---:|---:|")
+    print("| domain | size | step | x_t | L | seconds | / teacher step |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for domain in a.domains:
         for size in a.sizes:
             rows = MEASURE[domain](size, a.repeats)
             base = rows[0][-1]
-            for dom, size_, n, name, B, L, sec in rows:
-                print(f"| {dom} | {size_} | {n} | {name} | {B} | {L} | {sec:.3f} | "
+            for dom, size_, name, B, L, sec in rows:
+                print(f"| {dom} | {size_} | {name} | {B} | {L} | {sec:.3f} | "
                       f"{sec / base:.1f}x |", flush=True)
 
 

@@ -142,7 +142,12 @@ def describe(weights: dict) -> dict:
     lam_dim, inject = 0, "adaln"
     for prefix, kind in (("lam_token.0.weight", "token"), ("lam_mlp.0.weight", "adaln")):
         if prefix in weights:
-            lam_dim, inject = weights[prefix].shape[1] // 128, kind
+            width = weights[prefix].shape[1]
+            if width != 128:                    # sinusoid(1000 lam) of a 1-dimensional lambda
+                raise ValueError(f"{prefix} takes {width} inputs: a {width / 128:g}-dimensional "
+                                 "lambda; owt_masked.py's students have a 1-dimensional one "
+                                 "(128 inputs)")
+            lam_dim, inject = 1, kind
     return dict(S=S, E=E, n_layer=len(blocks), cond_dim=cond_dim, lam_dim=lam_dim,
                 lam_inject=inject)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cifar10_gaussian as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
+from tests.runs import metrics_without_timings, second_di4c_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,58 +196,6 @@ def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--fid_stats .*nope.npz' does not exist"):
         m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval",
                                           "fid_stats": str(tmp_path / "nope.npz")}))
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation(k, monkeypatch):
-    """--lam_late k: down path, middle and the first up ResBlocks run on the B distinct (x_t, t)
-    rows only (counted), only the last k up ResBlocks see lambda, and the output and every
-    gradient equal the same network run on all B L rows (unique_consecutive replaced by the
-    identity); at init the student is the teacher."""
-    torch.manual_seed(0)
-    kw = dict(C=1, H=8, S=17, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0)
-    net = m.UNet(**kw, lam=True, lam_late=k)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    lam_blocks = [b for b in net.modules() if isinstance(b, m.ResBlock) and b.lam_proj is not None]
-    assert len(lam_blocks) == k and not hasattr(net, "lam_emb_down")
-    full = m.UNet(**kw, lam=True)                                   # the paper's: every block
-    assert all(b.lam_proj is not None for b in full.modules() if isinstance(b, m.ResBlock))
-    x = torch.randint(0, 17, (3, 64)).repeat_interleave(4, 0)                       # L = 4
-    t = torch.tensor([0.2, 0.5, 0.9]).repeat_interleave(4)
-    lam = torch.rand(12, 1)
-    seen = []
-    for b in net.modules():
-        if isinstance(b, m.ResBlock):
-            b.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
-
-    out, ref, grads, rows = late_fusion_against_every_row(net, lambda: net(x, t, lam),
-                                                          monkeypatch, seen)
-    assert rows == [3] * (len(rows) - k) + [12] * k
-    # probabilities: the logistic head amplifies float rounding in the log of near-empty bins
-    assert (out.exp() - ref.exp()).abs().max() <= 1e-5
-    assert grads["conv_in.weight"].abs().sum() > 0                  # the shared trunk learns
-    teacher = m.UNet(**kw)
-    teacher.load_state_dict({n: v for n, v in net.state_dict().items() if "lam_" not in n})
-    for b in lam_blocks:
-        torch.nn.init.zeros_(b.lam_proj.weight), torch.nn.init.zeros_(b.lam_proj.bias)
-    with torch.no_grad():       # trunk on 3 rows vs on 12: rounding of other batch shapes
-        assert (net(x, t, lam).exp() - teacher(x, t).exp()).abs().max() <= 1e-5
-    # t differing inside a run of equal x_t is not shared
-    t2 = t.clone()
-    t2[1] = 0.7
-    assert m.UNet.distinct_rows(x, t2)[0].tolist() == [0, 1, 2, 4, 8]
-
-
-def test_late_fusion_end_to_end_and_reload(tmp_path):
-    cfg = smoke(tmp_path / "run", lam_late=2, teacher_iters=2, distil_iters=2)
-    m.main(cfg)
-    net, _ = m.load_net(m.make_config(m.Config, **{**vars(cfg), "lam_late": 0}), "student",
-                        1, 8, True, torch.device("cpu"))
-    assert net.lam_late == 2                                      # from the checkpoint
-    with pytest.raises(SystemExit, match="--lam_late 9 exceeds the 4 ResBlocks of the up path"):
-        m.main(smoke(tmp_path / "b", lam_late=9, stage="distill"))
 
 
 def test_second_di4c_round_from_a_student(tmp_path):

@@ -88,7 +88,7 @@ def di4c_problem(B=3, L=4, D=3, S=4, variant="sdtt"):
 def test_di4c_loss_times_lambdas_grad_modes_and_cond():
     B, L = 3, 4
     proc, teacher, student, _, x0, x_t, t, u = di4c_problem(B, L)
-    marg, step = core.make_teacher(teacher, proc)
+    marg, step = core.make_teacher(teacher, proc.step)
     cond = torch.tensor([5, 6, 7])
     core.di4c_loss(student, x0, x_t, t, u, weights=core.variant_weights("sdtt", t, 0.02), L=L,
                    teacher_marginal=marg, teacher_step=step, cond=cond, generator=gen(5))
@@ -111,7 +111,7 @@ def test_di4c_loss_times_lambdas_grad_modes_and_cond():
 def test_di4c_loss_tauldr_variant_distils_at_tau():
     B, L = 3, 2
     proc, teacher, student, _, x0, x_t, t, u = di4c_problem(B, L)
-    marg, step = core.make_teacher(teacher, proc)
+    marg, step = core.make_teacher(teacher, proc.step)
     tau = torch.full((B,), 0.01)
     x_tau = proc.add_noise(x0, tau, gen(6))
     w = core.variant_weights("tauldr", t)
@@ -164,7 +164,7 @@ def test_di4c_loss_value_and_gradient_match_the_reference(monkeypatch):
     real = core.sample_categorical
     monkeypatch.setattr(core, "sample_categorical",
                         lambda *a, **k: draws.append(real(*a, **k)) or draws[-1])
-    marg, step = core.make_teacher(teacher, proc)
+    marg, step = core.make_teacher(teacher, proc.step)
     w = dict(distil=torch.tensor([0.3, 1.0, 2.0]), consis=torch.tensor([1.0, 0.5, 0.0]),
              alpha=torch.tensor([0.7, 0.2, 1.5]), distil_on="x_t")
     loss, terms = core.di4c_loss(student, x0, x_t, t, u, weights=w, L=L, teacher_marginal=marg,
@@ -192,7 +192,7 @@ def test_alpha_and_variant_weights_are_pinned():
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
     want = torch.tensor([4.5398e-05, 6.6929e-03, 0.5, 0.99331, 0.999955])
     torch.testing.assert_close(core.alpha_t(t), want, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(core.alpha_t(t, "sigmoid", 0.1), 0.1 * want, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(core.alpha_t(t, 0.1), 0.1 * want, rtol=1e-4, atol=1e-8)
     t = torch.tensor([0.01, 0.05, 0.3])
     w = core.variant_weights("maskgit", t, 0.05)
     assert w["distil"].tolist() == pytest.approx([20.0, 20.0, 0.0]) and w["distil_on"] == "x_t"
@@ -241,7 +241,7 @@ def test_mixture_teacher_marginal_and_step_against_enumeration():
     table = 2.0 * torch.randn(K, S ** D, D, S, generator=gen(7))
     teacher = Recorder(TableDenoiser(table, S))
     proc = StepRecorder(masked(S))
-    marg, step = core.make_teacher(teacher, proc, lam_dim=1, L=L)
+    marg, step = core.make_teacher(teacher, proc.step, lam_dim=1, L=L)
     x = torch.tensor([[2, 2], [0, 2]])
     got = marg(x, torch.full((2,), 0.7), None, gen(8)).exp()             # (2, D, S)
     exact = table[:, state_index(x, S)].softmax(-1).mean(0)              # mean over components
@@ -297,24 +297,22 @@ def test_sampler_lambdas_times_and_hybrid_split():
     assert [c["t"][0].item() for c in teacher.calls] == pytest.approx([0.55, 0.3])
 
 
-def test_sampler_fixed_lambda_and_mixture_teacher_in_a_hybrid():
+def test_sampler_fresh_lambdas_and_mixture_teacher_in_a_hybrid():
+    """Student and mixture teacher (multi-round) in one hybrid: each draws a fresh lambda per
+    sample at each of its NFEs, its own, not the other's."""
     S, D, B = 3, 2, 6
     proc = masked(S)
     table = torch.randn(4, S ** D, D, S, generator=gen(14))
     table[..., S - 1] = -1e4
     student, teacher = Recorder(TableDenoiser(table, S)), Recorder(TableDenoiser(table, S))
     times = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.0])
-    for lam_fixed in (True, False):
-        student.calls.clear(), teacher.calls.clear()
-        core.ancestral_sample(proc, proc.prior(B, D), times, student, lam_dim=1, teacher=teacher,
-                              n_teacher=2, teacher_lam_dim=1, final_nfe=False,
-                              lam_fixed=lam_fixed, generator=gen(15))
-        s_lam = torch.stack([c["lam"][:, 0] for c in student.calls])    # (2 steps, B)
-        t_lam = torch.stack([c["lam"][:, 0] for c in teacher.calls])    # a mixture teacher: lambdas
-        assert s_lam[0].unique().numel() == B and t_lam[0].unique().numel() == B
-        assert torch.equal(s_lam[0], s_lam[1]) == lam_fixed              # kept per sample, or fresh
-        assert torch.equal(t_lam[0], t_lam[1]) == lam_fixed
-        assert not torch.equal(s_lam[0], t_lam[0])                      # each network its own
+    core.ancestral_sample(proc, proc.prior(B, D), times, student, lam_dim=1, teacher=teacher,
+                          n_teacher=2, teacher_lam_dim=1, final_nfe=False, generator=gen(15))
+    s_lam = torch.stack([c["lam"][:, 0] for c in student.calls])        # (2 steps, B)
+    t_lam = torch.stack([c["lam"][:, 0] for c in teacher.calls])        # a mixture teacher: lambdas
+    assert s_lam[0].unique().numel() == B and t_lam[0].unique().numel() == B
+    assert not torch.equal(s_lam[0], s_lam[1]) and not torch.equal(t_lam[0], t_lam[1])
+    assert not torch.equal(s_lam[0], t_lam[0])                          # each network its own
 
 
 def test_sampler_cache_skips_unchanged_rows_only():
@@ -359,3 +357,57 @@ def test_categorical_noise_is_drawn_in_float64(monkeypatch):
     monkeypatch.setattr(torch, "rand", rand)
     core.sample_categorical(torch.randn(50, 7), gen(15))
     assert dtypes and all(d == torch.float64 for d in dtypes)
+
+
+def test_lam_param_groups_hold_the_lambda_path_at_its_learning_rate():
+    """lam_param_groups(model, lr, mult): the lambda path ("lam_*" names, nested too) in one
+    group at lr * mult, every other parameter in the other at lr, each exactly once; a plain
+    torch optimizer built from the groups uses those rates (no schedule needed), and a product
+    model gets one group."""
+    net = torch.nn.Module()
+    net.body = torch.nn.Linear(3, 4)
+    net.lam_emb = torch.nn.Linear(1, 4)
+    net.block = torch.nn.Module()
+    net.block.lam_proj = torch.nn.Linear(4, 4)
+    net.block.out = torch.nn.Linear(4, 2)
+    groups = core.lam_param_groups(net, 2e-4, 10.0)
+    names = {id(p): n for n, p in net.named_parameters()}
+    held = [sorted(names[id(p)] for p in g["params"]) for g in groups]
+    assert held == [["block.out.bias", "block.out.weight", "body.bias", "body.weight"],
+                    ["block.lam_proj.bias", "block.lam_proj.weight", "lam_emb.bias",
+                     "lam_emb.weight"]]
+    opt = torch.optim.Adam(groups)
+    assert [g["lr"] for g in opt.param_groups] == [2e-4, 2e-3]
+    assert [g["mult"] for g in opt.param_groups] == [1.0, 10.0]
+    product = torch.nn.Linear(3, 4)
+    assert [len(g["params"]) for g in core.lam_param_groups(product, 1e-3, 10.0)] == [2]
+
+
+def test_eval_target_unwraps_a_wrapped_student_and_restores_its_mode():
+    """The default consistency target (25)-(26) runs the student itself, in eval mode (dropout
+    off), without gradients, and gives the mode back; a torch.compile'd student (its
+    `_orig_mod`) is unwrapped, never run compiled."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)
+
+        def forward(self, x, t, lam, cond=None):
+            return self.drop(self.lin(x))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *a):
+            raise AssertionError("the wrapper ran")
+
+    torch.manual_seed(0)
+    net, x = Net().train(), torch.randn(4, 3)
+    assert hasattr(torch.compile(net), "_orig_mod")         # what torch.compile returns
+    want = net.lin(x)
+    for student in (net, Wrapper(net)):
+        got = core.eval_target(student)(x, None, None)
+        torch.testing.assert_close(got, want)
+        assert net.training and not got.requires_grad

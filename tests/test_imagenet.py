@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import imagenet_masked as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
+from tests.runs import metrics_without_timings, second_di4c_round
 from pretrained.maskgit import maskgit_to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def test_teacher_step_reveal_count_and_clamped_gumbel_ramp():
     u = (t - cfg.r_delta).clamp_min(0)
     logits = torch.randn(8, D, K + 1, generator=g)
     logits[..., K] = -1e6                                            # never [MASK]
-    x_u = step(x_t, t, u, torch.log_softmax(logits, -1), g)
+    x_u = step(torch.log_softmax(logits, -1), x_t, t, u, g)
     masked = (x_t == K).sum(1)
     want = ((1 - m.gamma(1 - u.double())) * D - (D - masked)).floor().long()
     want = torch.minimum(want.clamp_min(0), masked)
@@ -107,16 +107,12 @@ def test_sampler_follows_the_schedule_and_cfg_ramp():
     uncond = [s for s in seen if s[1] == [10, 10, 10]]
     assert [c[0][0] for c in cond] == [64 - sum(counts[:k]) for k in range(4)]
     assert len(uncond) == 3                                          # w_0 = 0: no uncond call
-    student = tiny_net(lam_dim=1).eval()
-    for lam_fixed in (False, True):                     # a student: lambda per image and step
-        lams = []
-        student.register_forward_pre_hook(lambda mod, a: lams.append(a[2][:, 0].clone()))
-        m.maskgit_sample(m.make_config(m.Config, preset="smoke", lam_fixed=lam_fixed), student, 1,
-                         y, 4, 2.0, torch.Generator().manual_seed(0))
-        student._forward_pre_hooks.clear()
-        assert len(lams) == 7 and lams[0].unique().numel() == 3           # 4 cond + 3 uncond
-        assert torch.equal(lams[1], lams[2])                  # both CFG branches share a lambda
-        assert torch.equal(lams[0], lams[-1]) == lam_fixed    # kept, or fresh at every step
+    student, lams = tiny_net(lam_dim=1).eval(), []     # a student: lambda per image and step
+    student.register_forward_pre_hook(lambda mod, a: lams.append(a[2][:, 0].clone()))
+    m.maskgit_sample(cfg, student, 1, y, 4, 2.0, torch.Generator().manual_seed(0))
+    assert len(lams) == 7 and lams[0].unique().numel() == 3               # 4 cond + 3 uncond
+    assert torch.equal(lams[1], lams[2])                      # both CFG branches share a lambda
+    assert not torch.equal(lams[0], lams[-1])                 # fresh at every step
 
 
 # -----------------------------------------------------------------------------
@@ -144,57 +140,6 @@ def test_student_equals_teacher_at_init_for_every_lambda():
         assert (lp[x == 17][:, 17] < -1e5).all()                     # never predict [MASK]
         student.lam_mlp[-1].bias.add_(0.5)
         assert not torch.allclose(student(x, None, torch.full((3, 1), 0.5), y), want)
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation(k, monkeypatch):
-    """--lam_late k: the first 3 - k blocks run on the B distinct (x_t, y) rows only (counted),
-    and the output and every gradient equal the same network run on all B L rows
-    (unique_consecutive replaced by the identity); at init the student is the teacher."""
-    torch.manual_seed(0)
-    net = m.MaskTransformer(17, 16, 4, n_layer=3, E=32, H=4, mlp=64, dropout=0.0, lam_dim=1,
-                            lam_late=k)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x = torch.randint(0, 17, (3, 16))
-    x[:, ::2] = 17
-    x, y = x.repeat_interleave(4, 0), torch.tensor([0, 3, 4]).repeat_interleave(4)  # L = 4
-    lam = torch.rand(12, 1)
-    seen = []
-    for block in net.blocks:
-        block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
-
-    out, ref, grads, rows = late_fusion_against_every_row(
-        net, lambda: net(x, None, lam, y), monkeypatch, seen, mask=x == 17)
-    assert rows == [3] * (3 - k) + [12] * k
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
-    assert grads["blocks.0.mlp.0.weight"].abs().sum() > 0           # the shared trunk learns
-    teacher = m.MaskTransformer(17, 16, 4, n_layer=3, E=32, H=4, mlp=64, dropout=0.0)
-    teacher.load_state_dict({k: v for k, v in net.state_dict().items()
-                             if not k.startswith("lam_mlp.")})
-    torch.nn.init.zeros_(net.lam_mlp[-1].weight), torch.nn.init.zeros_(net.lam_mlp[-1].bias)
-    with torch.no_grad():
-        # (trunk on 3 rows vs 12: matmul blocking differs, so rounding does)
-        assert torch.allclose(net(x, None, lam, y), teacher(x, None, None, y), rtol=1e-5,
-                              atol=1e-5)
-
-
-def test_late_fusion_end_to_end_and_reload(tmp_path):
-    """A smoke run with --lam_late 1 trains, samples and scores; the student reloads with the
-    lam_late it was trained with, whatever the flag says; bad values stop with one line."""
-    cfg = smoke(tmp_path, n_layer=2, lam_late=1, teacher_iters=2, distil_iters=2)
-    m.main(cfg)
-    meta = m.codes_meta(cfg)
-    student, _, _ = m.load_model(m.make_config(m.Config, **{**asdict(cfg), "lam_late": 0}), meta,
-                                 m.ckpt_path(cfg, "student"), torch.device("cpu"))
-    assert student.n_early == 1
-    with pytest.raises(SystemExit, match="--lam_late 3 exceeds --n_layer 2"):
-        m.main(smoke(tmp_path, "b", n_layer=2, lam_late=3))
-    with pytest.raises(SystemExit, match="--lam_late needs --lam_inject add"):
-        m.main(smoke(tmp_path, "c", lam_late=1, lam_inject="token"))
-    with pytest.raises(SystemExit, match="--lam_fixed needs --sampler ours"):
-        m.main(smoke(tmp_path, "d", lam_fixed=True, sampler="maskgit"))
 
 
 def test_init_student_copies_the_teacher_and_sets_its_own_dropout():

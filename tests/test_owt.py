@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import owt_masked as m
-from tests.runs import late_fusion_against_every_row, metrics_without_timings, second_di4c_round
+from tests.runs import metrics_without_timings, second_di4c_round
 from eval import text_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +94,6 @@ def test_clear_errors(tmp_path):
         m.make_config(m.Config, steps_typo=3)
     with pytest.raises(SystemExit, match="stage"):
         m.main(smoke_cfg(tmp_path, stage="train"))
-    with pytest.raises(SystemExit, match="--lam_fixed needs --sampler ours"):
-        m.main(smoke_cfg(tmp_path, lam_fixed=True, sampler="sdtt"))
     for argv, msg in ((["--seq_len", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
                       (["--resume", "maybe"], "true or false")):
         r = subprocess.run([sys.executable, "owt_masked.py", *argv], cwd=ROOT,
@@ -140,57 +138,6 @@ def test_student_equals_teacher_at_init(lam):
     lp = torch.log_softmax(a, -1)
     assert (lp[x != 49].max(-1).values == 0).all()       # SUBS: revealed tokens are copied
     assert (lp[x == 49][:, 49] < -1e5).all()             # never predict [MASK]
-
-
-def late_fusion_pair(k, L=4, B=3, D=12, S=50):
-    """A 3-block student with late fusion k, its non-trivial weights, and a lambda-batch input
-    (each x_t repeated L times in a row, as the core builds it)."""
-    cfg = m.make_config(m.Config, preset="smoke", n_layer=3, dropout=0.0, lam_late=k)
-    torch.manual_seed(0)
-    net = m.build_model(cfg, S, lam_dim=1)
-    for p in net.parameters():
-        p.data.normal_(0, 0.2)
-    x = torch.randint(0, S, (B, D))
-    x[:, ::2] = S - 1
-    x = x.repeat_interleave(L, 0)                                          # (B L, D)
-    lam = torch.rand(B * L, 1)
-    return net, x, lam
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_late_fusion_runs_the_trunk_once_per_x_t_and_equals_the_full_computation(k, monkeypatch):
-    """lam_late = k: the first 3 - k blocks run on the B distinct rows only (counted), and the
-    output and every gradient equal the same network run on all B L rows (unique_consecutive
-    replaced by the identity)."""
-    net, x, lam = late_fusion_pair(k)
-    seen = []
-    for block in net.blocks:
-        block.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
-
-    out, ref, grads, rows = late_fusion_against_every_row(
-        net, lambda: net(x, None, lam), monkeypatch, seen, mask=x == net.mask_id)
-    assert rows == [3] * (3 - k) + [12] * k                    # trunk on B rows, then B L rows
-    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
-    assert grads["blocks.0.mlp.0.weight"].abs().sum() > 0      # the shared trunk learns too
-
-
-def test_late_fusion_student_equals_teacher_at_init_and_reloads_as_trained(tmp_path):
-    net, x, lam = late_fusion_pair(1)
-    teacher = m.build_model(m.make_config(m.Config, preset="smoke", n_layer=3, dropout=0.0), 50)
-    teacher.load_state_dict({k: v for k, v in net.state_dict().items()
-                             if not k.startswith("lam_mlp.")})
-    torch.nn.init.zeros_(net.lam_mlp[-1].weight), torch.nn.init.zeros_(net.lam_mlp[-1].bias)
-    with torch.no_grad():
-        assert torch.allclose(net(x, None, lam), teacher(x, None, None), atol=1e-6)
-    cfg = smoke_cfg(tmp_path, n_layer=2, lam_late=1, teacher_iters=2)
-    m.main(cfg)                                              # sample and eval load lam_late
-    state = torch.load(os.path.join(cfg.out_dir, "student.pt"), weights_only=True)
-    assert state["config"]["lam_late"] == 1
-    corpus = m.Corpus(cfg, ctx_for(cfg))
-    student, _, _ = m.load_model(m.make_config(m.Config, **{**asdict(cfg),
-                                                            "lam_late": 0}), corpus,
-                                 os.path.join(cfg.out_dir, "student.pt"))
-    assert student.n_early == 1                              # from the checkpoint, not the flag
 
 
 def test_text_metrics():

@@ -148,7 +148,7 @@ def test_cifar_di4c_times_noise_and_weights_follow_the_tauldr_variant(monkeypatc
     seen, rec = record_noise(monkeypatch, proc), Record()
     monkeypatch.setattr(core, "di4c_loss", rec)
     x0 = torch.randint(0, cfg.S, (N_LAW, 64), generator=gen(1))
-    cifar.di4c_step(student, student, core.make_teacher(teacher, proc, 0, cfg.L), proc, x0, cfg,
+    cifar.di4c_step(student, student, core.make_teacher(teacher, proc.step, 0, cfg.L), proc, x0, cfg,
                     gen(2))
     (c,) = rec.calls
     t, u, tau = c["t"].double(), c["u"].double(), c["tau"]
@@ -245,7 +245,7 @@ def test_cifar_control_length_matches_the_di4c_compute(monkeypatch):
     cfg, proc, teacher, student = cifar_setup(distil_iters=50, control_iters=-1)
     s_calls, t_calls = record_calls(student), record_calls(teacher)
     x0 = torch.randint(0, cfg.S, (cfg.batch_size, 64), generator=gen(0))
-    loss, _ = cifar.di4c_step(student, student, core.make_teacher(teacher, proc, 0, cfg.L), proc,
+    loss, _ = cifar.di4c_step(student, student, core.make_teacher(teacher, proc.step, 0, cfg.L), proc,
                               x0, cfg, gen(1))
     loss.sum().backward()
     di4c_rows = row_cost(s_calls) + row_cost(t_calls)
@@ -270,7 +270,7 @@ def imagenet_setup(lam_T=0, **kw):
     torch.manual_seed(0)
     teacher = imagenet.build_model(cfg, META, lam_dim=lam_T).eval().requires_grad_(False)
     perturb(teacher)
-    student = imagenet.build_model(cfg, META, lam_dim=cfg.lam_dim)
+    student = imagenet.build_model(cfg, META, lam_dim=1)
     student.load_state_dict(teacher.state_dict(), strict=False)
     return cfg, process, teacher, student
 
@@ -418,7 +418,7 @@ def owt_setup(lam_T=0, S=40, **kw):
     torch.manual_seed(0)
     teacher = owt.build_model(cfg, S, lam_dim=lam_T).eval().requires_grad_(False)
     perturb(teacher)
-    student = core.student_from_teacher(owt.build_model(cfg, S, lam_dim=cfg.lam_dim),
+    student = core.student_from_teacher(owt.build_model(cfg, S, lam_dim=1),
                                         teacher.state_dict())
     return cfg, process, teacher, student
 

@@ -177,6 +177,10 @@ def test_released_mismatches_stop_with_one_line(tmp_path):
     torch.save({"state_dict": {"x.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(SystemExit, match="not an MDLM-style DiT"):
         m.load_model(tiny_cfg(), CORPUS, str(tmp_path / "other.ckpt"))
+    two_d = {**fixture("mdlm_dit")["state_dict"], "lam_mlp.0.weight": torch.zeros(512, 256)}
+    torch.save(two_d, tmp_path / "two_d.bin")                # a 2-dimensional lambda
+    with pytest.raises(SystemExit, match="256 inputs: a 2-dimensional lambda"):
+        m.load_model(tiny_cfg(), CORPUS, str(tmp_path / "two_d.bin"))
 
 
 def as_released(our_ckpt: str, out: str, token_student: bool = False):
