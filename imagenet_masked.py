@@ -1231,80 +1231,6 @@ def maskgit_sample(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int
     return x
 
 
-def upstream_schedule(n_steps: int, D: int) -> list:
-    """MaskGIT-pytorch's `adap_sche(step, "arccos")`: tokens to reveal at each step, in
-    proportion to arccos(r) / (pi / 2) for r = linspace(1, 0, steps) (float32), rounded, zeros
-    raised to 1, the last absorbing the remainder. Needs 2 or more steps."""
-    if n_steps < 2:
-        raise SystemExit(f"error: --sampler maskgit needs 2 or more steps, got {n_steps} "
-                         "(MaskGIT-pytorch's schedule divides by zero at 1)")
-    val = torch.arccos(torch.linspace(1, 0, n_steps)) / (math.pi * 0.5)
-    sche = (val / val.sum() * D).round()
-    sche[sche == 0] = 1
-    sche[-1] += D - sche.sum()
-    if sche[-1] < 1:
-        raise SystemExit(f"error: {n_steps} steps cannot reveal {D} tokens with MaskGIT-pytorch's "
-                         "schedule")
-    return sche.int().tolist()
-
-
-@torch.no_grad()
-def maskgit_sample_upstream(cfg: Config, net, lam_dim: int, y: torch.Tensor, n_steps: int,
-                            w: float, generator: torch.Generator, rng: np.random.RandomState,
-                            uncond=None, variant: str = "maskgit") -> torch.Tensor:
-    """MaskGIT-pytorch's `sample()` (randomize "linear", sched_mode "arccos"), step for step:
-    variant "maskgit" as valeoai/Maskgit-pytorch v1, "di4c" as the Di4C authors' copy (their
-    reveal counts = our reveal_counts, the draw from Categorical(logits), lambda for a
-    student). Differences from `maskgit_sample`: the schedule (upstream_schedule for
-    "maskgit"), the raw output over K + 1 classes ([MASK] can be drawn and
-    revealed; clamped to K - 1 at the end, as upstream does before decoding), tokens revealed
-    where confidence >= the t-th largest (ties reveal more, but only the top t leave the mask),
-    the Gumbel noise from numpy's `rng`. A student draws lam = U[0, 1) from `generator` before
-    each step's forward, shared by both CFG branches; the categorical draw is
-    torch.multinomial on `generator` (what torch.distributions.Categorical.sample does), so a
-    generator and a RandomState seeded like upstream's global RNGs replay upstream's draws.
-    Args: y (N,) class ids. Returns x_0 (N, D) long in [0, K - 1].
-    """
-    D, K = net.D, net.K
-    N, dev = y.shape[0], y.device
-    code = torch.full((N, D), K, dtype=torch.long, device=dev)
-    mask = torch.ones(N, D, dtype=torch.bool, device=dev)
-    dropped = torch.full_like(y, net.n_classes)
-    sche = upstream_schedule(n_steps, D) if variant == "maskgit" else reveal_counts(n_steps, D)
-    for k, t in enumerate(sche):
-        left, ratio = int(mask.sum()), k / max(len(sche) - 1, 1)   # one step: no CFG
-        t = min(t, left)
-        if left == 0:
-            break
-        lam = torch.rand(N, lam_dim, generator=generator, device=dev) if lam_dim else None
-        if w != 0 and uncond is None:                  # both CFG branches in one batch
-            both = net.raw_logits(code.repeat(2, 1), None if lam is None else lam.repeat(2, 1),
-                                  torch.cat([y, dropped])).float()
-            logits, u_logits = both.chunk(2)                                    # (N, D, K + 1)
-        else:
-            logits = net.raw_logits(code, lam, y).float()                      # (N, D, K + 1)
-            if w != 0:
-                u_logits = uncond.raw_logits(code, None, dropped).float()
-        if w != 0:
-            logits = (1 + w * ratio) * logits - w * ratio * u_logits
-        prob = torch.softmax(logits * cfg.sm_temp, -1)                          # (N, D, K + 1)
-        if variant == "di4c":          # Categorical(logits=...): logits normalised first
-            z = logits * cfg.sm_temp
-            draw = torch.softmax(z - z.logsumexp(-1, keepdim=True), -1)
-        else:                          # Categorical(probs=...): probabilities renormalised
-            draw = prob / prob.sum(-1, keepdim=True)
-        pred = torch.multinomial(draw.view(N * D, -1), 1, True, generator=generator).view(N, D)
-        conf = prob.gather(-1, pred[..., None])[..., 0]                         # (N, D)
-        gumbel = torch.from_numpy(cfg.r_temp * rng.gumbel(size=(N, D)) * (1 - ratio)).to(dev)
-        conf = torch.log(conf) + gumbel                                         # float64
-        conf[~mask] = -math.inf
-        top, idx = conf.topk(t, dim=-1)                                         # (N, t)
-        chosen = mask & (conf >= top[:, -1:])
-        code[chosen] = pred[chosen]
-        mask.scatter_(1, idx, False)
-    return code.clamp(0, K - 1)
-
-
 # -----------------------------------------------------------------------------
 # Objectives: MaskGIT's (teacher, control) and Di4C's (student)
 
@@ -1465,9 +1391,12 @@ def generate(cfg: Config, ctx: Ctx, net, lam_dim: int, y: torch.Tensor, n_steps:
     for i in range(0, len(mine), cfg.sample_batch):
         with ctx.autocast():
             y_i = mine[i:i + cfg.sample_batch].to(ctx.device)
-            if cfg.sampler != "ours":
-                x = maskgit_sample_upstream(cfg, net, lam_dim, y_i, n_steps, w, g, rng, uncond,
-                                            cfg.sampler)
+            if cfg.sampler != "ours":     # MaskGIT-pytorch's / the authors' sampler, exactly
+                from pretrained import maskgit
+                sche = (maskgit.upstream_schedule(n_steps, net.D) if cfg.sampler == "maskgit"
+                        else reveal_counts(n_steps, net.D))
+                x = maskgit.sample(net, lam_dim, y_i, sche, w, cfg.sm_temp, cfg.r_temp, g, rng,
+                                   uncond, cfg.sampler)
             else:
                 x = maskgit_sample(cfg, net, lam_dim, y_i, n_steps, w, g, uncond)
             out.append(x.cpu())
@@ -1710,7 +1639,11 @@ def check(cfg: Config):
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     D = 64 if cfg.tokenizer == "pixels" else (cfg.img_size // 2 ** (len(cfg.vq_ch_mult) - 1)) ** 2
     for n in cfg.steps + cfg.student_steps:      # the schedule's own one-line errors, up front
-        reveal_counts(n, D) if cfg.sampler != "maskgit" else upstream_schedule(n, D)
+        if cfg.sampler == "maskgit":
+            from pretrained import maskgit
+            maskgit.upstream_schedule(n, D)
+        else:
+            reveal_counts(n, D)
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
         raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
 

@@ -1360,8 +1360,9 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
     mine = x_T[ctx.rank::ctx.world_size]
     for i in range(0, mine.shape[0], cfg.sample_batch):
         with ctx.autocast():
-            if cfg.sampler == "sdtt":
-                x0, nfe = sdtt_sample(net, mine[i:i + cfg.sample_batch].to(ctx.device),
+            if cfg.sampler == "sdtt":             # SDTT's / the authors' sampler, exactly
+                from pretrained import mdlm
+                x0, nfe = mdlm.sdtt_sample(net, mine[i:i + cfg.sample_batch].to(ctx.device),
                                       n_steps, lam_dim)
             else:
                 x0, nfe = core.ancestral_sample(
@@ -1376,51 +1377,6 @@ def generate(cfg: Config, ctx: Ctx, corpus: Corpus, net, lam_dim: int, n_steps: 
         x0[r::ctx.world_size] = xr
     nfes = [n for _, nr in parts for n in nr]
     return x0, sum(nfes) / len(nfes)
-
-
-@torch.no_grad()
-def sdtt_sample(net, x_T: torch.Tensor, n_steps: int, lam_dim: int = 0,
-                eps: float = T_MIN_SAMPLE, noise_eps: float = T_MIN_TRAIN) -> tuple:
-    """SDTT's ancestral sampler (jdeschena/sdtt MultiRoundSDTT.sample, sampler="ancestral"; the
-    authors' Di4C copy is the same), step for step, for comparing with their numbers:
-
-    times linspace(1, eps, N + 1) in float32; log-linear noise, move chance
-    m(t) = 1 - exp(log1p(-(1 - noise_eps) t)); at t = t_k, with dt = (1 - eps) / N,
-    q = p_{0|t}(x) (m(t) - m(t - dt)) and q[MASK] = m(t - dt); each [MASK] takes
-    argmax q / (1e-10 - log(u + 1e-10)), u ~ U[0, 1) in float32 from torch's global RNG
-    (revealed tokens stay); if a [MASK] is left, one more NFE at t = eps takes the argmax over
-    the tokens. p_{0|t} is SUBS normalised as SDTT does (logits - logsumexp). A Di4C student gets
-    lambda ~ U[0, 1] per sample at every NFE, drawn on the CPU before the noise, as the authors'
-    network draws it inside its forward. Our sampler (core.ancestral_sample) draws in float64
-    from a generator instead. Returns (x_0 (B, D) long, NFE).
-    """
-    B, dev, mask_id = x_T.shape[0], x_T.device, net.mask_id
-    ts = torch.linspace(1.0, eps, n_steps + 1)                              # float32, CPU
-    dt = (1 - eps) / n_steps
-
-    def move_chance(t):                                                       # (B,) float32
-        return 1 - torch.exp(-(-torch.log1p(-(1 - noise_eps) * t)))
-
-    def step(x, i):
-        lam = torch.rand(B, lam_dim).to(dev) if lam_dim else None             # (B, 1)
-        logits = net(x, None, lam).float()                                    # (B, D, S)
-        p0 = (logits - torch.logsumexp(logits, -1, keepdim=True)).exp()
-        t = ts[i] * torch.ones(B, device=dev)
-        m_t, m_s = move_chance(t), move_chance(t - dt)
-        q = p0 * (m_t - m_s)[:, None, None]
-        q[:, :, mask_id] = m_s[:, None]
-        return q
-
-    x = x_T
-    for i in range(n_steps):
-        q = step(x, i)
-        update = (q / (1e-10 - (torch.rand_like(q) + 1e-10).log())).argmax(-1)   # (B, D)
-        x = torch.where(x != mask_id, x, update)
-    if not (x == mask_id).any():
-        return x, n_steps
-    q = step(x, n_steps)
-    q[:, :, mask_id] = -float("inf")
-    return torch.where(x != mask_id, x, q.argmax(-1)), n_steps + 1
 
 
 @torch.no_grad()

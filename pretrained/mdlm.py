@@ -173,3 +173,48 @@ def load_into(net: torch.nn.Module, weights: dict, head_dim: int) -> None:
             raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, "
                              f"{tuple(own[k].shape)} in the network")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+
+@torch.no_grad()
+def sdtt_sample(net, x_T: torch.Tensor, n_steps: int, lam_dim: int = 0,
+                eps: float = 1e-5, noise_eps: float = 1e-3) -> tuple:
+    """SDTT's ancestral sampler (jdeschena/sdtt MultiRoundSDTT.sample, sampler="ancestral"; the
+    authors' Di4C copy is the same), step for step, for comparing with their numbers:
+
+    times linspace(1, eps, N + 1) in float32; log-linear noise, move chance
+    m(t) = 1 - exp(log1p(-(1 - noise_eps) t)); at t = t_k, with dt = (1 - eps) / N,
+    q = p_{0|t}(x) (m(t) - m(t - dt)) and q[MASK] = m(t - dt); each [MASK] takes
+    argmax q / (1e-10 - log(u + 1e-10)), u ~ U[0, 1) in float32 from torch's global RNG
+    (revealed tokens stay); if a [MASK] is left, one more NFE at t = eps takes the argmax over
+    the tokens. p_{0|t} is SUBS normalised as SDTT does (logits - logsumexp). A Di4C student gets
+    lambda ~ U[0, 1] per sample at every NFE, drawn on the CPU before the noise, as the authors'
+    network draws it inside its forward. Our sampler (core.ancestral_sample) draws in float64
+    from a generator instead. Returns (x_0 (B, D) long, NFE).
+    """
+    B, dev, mask_id = x_T.shape[0], x_T.device, net.mask_id
+    ts = torch.linspace(1.0, eps, n_steps + 1)                              # float32, CPU
+    dt = (1 - eps) / n_steps
+
+    def move_chance(t):                                                       # (B,) float32
+        return 1 - torch.exp(-(-torch.log1p(-(1 - noise_eps) * t)))
+
+    def step(x, i):
+        lam = torch.rand(B, lam_dim).to(dev) if lam_dim else None             # (B, 1)
+        logits = net(x, None, lam).float()                                    # (B, D, S)
+        p0 = (logits - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        t = ts[i] * torch.ones(B, device=dev)
+        m_t, m_s = move_chance(t), move_chance(t - dt)
+        q = p0 * (m_t - m_s)[:, None, None]
+        q[:, :, mask_id] = m_s[:, None]
+        return q
+
+    x = x_T
+    for i in range(n_steps):
+        q = step(x, i)
+        update = (q / (1e-10 - (torch.rand_like(q) + 1e-10).log())).argmax(-1)   # (B, D)
+        x = torch.where(x != mask_id, x, update)
+    if not (x == mask_id).any():
+        return x, n_steps
+    q = step(x, n_steps)
+    q[:, :, mask_id] = -float("inf")
+    return torch.where(x != mask_id, x, q.argmax(-1)), n_steps + 1

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import imagenet_masked as m
+from pretrained import maskgit
 from pretrained.maskgit import maskgit_to_ours
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -51,16 +52,16 @@ def test_upstream_sampler_draws_upstreams_tokens(name):
     fx, net, lam_dim = load(name)
     s = fx["sample"]
     variant = "di4c" if name.startswith("di4c") else "maskgit"
-    cfg = m.make_config(m.Config, preset="smoke", sm_temp=s["sm_temp"], r_temp=s["r_temp"],
-                        sampler=variant)
+    sche = (maskgit.upstream_schedule(s["step"], net.D) if variant == "maskgit"
+            else m.reveal_counts(s["step"], net.D))
     g = torch.Generator().manual_seed(s["seed"])
     rng = np.random.RandomState(s["seed"])
-    codes = m.maskgit_sample_upstream(cfg, net, lam_dim, s["labels"], s["step"], s["w"], g, rng,
-                                      variant=variant)
+    codes = maskgit.sample(net, lam_dim, s["labels"], sche, s["w"], s["sm_temp"], s["r_temp"], g,
+                           rng, variant=variant)
     assert torch.equal(codes, s["codes"])
-    other = m.maskgit_sample_upstream(cfg, net, lam_dim, s["labels"], s["step"], s["w"],
-                                      torch.Generator().manual_seed(s["seed"] + 1),
-                                      np.random.RandomState(s["seed"] + 1), variant=variant)
+    other = maskgit.sample(net, lam_dim, s["labels"], sche, s["w"], s["sm_temp"], s["r_temp"],
+                           torch.Generator().manual_seed(s["seed"] + 1),
+                           np.random.RandomState(s["seed"] + 1), variant=variant)
     assert not torch.equal(other, s["codes"])                       # the draws matter
 
 
@@ -69,14 +70,15 @@ def test_upstream_schedule():
     one case by hand. (The golden-file sampler test checks it at the fixture's sizes.)"""
     # arccos(r) / (pi / 2) at r = 1, 2/3, 1/3, 0: 0, 0.5354, 0.7837, 1 (sum 2.3191); x 16 / sum:
     # 0, 3.69, 5.41, 6.90, rounded 0, 4, 5, 7; the 0 raised to 1; the last gives back the excess
-    assert m.upstream_schedule(4, 16) == [1, 4, 5, 6]
-    assert m.upstream_schedule(12, 256)[0] == 1 and sum(m.upstream_schedule(12, 256)) == 256
-    assert all(n >= 1 and sum(m.upstream_schedule(k, 16)) == 16
-               for k in range(2, 9) for n in m.upstream_schedule(k, 16))
+    assert maskgit.upstream_schedule(4, 16) == [1, 4, 5, 6]
+    assert maskgit.upstream_schedule(12, 256)[0] == 1
+    assert sum(maskgit.upstream_schedule(12, 256)) == 256
+    assert all(n >= 1 and sum(maskgit.upstream_schedule(k, 16)) == 16
+               for k in range(2, 9) for n in maskgit.upstream_schedule(k, 16))
     with pytest.raises(SystemExit, match="2 or more steps"):
-        m.upstream_schedule(1, 16)
+        maskgit.upstream_schedule(1, 16)
     with pytest.raises(SystemExit, match="cannot reveal 16 tokens"):
-        m.upstream_schedule(19, 16)
+        maskgit.upstream_schedule(19, 16)
 
 
 def test_released_checkpoints_load_through_load_model(tmp_path):

@@ -92,13 +92,13 @@ def test_sdtt_sampler_draws_the_upstream_tokens():
         x_T = torch.full(run["tokens"].shape, net.mask_id)
         torch.manual_seed(run["seed"])
         with torch.no_grad():
-            tokens, nfe = m.sdtt_sample(net, x_T, run["steps"], lam_dim=int(run["is_di4c"]))
+            tokens, nfe = mdlm.sdtt_sample(net, x_T, run["steps"], lam_dim=int(run["is_di4c"]))
         assert torch.equal(tokens, run["tokens"]), (run["is_di4c"], run["steps"])
         assert (tokens != net.mask_id).all() and nfe in (run["steps"], run["steps"] + 1)
     # a different seed draws different tokens (the comparison above is not vacuous)
     torch.manual_seed(run["seed"] + 1)
     with torch.no_grad():
-        assert not torch.equal(m.sdtt_sample(net, x_T, run["steps"])[0], run["tokens"])
+        assert not torch.equal(mdlm.sdtt_sample(net, x_T, run["steps"])[0], run["tokens"])
 
 
 def test_safetensors_reader_matches_the_library_file():
