@@ -118,8 +118,7 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    # 8x8 digits bundled with scikit-learn: S = 17, D = 64. time_base 0.3 puts full noise near t = 1
-    # (the paper's 3 fully noises 17 levels by t ~ 0.3; see README "time scale").
+    # 8x8 digits bundled with scikit-learn: S = 17, D = 64; why each value: docs/cifar10.md
     "demo": dict(dataset="digits", flip=False, S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
                  ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=1500,
                  teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=400,

@@ -2,29 +2,20 @@
 Di4C - Distillation of Discrete Diffusion through Dimensional Correlations.
 Hayakawa, Takida, Imaizumi, Wakaki, Mitsufuji. ICML 2025. arXiv:2410.08709 (v4).
 
-Domain-agnostic core: one torch-only file, meant to be read beside the paper and copied into
-other projects. Equation numbers "(n)" refer to docs/method.md, which derives every formula
-below and maps it to the paper.
+One torch-only file, read beside the paper and copied into other projects. "(n)" is an equation
+of docs/method.md, which derives each formula; its §11 maps them to the paper's sections.
 
-Notation (used in every shape comment below)
-    B  batch size            D  number of discrete dimensions (pixels, image tokens, text tokens)
-    S  states per dimension (includes [MASK] for the absorbing process)
-    L  lambda-samples per x_t (the "lambda-batch")       k  dimension of lambda (1 in the paper)
-    psi / theta  teacher / student;  times 0 <= s < u < t <= 1, t = 1 is noise;  small time tau
-    x_t: (B, D) long;  logits: (..., D, S);  log_p_*: log-probabilities (float32 or float64)
+Shapes: B batch, D dimensions (pixels, tokens), S states per dimension ([MASK] included), L
+lambda-samples per x_t (the "lambda-batch"), k = 1 the dimension of lambda; psi / theta the
+teacher / student; times 0 <= s < u < t <= 1 (t = 1 is noise). x_t (B, D) long; logits
+(..., D, S); log_p_*: log-probabilities.
 
-Denoiser signature (teacher and student alike)
-    denoiser(x_t (N, D) long, t (N,) float, lam (N, k) float | None, cond (N, ...) | None)
-        -> logits (N, D, S)
-The logits are unnormalised log-probabilities of x0 given x_t (an "x0-prediction"). A product
-network ignores lam; `cond` carries class labels or anything else the network is conditioned on,
-and is repeated with x_t whenever rows are (never inferred from row counts). The mixture student
-    p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]^k} prod_d p^{theta,d}_{0|t}(x0^d | x_t; lambda)
-has every expectation over lambda estimated with L draws (12).
-
-Sections below: processes and posteriors (1)-(9); the mixture student (12)-(14); estimators
-J^, log m^, C^, K (15)-(19); loss terms (23)-(28); variants and the Di4C objective (29)-(30);
-teachers and the student's initialisation (14), (35); samplers (36)-(38).
+A denoiser (teacher or student) is any callable
+    denoiser(x_t (N, D) long, t (N,) float, lam (N, k) | None, cond (N, ...) | None)
+        -> logits (N, D, S) of x0 given x_t (an "x0-prediction").
+A product network ignores lam; `cond` (labels, ...) is repeated with x_t whenever rows are. The
+mixture student p^theta_{0|t}(x0 | x_t) = E_{lambda ~ U[0,1]} prod_d p^{theta,d}_{0|t}(x0^d | x_t;
+lambda) has every expectation over lambda estimated with L draws (12).
 """
 import math
 from typing import Callable, Optional
@@ -40,7 +31,7 @@ from torch import Tensor
 
 def sample_categorical(log_p: Tensor, generator: Optional[torch.Generator] = None,
                        chunk: int = 1 << 24) -> Tensor:
-    """Draw one state per row from Cat(softmax(log_p)) by Gumbel-max in float64.
+    """Draw one state per row from Cat(softmax(log_p)) by Gumbel-max in float64 (36; ours).
 
     float32 Gumbel noise lowers the effective temperature (Zheng et al., arXiv 2409.02908;
     (36)), so the noise and the comparison are done in float64, in chunks of about `chunk`
@@ -87,7 +78,8 @@ def _per_row(t: Tensor, B: int, device) -> Tensor:
 
 
 class CTMCProcess:
-    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (tauLDR; (4)-(5)).
+    """Time-inhomogeneous CTMC with generator beta(t) R per dimension (4)-(5); tauLDR's process,
+    paper Sec. 5.1.
 
     Q_{t|s} = expm((beta_bar(t) - beta_bar(s)) R), computed in float64 by scaling-and-squaring
     (stable for any R, reversible or not), clamped at 0 and renormalised. Times that repeat in a
@@ -153,7 +145,8 @@ class CTMCProcess:
 
 
 class MaskedProcess:
-    """Absorbing process: each token is [MASK] at time t with probability m(t) (6)-(8).
+    """Absorbing process: each token is [MASK] at time t with probability m(t) (6)-(8); paper
+    Sec. 5.2 (MaskGIT) and 5.3 (MDLM).
 
     m: t (N,) -> mask probability (N,), increasing, m(0) = 0, m(1) = 1 (up to eps). MDLM's
     log-linear schedule is m(t) = (1 - eps) t; MaskGIT's arccos schedule is arccos(1 - t) / (pi/2).
@@ -228,7 +221,7 @@ class MaskedProcess:
 
 
 def draw_lambda(n: int, k: int = 1, generator=None, device=None) -> Tensor:
-    """lambda ~ U[0,1]^k, one row per network call (12). Returns (n, k) float32."""
+    """lambda ~ U[0,1]^k, one row per network call (12; paper: mixture model). (n, k) float32."""
     return torch.rand(n, k, generator=generator, device=device)
 
 
@@ -244,8 +237,9 @@ def log_probs(logits: Tensor) -> Tensor:
 
 def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: int = 1,
                       generator=None, lam: Optional[Tensor] = None, cond=None) -> Tensor:
-    """log p^{theta,d}_{0|t}(. | x_t; lambda_l) on the lambda-batch (L copies of each x_t, each
-    with its own lambda): (B, L, D, S). x (B, D); t (B,); lam (B*L, k) or None; cond (B, ...)."""
+    """log p^{theta,d}_{0|t}(. | x_t; lambda_l) on the lambda-batch (12)-(13; paper: mixture
+    model): L copies of each x_t, each with its own lambda. x (B, D); t (B,); lam (B*L, k) or
+    None; cond (B, ...). Returns (B, L, D, S)."""
     B, D = x.shape
     lam = draw_lambda(B * L, lam_dim, generator, x.device) if lam is None else lam
     logits = student(repeat_batch(x, L), repeat_batch(t, L), lam, repeat_batch(cond, L))
@@ -253,7 +247,8 @@ def student_log_probs(student: Callable, x: Tensor, t: Tensor, L: int, lam_dim: 
 
 
 def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
-    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood (15).
+    """J^(y) = logsumexp_l sum_d log p_l^d(y^d) - log L, the mixture log-likelihood (15; paper:
+    method, estimation).
     log_p (B, L, D, S); y (B, D) or (B, M, D) long (M configurations per x_t) -> (B,) or (B, M)."""
     B, L, D, S = log_p.shape
     y3 = y[:, None] if y.dim() == 2 else y                             # (B, M, D)
@@ -265,7 +260,8 @@ def mixture_joint_loglik(log_p: Tensor, y: Tensor) -> Tensor:
 
 
 def mixture_marginal_logp(log_p: Tensor) -> Tensor:
-    """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals (16).
+    """log m^d(a) = logsumexp_l log p_l^d(a) - log L, per-dimension mixture marginals (16; paper:
+    method, estimation).
     log_p (B, L, D, S) -> (B, D, S)."""
     return torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
 
@@ -273,7 +269,8 @@ def mixture_marginal_logp(log_p: Tensor) -> Tensor:
 def cv_loglik(log_p: Tensor, y: Tensor, control_variate: bool = True,
               log_m: Optional[Tensor] = None) -> Tensor:
     """C^(y) = J^(y) - sum_d log m^d(y^d): the log-likelihood minus its dimension-wise control
-    variate (17); E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) = KL(pi || p) exactly (19).
+    variate (17; paper: method, control variate); E_pi[-C^] + sum_d KL(pi^d || m^d) + TC(pi) =
+    KL(pi || p) exactly (19).
     control_variate=False returns J^(y) itself. log_p (B, L, D, S); y (B, D) or (B, M, D);
     log_m (B, D, S) to reuse. Returns (B,) or (B, M)."""
     J = mixture_joint_loglik(log_p, y)
@@ -300,29 +297,34 @@ def marginal_kl(log_pi: Tensor, log_m: Tensor) -> Tensor:
 
 def data_loss_cor(log_p_student: Tensor, x0: Tensor, control_variate: bool = True,
                   log_m: Optional[Tensor] = None) -> Tensor:
-    """-C^(x0) for real data x0 (the plain mixture NLL -J^(x0) without the control variate). (B,)"""
+    """-C^(x0) for real data x0 (23; paper: method, losses); the plain mixture NLL -J^(x0)
+    without the control variate. (B,)"""
     return -cv_loglik(log_p_student, x0, control_variate, log_m)
 
 
 def data_loss_indep(log_p_teacher: Tensor, log_m: Tensor) -> Tensor:
-    """K(p^psi_{0|t}(.|x_t) || m^): the teacher's marginals stand in for the data's (24). (B,)"""
+    """K(p^psi_{0|t}(.|x_t) || m^): the teacher's marginals stand in for the data's (24; paper:
+    method, losses). (B,)"""
     return marginal_kl(log_p_teacher, log_m)
 
 
 def consis_loss_cor(log_p_student: Tensor, y: Tensor, control_variate: bool = True,
                     log_m: Optional[Tensor] = None) -> Tensor:
-    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t) (25).
+    """-(1/L) sum_i C^(y_i), y_i ~ p^theta_{0|u}(.|x_u^(i)), x_u^(i) ~ p^psi_{u|t}(.|x_t) (25;
+    paper: method, losses).
     y: (B, L, D). Returns (B,)."""
     return -cv_loglik(log_p_student, y, control_variate, log_m).mean(1)
 
 
 def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
-    """K(m-bar' || m^), m-bar' = (1/L) sum_i p^theta_{0|u}(.|x_u^(i); lambda'_i), detached. (B,)"""
+    """K(m-bar' || m^), m-bar' = (1/L) sum_i p^theta_{0|u}(.|x_u^(i); lambda'_i), detached (26;
+    paper: method, losses). (B,)"""
     return marginal_kl(mixture_marginal_logp(log_p_target).detach(), log_m)
 
 
 def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
-    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27), an upper
+    """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27; paper:
+    method, losses), an upper
     bound of KL(teacher || mixture). log_p_teacher (B, D, S); log_p_student (B, L, D, S) -> (B,)."""
     return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
 
@@ -337,7 +339,7 @@ VARIANTS = ("tauldr", "maskgit", "sdtt")
 
 def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
                     alpha_const: Optional[float] = None) -> dict:
-    """Per-row weights of the Di4C terms in one of the paper's three variants (30): tauldr
+    """Per-row weights of the Di4C terms in one of the paper's three variants (30)-(33): tauldr
     (Sec. 5.1) distils on a separate small-time x_tau, consistency everywhere, alpha_const 1;
     maskgit (5.2) reuses x_t, distil weight 1[t <= delta] / delta, consistency where t > delta,
     alpha_const 0.1 ("di4c-d"; 0 is "di4c"); sdtt (5.3) reuses x_t, distil 1[t < delta],
@@ -390,7 +392,8 @@ def make_teacher(teacher: Callable, step: Callable, lam_dim: int = 0, L: int = 1
 
 
 def is_lam_param(name: str) -> bool:
-    """The lambda path of a student network: every parameter with a "lam_*" name component."""
+    """The lambda path of a student network (14; ours): every parameter with a "lam_*" name
+    component."""
     return any(part.startswith("lam_") for part in name.split("."))
 
 
@@ -410,7 +413,8 @@ def lam_param_groups(model: nn.Module, lr: float, mult: float = 1.0) -> list:
 
 
 def student_from_teacher(student: nn.Module, teacher_state: dict) -> nn.Module:
-    """Load the teacher's weights into a student strictly; its lambda path stays fresh (14).
+    """Load the teacher's weights into a student strictly; its lambda path stays fresh, so the
+    student starts equal to the teacher (14; ours, the authors start from a random lambda token).
 
     Every non-lambda key of the student must come from the teacher with the same shape and the
     teacher may not have keys the student lacks (a round-1 student used as teacher passes on its
@@ -456,17 +460,15 @@ def eval_target(net: nn.Module) -> Callable:
 
 def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, *,
               weights: dict, teacher_marginal: Callable, teacher_step: Callable, L: int = 16,
-              lam_dim: int = 1, cond=None, student_target: Optional[Callable] = None,
-              x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
+              lam_dim: int = 1, cond=None, x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
               control_variate: bool = True, generator=None) -> tuple:
-    """Di4C loss per x_t (29):
+    """Di4C loss per x_t (29), the paper's objective (method: losses; Sec. 5.1-5.3 variants):
         w_distil distil + alpha data_cor + data_indep + w_consis (consis_cor + consis_indep).
 
     weights: variant_weights(name, t, ...) or an explicit dict of that form; distil_on "tau"
     requires x_tau, tau (a separate small-time sample), "x_t" reuses x_t.
     Gradients (docs/method.md §6): only the student at (x_t, t) and at (x_tau, tau) gets them; the
-    teacher, x_u, y and the student at (x_u, u) (`student_target`, default eval_target(student))
-    run under no_grad. The L lambdas at t serve both data and consistency terms. Every term is
+    teacher, x_u, y and the student at (x_u, u) (eval_target(student)) run under no_grad. The L lambdas at t serve both data and consistency terms. Every term is
     computed for every row (no host-device sync); zero weights switch terms off. Without the
     control variate the correlation terms become -J^ and the marginal terms are dropped.
     Args: x0, x_t (B, D) long; t, u (B,) with u < t; cond (B, ...) or None.
@@ -476,7 +478,7 @@ def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, 
     if (weights["distil_on"] == "tau") != (x_tau is not None and tau is not None):
         raise ValueError(f"distil_on={weights['distil_on']!r} needs x_tau and tau exactly when "
                          "it is 'tau'")
-    target = eval_target(student) if student_target is None else student_target
+    target = eval_target(student)
     cv, zero = control_variate, torch.zeros(B, device=x_t.device)
 
     if x_tau is None:
@@ -521,12 +523,14 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
                      lam_dim: int = 0, cond=None, teacher: Optional[Callable] = None,
                      n_teacher: int = 0, teacher_lam_dim: int = 0, final_nfe: bool = True,
                      reuse_unchanged: bool = False, generator=None) -> tuple:
-    """N-step ancestral sampling with the analytic product step, mixture and hybrid (37)-(38).
+    """N-step ancestral sampling with the analytic product step, mixture and hybrid (37)-(38);
+    paper Sec. 5.1 (tauLDR's sampler) and 5.3 (MDLM's).
 
     times (K+1,) decreasing. NFE k < K runs the network at t_k and draws x_{t_{k+1}}; with
     final_nfe (if process.needs_final) one more NFE at t_K returns process.final: tauLDR's N-NFE
     sampler is times = linspace(1, 0.01, N), MDLM's linspace(1, 1e-5, N + 1). A mixture
-    (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher` (a mixture too: teacher_lam_dim > 0, multi-round);
+    (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher`
+    (a mixture too: teacher_lam_dim > 0, multi-round);
     reuse_unchanged re-runs a product network only on rows whose x changed (networks without a
     time input only).
     cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""

@@ -155,15 +155,7 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    # 8x8 digits bundled with scikit-learn, 17 grey levels as tokens (D = 64, S = 18), conditioned
-    # on 5 pair labels {0,1}, {2,3}, ... (label_div 2): with the 10 digit labels a converged
-    # teacher has no few-step gap (README), with pairs the digit is a global choice that a
-    # product step cannot make consistently. r_temp 20: MaskGIT's 4.5 gets worse with more steps
-    # on 64 tokens (nearly greedy reveals). Dropout 0: with 0.1 this small teacher stays far
-    # worse (FD 12.8 vs 2.6 at 16 steps, 3,000 steps each); 5,000 steps: with 3,000 the control
-    # (plain fine-tuning) still gained. alpha_const 1 (tauLDR's value; MaskGIT's 0.1 gave the
-    # student a gain at 2 steps only, README). 16 images per Di4C step: with 8 the 4-step gain
-    # depended on the training seed.
+    # the 8x8 digits as 64 pixel tokens, 5 digit-pair labels; why each value: docs/imagenet.md
     "demo": dict(out_dir="runs/imagenet_demo", dataset="digits", label_div=2, img_size=8,
                  tokenizer="pixels", n_layer=3, n_embd=64, n_head=4, mlp_dim=256, dropout=0.0,
                  teacher_iters=5000, batch_size=64, teacher_lr=1e-3, warmup=100,

@@ -137,11 +137,7 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    # the whole story on 2 CPU cores: CPython's bundled docs, exact GPT-2 BPE, remapped ids;
-    # T = D = 32 so that one teacher step reveals about one token, as T = D = 1024 does in SDTT;
-    # delta = 1.5 / T so that the first grid point is in the distillation region;
-    # the teacher's LR decays to 0 (teacher_cosine): with 1,500 steps at a constant LR the
-    # control (plain MDLM fine-tuning) beat the student, i.e. the teacher was not converged
+    # CPython's bundled docs, exact GPT-2 BPE, remapped ids; why each value: docs/owt.md
     "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", teacher_ckpt="", seq_len=32, val_docs=8,
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
                  teacher_iters=4000, judge_iters=600, batch_size=32, teacher_lr=1e-3,
