@@ -118,8 +118,9 @@ class Config:
 
 PRESETS = {
     "paper": {},
-    # 8x8 digits bundled with scikit-learn: S = 17, D = 64; why each value: docs/cifar10.md
-    "demo": dict(dataset="digits", flip=False, S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
+    # 8x8 patches of scikit-learn's two photographs (digits: --dataset digits): S = 17, D = 64;
+    # why each value: docs/cifar10.md
+    "demo": dict(dataset="photos", flip=False, S=17, rate_sigma=1.5, q_sigma=34.0, time_base=0.3, ch=32,
                  ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, teacher_iters=1500,
                  teacher_batch=64, teacher_lr=1e-3, nll_weight=100.0, distil_iters=400,
                  batch_size=8, L=16, lr=2e-4, lam_lr_mult=10.0, ema_decay=0.99, control_iters=-1,
