@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import di4c_core as core
-from eval import results_table
+from eval import plot, results_table
 
 # -----------------------------------------------------------------------------
 # Config (defaults = the paper preset; --preset demo / smoke override a few fields)
@@ -702,31 +702,6 @@ def check_round(cfg, lam_T: int):
     if lam_T and cfg.control_iters:
         raise SystemExit("error: the control fine-tunes a product teacher with its own loss; a "
                          "Di4C student as teacher (another round) has none: add --control_iters 0")
-
-
-def plot_quality(cfg, rows: list, key: str, lower_is_better: bool = True):
-    """out_dir/quality_vs_steps.png: `key` against NFE (log scale), a line per model (and per
-    CFG weight or sample kind where the rows have one). rows: the metrics.json "results"."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lines = {}
-    for r in rows:
-        label = r["model"] + "".join(f" {k}={r[k]}" for k in ("w", "kind") if k in r)
-        lines.setdefault(label, []).append((r["nfe"], r[key]))
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("NFE (network calls per sample)")
-    ax.set_ylabel(f"{key} ({'lower' if lower_is_better else 'higher'} is better)")
-    ax.set_title(f"{os.path.basename(__file__)} --preset {cfg.preset}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "quality_vs_steps.png"), dpi=120)
-    plt.close(fig)
 
 
 # End of the infrastructure block.
@@ -1596,7 +1571,8 @@ def stage_eval(cfg: Config, ctx: Ctx, meta: dict):
                 for label, r in res.items()]
         update_metrics(cfg, ctx, {"eval": res, "latency": lat, "results": rows, "primary": key,
                                   "speedup": results_table.speedups(rows, key)})
-        plot_quality(cfg, rows, key)
+        plot.plot_quality(cfg.out_dir, f"{os.path.basename(__file__)} --preset {cfg.preset}",
+                          rows, key)
         print_table(res, lat)
     ctx.barrier()
 
