@@ -324,13 +324,14 @@ def consis_loss_indep(log_p_target: Tensor, log_m: Tensor) -> Tensor:
 
 def distil_loss(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
     """(1/L) sum_l sum_d KL(p^{psi,d}_{0|tau} || p^{theta,d}_{0|tau}(.; lambda_l)) (27; paper:
-    method, losses), an upper
-    bound of KL(teacher || mixture). log_p_teacher (B, D, S); log_p_student (B, L, D, S) -> (B,)."""
+    method, losses), an upper bound of KL(teacher || mixture). log_p_teacher (B, D, S);
+    log_p_student (B, L, D, S) -> (B,)."""
     return marginal_kl(log_p_teacher[:, None], log_p_student).mean(1)
 
 
 def alpha_t(t: Tensor, const: float = 1.0) -> Tensor:
-    """Weight of data_loss_cor, const * sigmoid(20 (t - 1/2)) (28; paper Sec. 4.3)."""
+    """Weight of data_loss_cor, const * sigmoid(20 (t - 1/2)) (28; the authors' code for the
+    paper's Sec. 5.1-5.3)."""
     return const * torch.sigmoid(20 * (t - 0.5))
 
 
@@ -365,7 +366,7 @@ def variant_weights(variant: str, t: Tensor, delta: float = 0.0,
 
 def make_teacher(teacher: Callable, step: Callable, lam_dim: int = 0, L: int = 16) -> tuple:
     """(teacher_marginal, teacher_step) for di4c_loss from a denoiser and its sampling step
-    (24)-(26), (35); paper Sec. 4.2 and App. on multi-round distillation.
+    (24)-(26), (35); a mixture teacher is the paper's multi-round "di4c^2" (Sec. 5.3).
 
     step(log_p0 (N, D, S), x_t (N, D), t, u, generator) -> x_u: one step of the teacher's sampler,
         e.g. process.step (the analytic posterior) or MaskGIT's confidence step.
@@ -460,17 +461,18 @@ def eval_target(net: nn.Module) -> Callable:
 
 def di4c_loss(student: Callable, x0: Tensor, x_t: Tensor, t: Tensor, u: Tensor, *,
               weights: dict, teacher_marginal: Callable, teacher_step: Callable, L: int = 16,
-              lam_dim: int = 1, cond=None, x_tau: Optional[Tensor] = None, tau: Optional[Tensor] = None,
-              control_variate: bool = True, generator=None) -> tuple:
+              lam_dim: int = 1, cond=None, x_tau: Optional[Tensor] = None,
+              tau: Optional[Tensor] = None, control_variate: bool = True, generator=None) -> tuple:
     """Di4C loss per x_t (29), the paper's objective (method: losses; Sec. 5.1-5.3 variants):
         w_distil distil + alpha data_cor + data_indep + w_consis (consis_cor + consis_indep).
 
     weights: variant_weights(name, t, ...) or an explicit dict of that form; distil_on "tau"
     requires x_tau, tau (a separate small-time sample), "x_t" reuses x_t.
     Gradients (docs/method.md §6): only the student at (x_t, t) and at (x_tau, tau) gets them; the
-    teacher, x_u, y and the student at (x_u, u) (eval_target(student)) run under no_grad. The L lambdas at t serve both data and consistency terms. Every term is
-    computed for every row (no host-device sync); zero weights switch terms off. Without the
-    control variate the correlation terms become -J^ and the marginal terms are dropped.
+    teacher, x_u, y and the student at (x_u, u) (eval_target(student)) run under no_grad. The L
+    lambdas at t serve both data and consistency terms. Every term is computed for every row (no
+    host-device sync); zero weights switch terms off. Without the control variate the
+    correlation terms become -J^ and the marginal terms are dropped.
     Args: x0, x_t (B, D) long; t, u (B,) with u < t; cond (B, ...) or None.
     Returns (loss (B,), terms: dict of detached (B,) tensors, unweighted).
     """
@@ -530,10 +532,9 @@ def ancestral_sample(process, x_T: Tensor, times: Tensor, denoiser: Callable, *,
     final_nfe (if process.needs_final) one more NFE at t_K returns process.final: tauLDR's N-NFE
     sampler is times = linspace(1, 0.01, N), MDLM's linspace(1, 1e-5, N + 1). A mixture
     (lam_dim > 0) gets a fresh lambda per sample per NFE; the last n_teacher NFEs use `teacher`
-    (a mixture too: teacher_lam_dim > 0, multi-round);
-    reuse_unchanged re-runs a product network only on rows whose x changed (networks without a
-    time input only).
-    cond (B, ...) goes to every call. Returns (x_0 (B, D) long, NFEs)."""
+    (a mixture too: teacher_lam_dim > 0, multi-round); reuse_unchanged re-runs a product network
+    only on rows whose x changed (networks without a time input only). cond (B, ...) goes to
+    every call. Returns (x_0 (B, D) long, NFEs)."""
     B = x_T.shape[0]
     K = times.numel() - 1
     n_total = K + int(final_nfe)

@@ -1119,6 +1119,15 @@ def reveal_counts(K_steps: int, D: int) -> list:
     return counts.tolist()
 
 
+def sampler_schedule(cfg: Config, n_steps: int, D: int) -> list:
+    """Tokens revealed at each step by --sampler: MaskGIT-pytorch's schedule for "maskgit",
+    reveal_counts (39) for ours and the authors' "di4c"."""
+    if cfg.sampler == "maskgit":
+        from pretrained import maskgit
+        return maskgit.upstream_schedule(n_steps, D)
+    return reveal_counts(n_steps, D)
+
+
 def confidence_reveal(x: torch.Tensor, log_p: torch.Tensor, n: torch.Tensor,
                       noise: torch.Tensor, mask_id: int, generator=None) -> torch.Tensor:
     """One MaskGIT step: sample every token, reveal the n most confident masked ones.
@@ -1360,10 +1369,8 @@ def generate(cfg: Config, ctx: Ctx, net, lam_dim: int, y: torch.Tensor, n_steps:
             y_i = mine[i:i + cfg.sample_batch].to(ctx.device)
             if cfg.sampler != "ours":     # MaskGIT-pytorch's / the authors' sampler, exactly
                 from pretrained import maskgit
-                sche = (maskgit.upstream_schedule(n_steps, net.D) if cfg.sampler == "maskgit"
-                        else reveal_counts(n_steps, net.D))
-                x = maskgit.sample(net, lam_dim, y_i, sche, w, cfg.sm_temp, cfg.r_temp, g, rng,
-                                   uncond, cfg.sampler)
+                x = maskgit.sample(net, lam_dim, y_i, sampler_schedule(cfg, n_steps, net.D), w,
+                                   cfg.sm_temp, cfg.r_temp, g, rng, uncond, cfg.sampler)
             else:
                 x = maskgit_sample(cfg, net, lam_dim, y_i, n_steps, w, g, uncond)
             out.append(x.cpu())
@@ -1607,11 +1614,7 @@ def check(cfg: Config):
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     D = 64 if cfg.tokenizer == "pixels" else (cfg.img_size // 2 ** (len(cfg.vq_ch_mult) - 1)) ** 2
     for n in cfg.steps + cfg.student_steps:      # the schedule's own one-line errors, up front
-        if cfg.sampler == "maskgit":
-            from pretrained import maskgit
-            maskgit.upstream_schedule(n, D)
-        else:
-            reveal_counts(n, D)
+        sampler_schedule(cfg, n, D)
     if any(not w >= 0 for w in cfg.cfg_ws):      # may be empty (no sweep), unlike LIMITS lists
         raise SystemExit(f"error: --cfg_ws must be values in [0, inf]; got {cfg.cfg_ws}")
 

@@ -718,6 +718,12 @@ OWT_EXPORT = ("python -m venv /tmp/owt_export && /tmp/owt_export/bin/pip install
               "for i in range(64)]\"")
 
 
+def data_files(cfg: Config) -> list:
+    """The files that --data_files (comma-separated globs) matches, sorted, each once."""
+    return sorted({f for pat in cfg.data_files.split(",") if pat.strip()
+                   for f in glob.glob(os.path.expanduser(pat.strip()))})
+
+
 def load_documents(cfg: Config):
     """A `datasets.Dataset` with a "text" column, from local files, pydoc_data or the HF hub.
 
@@ -728,8 +734,7 @@ def load_documents(cfg: Config):
     """
     import datasets
     if cfg.data_files:
-        files = sorted({f for pat in cfg.data_files.split(",") if pat.strip()
-                        for f in glob.glob(os.path.expanduser(pat.strip()))})
+        files = data_files(cfg)
         if not files:
             raise SystemExit(f"error: --data_files {cfg.data_files!r} matched no file")
         builders = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -741,9 +746,9 @@ def load_documents(cfg: Config):
         try:
             ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
         except Exception as e:
+            last = (str(e).strip().splitlines() or [""])[-1][:200]
             raise SystemExit(f"error: could not read --data_files {cfg.data_files!r} as {kind} "
-                             f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]})"
-                             ) from None
+                             f"({type(e).__name__}: {last})") from None
     elif cfg.dataset == "pydoc":
         import pydoc_data.topics
         topics = pydoc_data.topics.topics
@@ -1568,8 +1573,7 @@ def run_needs(cfg: Config) -> list:
                   f"download it: {SDTT7_GET}; or --teacher_ckpt '' trains MDLM from scratch")
                  if problem.startswith("--teacher_ckpt") else (problem, fix)
                  for problem, fix in needs]
-    files = [f for p in cfg.data_files.split(",") if p.strip()
-             for f in glob.glob(os.path.expanduser(p.strip()))]
+    files = data_files(cfg)
     if cfg.data_files and not files:
         needs.append((f"--data_files {cfg.data_files!r} matched no file", "fix the pattern"))
     empty = [f for f in files if os.path.isfile(f) and os.path.getsize(f) == 0]

@@ -25,6 +25,7 @@ import cifar10_gaussian as cifar
 import di4c_core as core
 import imagenet_masked as imagenet
 import owt_masked as owt
+from tests.test_owt import ctx_for, smoke_cfg
 
 N_LAW = 20_000                                   # rows for the law tests
 
@@ -524,20 +525,17 @@ def test_owt_control_length_matches_the_di4c_compute():
 def test_owt_stage_sample_conditions_on_the_held_out_prefixes(tmp_path):
     """stage_sample: every prefix-conditional sample of every model starts with the first
     prefix_len tokens of its held-out block (n_cont continuations per block, in order)."""
-    ranks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                         "gpt2.tiktoken")
-    cfg = owt.make_config(owt.Config, preset="smoke", out_dir=str(tmp_path), tokenizer_file=ranks,
-                          stage="teacher")
+    cfg = smoke_cfg(tmp_path)
     for stage in ("teacher", "distill", "sample"):
         owt.main(dataclasses.replace(cfg, stage=stage))
-    ctx = owt.Ctx(0, 1, torch.device("cpu"), owt.Logger(0, str(tmp_path)), "float32")
-    corpus = owt.Corpus(cfg, ctx)
+    corpus = owt.Corpus(cfg, ctx_for(cfg))
     n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
     want = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].repeat_interleave(cfg.n_cont, 0)
     sets = [s for s in owt.sample_sets(cfg) if s[1] == "cond"]
     assert {s[0] for s in sets} == {"teacher", "student", "control"}
     for name, kind, N in sets:
-        x = torch.load(tmp_path / "samples" / f"{name}_{kind}_{N}.pt", weights_only=True)["tokens"]
+        x = torch.load(os.path.join(cfg.out_dir, "samples", f"{name}_{kind}_{N}.pt"),
+                       weights_only=True)["tokens"]
         assert x.shape[1] == cfg.prefix_len + cfg.cont_len
         assert torch.equal(x[:, :cfg.prefix_len], want), name
 
