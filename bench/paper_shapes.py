@@ -13,8 +13,10 @@ in MaskGIT-pytorch's checkpoint format, an OpenWebText-like parquet shard.
 
 Per training stage it prints: parameters, the rows it ran (global batch x L for Di4C; on a
 24 GiB CPU the lambda-batch L is reduced where the preset's does not fit: the table says so),
-CPU seconds per step and peak memory, FLOPs per step (counted with --count_flops, scaled
-linearly to the preset's global batch and L), and the projection for the preset's iteration
+CPU seconds per step and peak memory, FLOPs per step (the script runs in-process with its
+training loop instrumented: `instrumented` counts the first step's FLOPs with torch's
+FlopCounterMode and reads memory before and after each stage; scaled linearly to the preset's
+global batch and L), and the projection for the preset's iteration
 count: GPU-hours on an A100 and an H100 at UTIL of their dense peak (bf16 for bfloat16
 presets, TF32 for float32 ones), and memory per GPU when the global batch is split over the
 `gpus` of the table without --micro_batch (float32 activations, so an upper estimate under
@@ -64,7 +66,6 @@ def write_imagenet(root: str, classes: int = 10, per_class: int = 2) -> list:
     """ImageNet's layout (train/<class>/*.JPEG, val/<class>/*.JPEG) at 300x260 pixels, and a
     random-weight f16 VQGAN at the paper's sizes in MaskGIT-pytorch's checkpoint format."""
     import numpy as np
-    import torch
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -98,7 +99,7 @@ def write_openwebtext(root: str, n_docs: int = 120) -> list:
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "train-00000-of-00001.parquet")
     datasets.Dataset.from_dict({"text": docs}).to_parquet(path)
-    return ["--data_files", path, "--val_docs", "6", "--cache_dir", os.path.join(root, "cache")]
+    return ["--data_files", path, "--val_docs", "6"]
 
 
 # -----------------------------------------------------------------------------
@@ -119,9 +120,8 @@ SCRIPTS = {
         stages=("tokenize", "teacher", "distill", "sample"), gpus=2,
         bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=8,
                    control_iters=2, n_per_class=1, sample_batch=10, steps=(2,),
-                   student_steps=(2,), grid_classes=2, latency_runs=1, num_workers=0,
-                   cfg_ws=()),                   # the preset's CFG sweep: sampling only
-        narrow=dict(n_layer=1, n_embd=32, n_head=2, mlp_dim=64, vq_ch=32, L=4),
+                   student_steps=(2,), cfg_ws=(3.0,)),   # the preset's CFG sweep: sampling only
+        narrow=dict(n_layer=1, n_embd=32, n_head=2, mlp_dim=64, L=4),   # and a VQGAN of width 32
         fits={"teacher": ("teacher_iters", "batch_size", False),
               "student": ("distil_iters", "distil_batch", True),
               "control": ("control_iters", "batch_size", False)}),
@@ -129,7 +129,7 @@ SCRIPTS = {
         stages=("teacher", "distill", "sample", "eval"), gpus=2,
         bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=4,
                    control_iters=2, judge_iters=2, steps=(2,), student_steps=(2,), n_samples=2,
-                   sample_batch=2, n_prefix=1, n_cont=2, latency_runs=1,
+                   sample_batch=2, n_prefix=1,
                    judge="trained",              # GPT-2 Large is not here: the trained judge
                    teacher_ckpt=""),             # the teacher's training cost, not SDTT's file
         narrow=dict(n_layer=1, n_embd=32, n_head=2, cond_dim=16, L=1, n_samples=1,
@@ -153,20 +153,75 @@ def data_args(name: str, work: str, narrow: bool) -> list:
         return write_cifar10(os.path.join(work, "cifar10"))
     if name == "imagenet_masked":
         args = write_imagenet(os.path.join(work, "imagenet"))
-        m = importlib.import_module(name)
-        paper = m.make_config(m.Config, preset="paper",
-                              **({"vq_ch": SCRIPTS[name]["narrow"]["vq_ch"]} if narrow else {}))
+        from pretrained.taming_vqgan import VQVAE
+        m = importlib.import_module(name)            # the script reads the sizes off the file
+        paper = m.make_config(m.Config, preset="paper")
         ckpt = os.path.join(work, "vqgan_last.ckpt")
-        write_vqgan(ckpt, codes=paper.vq_codes, dim=paper.vq_dim, ch=paper.vq_ch,
-                    ch_mult=paper.vq_ch_mult, res_blocks=paper.vq_res_blocks,
-                    attn_res=paper.vq_attn_res, img_size=paper.img_size)
+        write_vqgan(ckpt, **{**VQVAE[paper.img_size], **({"ch": 32} if narrow else {})},
+                    img_size=paper.img_size)
         return args + ["--vqgan_ckpt", ckpt]
     return write_openwebtext(os.path.join(work, "openwebtext"))
 
 
+def memory_gb(peak: bool = False, reset: bool = False) -> float:
+    """This process's resident set (Linux /proc), or its peak since the last reset; reset=True
+    first hands freed heap pages back (glibc) so the next peak counts what a stage allocates."""
+    try:
+        if reset:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        status = open("/proc/self/status").read()
+    except (OSError, AttributeError):  # not Linux / not glibc
+        return float("nan")
+    return int(status.split("VmHWM:" if peak else "VmRSS:")[1].split()[0]) / 2 ** 20
+
+
+def instrumented(name: str, argv: list, record: str):
+    """Run `python <name>.py argv` in this process with its training loop (fit, accumulate)
+    wrapped: per training stage, parameters, rows, seconds per step (after the first), memory
+    before the first step and the peak, FLOPs of the first step; merged into the JSON `record`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    m = importlib.import_module(name)
+    fit, accumulate, rec = m.fit, m.accumulate, {}
+
+    def counted(cfg, ctx, stage, *args, **kw):
+        r = rec[stage]
+        if "flops_per_step" in r:
+            out = accumulate(cfg, ctx, stage, *args, **kw)
+        else:                          # as the old in-loop accounting: after model, EMA, DDP
+            r["mem_start_gb"] = memory_gb(reset=True)
+            with FlopCounterMode(display=False) as counter:
+                out = accumulate(cfg, ctx, stage, *args, **kw)
+            r["flops_per_step"] = counter.get_total_flops()
+        r["ends"].append(time.perf_counter())
+        return out
+
+    def timed(cfg, ctx, stage, raw, loss_fn, batches, iters, lr, global_batch, **kw):
+        plan = m.batch_plan(ctx, global_batch, cfg.micro_batch)
+        rec[stage] = dict(ends=[time.perf_counter()])
+        out = fit(cfg, ctx, stage, raw, loss_fn, batches, iters, lr, global_batch, **kw)
+        ends = rec[stage].pop("ends")
+        steps = [b - a for a, b in zip(ends, ends[1:])]
+        rec[stage].update(params=sum(p.numel() for p in raw.parameters()),
+                          global_batch=global_batch, micro_rows=max(r.stop - r.start for r in plan),
+                          sec_per_step=sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1
+                          else steps[0], peak_mem_gb=memory_gb(peak=True))
+        return out
+
+    m.fit, m.accumulate = timed, counted
+    torch.manual_seed(0)
+    m.main(m.parse_config(m.Config, argv))
+    old = json.load(open(record)) if os.path.exists(record) else {}
+    json.dump({**old, **rec}, open(record, "w"), indent=1)
+
+
 def runtime_gb(name: str) -> float:
     """Resident memory of a process that has only imported the script (subtracted as overhead)."""
-    code = (f"import torch, {name} as m; print(m.memory_gb(torch.device('cpu')))")
+    code = f"import sys; sys.path[:0] = {[ROOT, os.path.join(ROOT, 'bench')]!r}; " \
+           f"import {name}, paper_shapes; print(paper_shapes.memory_gb())"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0.0
 
@@ -191,9 +246,10 @@ def run_script(name: str, work: str, narrow: bool, log) -> dict:
     out = os.path.join(work, "run")
     args = data_args(name, work, narrow)
     over = {**spec["bench"], **(spec["narrow"] if narrow else {})}
-    base = [sys.executable, f"{name}.py", "--preset", "paper", "--out_dir", out, "--device", "cpu",
-            "--dtype", "float32", "--count_flops", "true", "--log_every", "1", *args,
-            *cli_args(over)]
+    record = os.path.join(work, "train.json")
+    base = [sys.executable, os.path.join("bench", "paper_shapes.py"), "--instrument", name,
+            record, "--preset", "paper", "--out_dir", out, "--device", "cpu", "--dtype",
+            "float32", "--log_every", "1", *args, *cli_args(over)]
     stage_s = {}
     for stage in spec["stages"]:
         t0 = time.perf_counter()
@@ -204,13 +260,13 @@ def run_script(name: str, work: str, narrow: bool, log) -> dict:
             raise SystemExit(f"error: {name} --stage {stage} failed (rc {r.returncode}):\n"
                              + (r.stdout + r.stderr)[-3000:])
         log(f"  {name} --stage {stage}: ok in {stage_s[stage]:.1f} s")
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    train = json.load(open(record))
     paper = m.make_config(m.Config, preset="paper", **(spec["narrow"] if narrow else {}))
     paper_L = m.make_config(m.Config, preset="paper").L
     overhead = runtime_gb(name)
     rows = []
     for fit, (iters_key, batch_key, di4c) in spec["fits"].items():
-        t = metrics["train"][fit]
+        t = train[fit]
         iters = m.control_steps(paper) if iters_key == "control_iters" else \
             getattr(paper, iters_key)
         bench_L = over.get("L", paper_L) if di4c else 1
@@ -263,6 +319,8 @@ def markdown(results: list) -> str:
 
 
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--instrument"]:   # one stage, run by run_script
+        return instrumented(sys.argv[2], sys.argv[4:], sys.argv[3])
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--script", choices=sorted(SCRIPTS) + ["all"], default="all")

@@ -76,8 +76,8 @@ def measure_text(size: str, repeats: int) -> list:
 def measure_images(size: str, repeats: int) -> list:
     """imagenet_masked.py: MaskGIT's loss vs its Di4C loss (MaskGIT variant, class labels)."""
     preset, over, B, L = SIZES["images"][size]
-    cfg = img.make_config(img.Config, preset=preset, dropout=0.0, L=L, **over)
-    meta = ({"K": cfg.vq_codes, "grid": cfg.img_size // 16, "n_classes": 1000}
+    cfg = img.make_config(img.Config, preset=preset, dropout=(0.0, 0.0), L=L, **over)
+    meta = ({"K": 1024, "grid": cfg.img_size // 16, "n_classes": 1000}
             if preset == "paper" else {"K": 17, "grid": 8, "n_classes": 5})
     torch.manual_seed(0)
     teacher = img.build_model(cfg, meta).eval().requires_grad_(False)

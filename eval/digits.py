@@ -67,6 +67,14 @@ def load_embedded(data: str = "digits"):
     return load_digits_uint() if data == "digits" else load_photo_patches()
 
 
+def class_names(data: str = "digits", label_div: int = 1) -> list:
+    """Names of the classes label // label_div of an embedded set: the digits ("0|1", ... for
+    label_div 2), or the photo bands ("china0", ..., "flower4")."""
+    name = str if data == "digits" else lambda d: f"{('china', 'flower')[d // 5]}{d % 5}"
+    return ["|".join(name(d) for d in range(10) if d // label_div == c)
+            for c in range((9 // label_div) + 1)]
+
+
 def digits_split(data: str = "digits"):
     """Fixed 80/20 split of an embedded set (load_embedded): (train_images (1437, 8, 8),
     train_labels, test_images (360, 8, 8), test_labels) for the digits."""
@@ -202,3 +210,25 @@ def class_accuracy(clf, images, labels, label_div=1):
 def digits_frechet(clf, images_a, images_b):
     """Fréchet distance between the classifier features of two image sets (N_a and N_b images, N >= 2)."""
     return frechet_distance(digits_features(clf, images_a), digits_features(clf, images_b))
+
+
+def frechet_scorer(real, levels: int, data: str, cache_path: str):
+    """score(samples) -> {"frechet": digits_frechet to all of `real`}, with the classifier of
+    `data` (load_or_train_classifier, cached at cache_path); samples and `real` are images of
+    `levels` grey levels 0..levels-1, requantised to the embedded sets' 17."""
+    clf = load_or_train_classifier(cache_path, data=data)
+    to17 = lambda x: x if levels == 17 else (x.long() * 17 // levels).to(torch.uint8)  # noqa: E731
+    real = to17(real)
+    return lambda samples: {"frechet": digits_frechet(clf, to17(samples), real)}
+
+
+def score_sets(sets: dict, data: str, label_div: int, cache_path: str) -> dict:
+    """{label: {frechet, class_acc, steps, w}} of conditional sample sets {label: {"codes" (N, 64)
+    0..16, "labels" (N,), "steps", "w"}}: Frechet distance to all of `data` and class accuracy
+    (label_div: as class_accuracy), with `data`'s classifier cached at cache_path."""
+    clf = load_or_train_classifier(cache_path, data=data)
+    real, _ = load_embedded(data)
+    return {label: dict(frechet=digits_frechet(clf, s["codes"].view(-1, 8, 8), real),
+                        class_acc=class_accuracy(clf, s["codes"].view(-1, 8, 8), s["labels"],
+                                                 label_div),
+                        steps=s["steps"], w=s["w"]) for label, s in sets.items()}

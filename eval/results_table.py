@@ -1,4 +1,5 @@
-"""Markdown results tables from a run's metrics.json (the README's tables are made with it).
+"""Markdown results tables from a run's metrics.json (the README's tables are made with it), and
+update_metrics, which the scripts write it with.
 
     python -m eval.results_table runs/cifar10_demo [runs/imagenet_demo ...]
     python -m eval.results_table --seeds runs/cifar10_demo runs/cifar10_demo_s1 runs/cifar10_demo_s2
@@ -27,6 +28,19 @@ import sys
 
 ORDER = ("teacher", "student", "hybrid", "control")
 LOWER_IS_BETTER = {"frechet": True, "fid": True, "gen_ppl": True, "is_mean": False}
+
+
+def update_metrics(cfg, ctx, new: dict):
+    """Merge `new` into out_dir/metrics.json on rank 0, one level deep (atomic rename)."""
+    if ctx.rank != 0:
+        return
+    path = os.path.join(cfg.out_dir, "metrics.json")
+    metrics = json.load(open(path)) if os.path.exists(path) else {}
+    for k, v in new.items():
+        metrics[k] = {**metrics.get(k, {}), **v} if isinstance(v, dict) else v
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def matched_nfe(teacher: list, score: float, lower: bool = True) -> tuple:

@@ -4,12 +4,14 @@ Text metrics for owt_masked.py, as MDLM and SDTT compute them.
     gen_ppl          exp(mean over samples of the per-sample mean NLL) under a judge LM
     unigram_entropy  mean over samples of the entropy (nats) of each sample's token histogram
     self_bleu        prefix-conditional self-BLEU: 4-gram, NLTK smoothing method 1, x100
-    mauve_score      MAUVE of continuations against the real ones (optional: mauve-text)
     retokenized_gen_ppl  MDLM's protocol: samples decoded to text, re-encoded by the judge's
                      tokenizer (truncated to max_length, right-padded with EOS), token-weighted
                      mean NLL over the non-EOS tokens and the first EOS, in 1024-token windows
     gpt2_large       the judge of the papers (GPT-2 Large through `transformers`, imported
                      only when this function is called; requirements-paper.txt)
+    latency          seconds per sampler call of teacher and student, and the overhead
+    scorer           the gen-PPLs of owt_masked.py's eval stage under its --judge
+    print_table      the eval table and RESULT lines of owt_masked.py
 
 Samples are token-id tensors (N, D) long. A judge is any callable
     logits_fn(x (N, C) long, attention_mask (N, C) | None) -> (N, C, V) float logits
@@ -20,9 +22,15 @@ Di4C authors' text evaluation uses; retokenized_gen_ppl is MDLM's (diffusion.py
 compute_generative_perplexity).
 """
 import math
+import os
+import statistics
+import time
+from contextlib import nullcontext
 from typing import Callable, List, Sequence
 
 import torch
+
+from .text_data import EOT
 
 
 def gen_ppl(nll_fn: Callable, samples: torch.Tensor, start: int = 1,
@@ -137,22 +145,110 @@ def gpt2_large(device, name: str = "gpt2-large") -> Callable:
     return logits_fn
 
 
-def mauve_score(real_texts: Sequence[str], sample_texts: Sequence[str], device_id: int = -1,
-                model: str = "gpt2-large", max_text_length: int = 1024) -> float:
-    """MAUVE (Pillutla et al. 2021) of samples against real text, through the `mauve-text`
-    package (GPT-2 Large features, its default k-means quantisation), as SDTT reports it for
-    prefix-conditional continuations. Optional: `pip install mauve-text`."""
+def gpt2_large_cached() -> bool:
     try:
-        import mauve
-    except ImportError as e:
-        raise SystemExit("error: --mauve needs `pip install mauve-text`") from e
-    out = mauve.compute_mauve(p_text=list(real_texts), q_text=list(sample_texts),
-                              featurize_model_name=model, device_id=device_id,
-                              max_text_length=max_text_length, verbose=False)
-    return float(out.mauve)
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache("gpt2-large", "config.json"), str)
+
+
+def gpt2_large_needs() -> list:
+    """[(problem, fix)] for a run's preflight: offline (HF_HUB_OFFLINE=1), GPT-2 Large's weights
+    must be in the Hugging Face cache."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1" or gpt2_large_cached():
+        return []
+    return [("--judge gpt2-large needs the gpt2-large weights, which are not in the Hugging Face "
+             "cache and HF_HUB_OFFLINE=1 forbids the download",
+             "run once online: python -c \"from transformers import AutoModelForCausalLM as M; "
+             "M.from_pretrained('gpt2-large')\"")]
+
+
+def scorer(judge, corpus, device, max_length: int, batch_size: int) -> tuple:
+    """(score, key) for owt_masked.py's eval stage: score(tokens (N, D) model ids, start) ->
+    {name: gen-PPL}; key names the primary gen-PPL. judge: a logits_fn on model ids (the judge
+    trained there: "gen_ppl_judge"), or None for GPT-2 Large: SDTT's protocol on the GPT-2 ids
+    ("gen_ppl_gpt2_large") and, for unconditional sets (start 1), MDLM's retokenised one
+    ("gen_ppl_gpt2_large_retok", the primary). corpus: gpt2_ids(x), decode(row) and enc."""
+    if judge is not None:
+        nll, name, key, gpt2 = ids_nll(judge), "gen_ppl_judge", "gen_ppl_judge", None
+    else:
+        name, key = "gen_ppl_gpt2_large", "gen_ppl_gpt2_large_retok"
+        gpt2 = gpt2_large(device)
+        gpt2_nll = ids_nll(gpt2)
+        nll = lambda x: gpt2_nll(corpus.gpt2_ids(x))       # SDTT's protocol on GPT-2 ids
+
+    def score(tokens: torch.Tensor, start: int) -> dict:
+        out = {name: gen_ppl(nll, tokens, start)}
+        if gpt2 is not None and start == 1:                # MDLM's protocol, unconditional sets
+            out[key] = retokenized_gen_ppl(
+                gpt2, [corpus.decode(row) for row in tokens.tolist()],
+                lambda t: corpus.enc.encode(t, allowed_special="all"), EOT,
+                max_length=max_length, batch_size=batch_size)
+        return out
+    return score, key
 
 
 def decode_groups(samples: torch.Tensor, n_per_group: int) -> List[List[List[int]]]:
     """(P * C, D) samples, continuations of one prefix adjacent -> groups[p][c] id lists."""
     rows = samples.tolist()
     return [rows[i:i + n_per_group] for i in range(0, len(rows), n_per_group)]
+
+
+def latency(fns: dict, runs: int, device, context: Callable = nullcontext) -> dict:
+    """Seconds per call of fns["teacher"] and fns["student"] (each inside context(); mean and
+    population sd of `runs` calls after one warm-up call, CUDA-synchronised) -> {teacher_s,
+    teacher_std, student_s, student_std, overhead_pct} (the student's extra time in %)."""
+    out = {}
+    for name, fn in fns.items():
+        secs = []
+        for _ in range(runs + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with context():
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            secs.append(time.perf_counter() - t0)
+        out[f"{name}_s"], out[f"{name}_std"] = (statistics.mean(secs[1:]),
+                                                statistics.pstdev(secs[1:]))
+    out["overhead_pct"] = 100 * (out["student_s"] / out["teacher_s"] - 1)
+    return out
+
+
+def ppl_of(row: dict, key: str) -> float:
+    """A sample set's primary gen-PPL; prefix-conditional rows have only the id protocol."""
+    return row.get(key, row.get(key.replace("_retok", "")))
+
+
+def result_rows(res: dict, key: str) -> list:
+    """The eval table's rows ({"<model>_<kind>_<N>": row}) for eval/results_table.py and the plot:
+    [{model, kind, steps, nfe, gen_ppl (under key), entropy}]."""
+    return [dict(model=k.split("_")[0], kind=k.split("_")[1], steps=int(k.split("_")[2]),
+                 nfe=v["nfe"], gen_ppl=ppl_of(v, key), entropy=v["entropy"])
+            for k, v in res.items() if k != "data"]
+
+
+def print_table(res: dict, key: str):
+    """The eval table of owt_masked.py ({"data": row, "<model>_<kind>_<N>": row}; gen-PPL under
+    `key`) and a RESULT line for student vs teacher at each student step count."""
+    keys = sorted((k for k in res if k != "data"),
+                  key=lambda k: (k.split("_")[1], k.split("_")[0], int(k.split("_")[2])))
+    print(f"\n{'model':<9}{'kind':<8}{'steps':>6}{'NFE':>7}{'gen-PPL':>10}{'entropy':>9}"
+          f"{'self-BLEU':>11}")
+    print(f"{'data':<9}{'val':<8}{'-':>6}{'-':>7}{res['data'][key]:>10.1f}"
+          f"{res['data']['entropy']:>9.3f}")
+    for k in keys:
+        name, kind, N = k.split("_")
+        r = res[k]
+        bleu = f"{r['self_bleu']:>11.1f}" if "self_bleu" in r else ""
+        print(f"{name:<9}{kind:<8}{N:>6}{r['nfe']:>7.1f}{ppl_of(r, key):>10.1f}"
+              f"{r['entropy']:>9.3f}{bleu}")
+    for k in sorted((k for k in keys if k.startswith("student_uncond_")),
+                    key=lambda k: int(k.split("_")[2])):
+        N = k.split("_")[2]
+        if f"teacher_uncond_{N}" in res:
+            s, t = res[k], res[f"teacher_uncond_{N}"]
+            print(f"RESULT student_gen_ppl@{N}={s[key]:.2f} teacher_gen_ppl@{N}={t[key]:.2f} "
+                  f"student_entropy@{N}={s['entropy']:.3f} teacher_entropy@{N}={t['entropy']:.3f}")

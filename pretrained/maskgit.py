@@ -1,11 +1,55 @@
 """valeoai/Maskgit-pytorch, exactly: the key map from its bidirectional transformer
 (`MaskTransformer`, saved as checkpoint["model_state_dict"], e.g. the released
 `MaskGIT_ImageNet_256.pth`) to the transformer of imagenet_masked.py, which computes the same
-function under shorter module names; its sampler and schedule (`--sampler maskgit | di4c`)."""
+function under shorter module names; the Di4C authors' lambda token (their released student
+`maskgit-di4c-d.pth`; `--sampler di4c` gives a new student one); the sampler and schedule (the
+authors' variant is `--sampler di4c`); its images (ImageFolder, Resize + CenterCrop)."""
 import math
+import os
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+
+def read_image(path: str):
+    """ImageFolder's loader: an RGB PIL image, or a ValueError that names the unreadable file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image {path!r} ({type(e).__name__})") from None
+
+
+def image_folder(root: str, img_size: int):
+    """root/<class>/ as an ImageFolder of (3, img_size, img_size) uint8 images: MaskGIT-pytorch's
+    evaluation transform (short side resized to img_size, centre crop)."""
+    import torchvision
+    from torchvision import transforms as T
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: {root!r} is not a folder of class sub-folders (--data_dir, "
+                         "--dataset)")
+    tf = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    try:
+        return torchvision.datasets.ImageFolder(root, transform=tf, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: no images under {root!r} ({e})") from None
+
+
+def image_batches(ds, workers: int = 0):
+    """Batches (images (B, 3, R, R) uint8, labels (B,)) of a dataset; an unreadable file stops
+    the run with one line (a worker's error arrives wrapped, its last line names the file)."""
+    try:
+        yield from torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers)
+    except ValueError as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+
+
+def load_images(ds, workers: int = 0) -> tuple:
+    """All of a dataset in memory: (images (N, 3, R, R) uint8, labels (N,) long)."""
+    xs, ys = zip(*image_batches(ds, workers))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def maskgit_to_ours(sd: dict) -> dict:
@@ -43,12 +87,38 @@ def maskgit_to_ours(sd: dict) -> dict:
     return out
 
 
+class LambdaToken(nn.Sequential):
+    """The Di4C authors' lambda path (sony/di4c, `latent_projection`): the lambda embedding
+    (N, 128) -> Linear(128, 512) -> GELU -> Linear(512, E) is appended as one more token after
+    the position embedding (the network drops it after its output MLP). A token changes every
+    attention normaliser even with a zero embedding, so such a student cannot start equal to its
+    teacher (ours adds the path to every token instead, zero at init: docs/method.md (14))."""
+
+    def __init__(self, E: int):
+        super().__init__(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, E))
+
+    def append(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h (N, T, E), emb (N, 128) -> (N, T + 1, E)."""
+        return torch.cat([h, self(emb)[:, None].to(h.dtype)], 1)
+
+
+def load_released(state: dict, build, path: str):
+    """A MaskGIT-pytorch checkpoint ({"model_state_dict": ...}: the released teacher, or the
+    authors' student, recognised by its lambda token) -> build(lam_dim) with its weights,
+    loaded strictly."""
+    from pretrained import load_strict
+    sd = maskgit_to_ours(state["model_state_dict"])
+    return load_strict(build(int("lam_token.0.weight" in sd)), sd,
+                       f"{path!r} does not fit this transformer (K, D, classes, --n_layer/"
+                       "--n_embd/--n_head/--mlp_dim)")
+
+
 def upstream_schedule(n_steps: int, D: int) -> list:
     """MaskGIT-pytorch's `adap_sche(step, "arccos")`: tokens to reveal at each step, in
     proportion to arccos(r) / (pi / 2) for r = linspace(1, 0, steps) (float32), rounded, zeros
     raised to 1, the last absorbing the remainder. Needs 2 or more steps."""
     if n_steps < 2:
-        raise SystemExit(f"error: --sampler maskgit needs 2 or more steps, got {n_steps} "
+        raise SystemExit(f"error: MaskGIT-pytorch's sampler needs 2 or more steps, got {n_steps} "
                          "(MaskGIT-pytorch's schedule divides by zero at 1)")
     val = torch.arccos(torch.linspace(1, 0, n_steps)) / (math.pi * 0.5)
     sche = (val / val.sum() * D).round()

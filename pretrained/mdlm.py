@@ -10,8 +10,9 @@ prefixes. Formats read (no network access, no third-party package):
   * model.safetensors of the Hugging Face releases (kuleshov-group/mdlm-owt and the revisions of
     jdeschena/sdtt), read by `read_safetensors`;
   * a bare state dict saved with torch.save.
-The authors' students append lambda as a token; their "latent_projection" becomes our
-"lam_token" (owt_masked.DiT with lam_inject="token"). Errors are ValueError with one line.
+The authors' students append lambda as a token (`append_lam_token`); their
+"latent_projection" becomes our "lam_token" (owt_masked.DiT with lam_inject="token").
+`load_released` is what owt_masked.py calls; the lower-level errors are one-line ValueErrors.
 """
 import json
 import pickle
@@ -173,6 +174,41 @@ def load_into(net: torch.nn.Module, weights: dict, head_dim: int) -> None:
             raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, "
                              f"{tuple(own[k].shape)} in the network")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+
+def load_released(path: str, want: dict, build, use_ema: bool = True) -> tuple:
+    """A released MDLM / SDTT teacher or Di4C-SDTT student -> (network, lam_dim): the network
+    comes from build(lam_dim, lam_inject) as the file describes it and gets the file's weights
+    (its EMA if it has one and use_ema). want: {S, E, n_layer, cond_dim} of the caller's
+    configuration; a mismatch or an unreadable file stops with one line naming the flag."""
+    try:
+        weights, ema = backbone_weights(read_file(path))
+        arch = describe(weights)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot read {path!r}: {e}") from None
+    flag = dict(S="--remap_vocab false (GPT-2's 50,257 ids + [MASK])", E="--n_embd",
+                n_layer="--n_layer", cond_dim="--cond_dim")
+    bad = [f"{k} {arch[k]} in the file vs {v} here ({flag[k]})" for k, v in want.items()
+           if arch[k] != v]
+    if bad:
+        raise SystemExit(f"error: {path!r} does not fit this configuration: " + "; ".join(bad))
+    net = build(arch["lam_dim"], arch["lam_inject"])
+    try:
+        load_into(net, ema if use_ema and ema is not None else weights, net.hd)
+    except ValueError as e:
+        raise SystemExit(f"error: {path!r}: {e}") from None
+    return net, arch["lam_dim"]
+
+
+def append_lam_token(h: torch.Tensor, tok: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple:
+    """The authors' lambda injection (sony/di4c's SDTT student): the lambda embedding tok (N, E)
+    is appended to the tokens h (N, D, E) as one more token, left unrotated (a rotary row of
+    cos 1, sin 0); the network drops its output. A token changes every attention normaliser,
+    so such a student cannot start equal to its teacher. Returns h (N, D + 1, E), cos, sin."""
+    cos = torch.cat([cos, cos.new_ones(1, cos.shape[1])])
+    sin = torch.cat([sin, sin.new_zeros(1, sin.shape[1])])
+    return torch.cat([h, tok[:, None].to(h.dtype)], 1), cos, sin
 
 
 @torch.no_grad()

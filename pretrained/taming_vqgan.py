@@ -2,10 +2,11 @@
 valeoai/Maskgit-pytorch: encoder, decoder and nearest-code quantizer with taming's state-dict
 names, so MaskGIT-pytorch's released f16 checkpoint (`pretrained_maskgit/VQGAN/last.ckpt`) loads
 key by key. A smaller configuration of the same architecture is the VQ-VAE that imagenet_masked.py
-trains on your own images.
+trains on your own images (`VQVAE` sizes, `build_vqvae`, `vqvae_loss`).
 
 `build_vqgan(...)` makes the model from explicit sizes; `vqgan_state_dict(path)` reads a checkpoint
-into the state dict that `VQModel` expects. Errors are ValueError with a one-line message.
+into the state dict that `VQModel` expects (errors: ValueError with a one-line message);
+`load_vqgan(path, img_size)` reads the sizes off that state dict and loads it strictly.
 """
 import math
 import os
@@ -202,6 +203,45 @@ def build_vqgan(*, codes: int, dim: int, ch: int, ch_mult, res_blocks: int, attn
     return VQModel(codes, dim, ch, ch_mult, res_blocks, attn_res, img_size)
 
 
+VQVAE = {   # the VQ-VAE's sizes by image size (256: the f16 VQGAN's, 72.142M parameters)
+    256: dict(codes=1024, dim=256, ch=128, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, attn_res=(16,)),
+    64: dict(codes=1024, dim=256, ch=128, ch_mult=(1, 2, 2, 4), res_blocks=2, attn_res=(8,)),
+    16: dict(codes=16, dim=8, ch=32, ch_mult=(1, 2), res_blocks=1, attn_res=(8,)),     # tests
+}
+VQVAE_ITERS, VQVAE_LR = {256: 100_000, 64: 100_000, 16: 3}, 2e-4
+
+
+def build_vqvae(img_size: int) -> VQModel:
+    return build_vqgan(**VQVAE[img_size], img_size=img_size)
+
+
+def vqvae_loss(vq: VQModel):
+    """The VQ-VAE's training loss (the training loop's loss_fn(model, batch, g)): images
+    (B, 3, R, R) uint8 to [-1, 1], each mirrored with probability 1/2, VQModel's per-image loss;
+    logs how many codes the batch used. No GAN or perceptual loss."""
+    def loss_fn(model, batch, g):
+        x = batch[0].float() / 127.5 - 1                                        # (B, 3, R, R)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g, device=x.device) < 0.5,
+                        x.flip(-1), x)
+        loss, codes = model(x)
+        used = torch.zeros(vq.K, device=x.device).index_fill_(0, codes.flatten(), 1)
+        return loss, {"codes_used": used.sum().expand(len(x))}
+    return loss_fn
+
+
+@torch.no_grad()
+def encode_mirrored(vq: VQModel, batches, device) -> tuple:
+    """(codes (2 N, h w) int, labels (2 N,)) of the N images of `batches` ((B, 3, R, R) uint8,
+    labels) and their mirrors (image i at rows 2i, 2i + 1); () if there are none."""
+    codes, labels = [], []
+    for x, y in batches:
+        x = x.to(device).float() / 127.5 - 1                                    # (B, 3, R, R)
+        both = torch.stack([vq.encode(x), vq.encode(x.flip(-1))], 1)           # (B, 2, h w)
+        codes.append(both.flatten(0, 1).int().cpu())
+        labels.append(y.repeat_interleave(2))
+    return (torch.cat(codes), torch.cat(labels)) if codes else ()
+
+
 def vqgan_state_dict(path: str) -> dict:
     """MaskGIT-pytorch's VQGAN checkpoint (a Lightning checkpoint {"state_dict": ...}) -> the
     state dict of `VQModel` ("module." stripped). Keys under `loss.` (the LPIPS / discriminator
@@ -216,3 +256,27 @@ def vqgan_state_dict(path: str) -> dict:
         raise ValueError(f"{path!r} holds no state dict")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()
             if not k.startswith("loss.")}
+
+
+def load_vqgan(path: str, img_size: int) -> VQModel:
+    """MaskGIT-pytorch's VQGAN (`pretrained_maskgit/VQGAN/last.ckpt`, or any taming VQModel
+    checkpoint) as a VQModel for img_size x img_size images, loaded strictly: the codebook, the
+    widths, the levels, the ResnetBlocks per level and the levels with attention are read off
+    the state dict's shapes and names. Any error stops the run with one line."""
+    from pretrained import load_strict
+    try:
+        sd = vqgan_state_dict(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        K, dim = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+        mult = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+        n_res = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    except KeyError as e:
+        raise SystemExit(f"error: {path!r} is not a taming VQGAN checkpoint (no {e})") from None
+    attn = [img_size >> i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd]
+    vq = build_vqgan(codes=K, dim=dim, ch=ch, ch_mult=tuple(mult), res_blocks=n_res,
+                     attn_res=tuple(attn), img_size=img_size)
+    return load_strict(vq, sd, f"VQGAN checkpoint {path!r} does not fit the taming architecture")

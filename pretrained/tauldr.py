@@ -4,11 +4,12 @@ tauLDR saves checkpoint["model"] = the state dict of its EMA model class: "net.<
 ("net.module.<name>" after DDP) = raw training weights, "ema_shadow_params" = the EMA weights as a
 list in the order of those parameters, plus "ema_decay", "ema_num_updates". Our U-Net holds the
 same blocks in the same order under other names; `tauldr_to_ours` / `ours_to_tauldr` map the keys,
-`is_tauldr_checkpoint` recognises the layout and `check_and_convert` checks a checkpoint key by key
-against a network before mapping it. The Di4C authors' student (sony/di4c, `tldr-di4c.pt`) has
-the same layout plus its lambda path (tlam_mix, lemb_modules, h_t_lam_mix, hlemb_modules, and
-dense1 in every ResBlock), which is ours (lam_emb_down, lam_emb_up, lam_proj) under other
-names. Errors are ValueError with a one-line message.
+`is_tauldr_checkpoint` recognises the layout, `check_and_convert` checks a checkpoint key by key
+against a network before mapping it, and `load_ema_weights` (cifar10_gaussian.load_net) does
+both for a file. The Di4C authors' student (sony/di4c, `tldr-di4c.pt`) has the same layout plus
+its lambda path (tlam_mix, lemb_modules, h_t_lam_mix, hlemb_modules, and dense1 in every
+ResBlock), which is ours (lam_emb_down, lam_emb_up, lam_proj) under other names. Errors are
+ValueError with a one-line message (SystemExit from load_ema_weights).
 """
 import torch
 
@@ -132,3 +133,19 @@ def is_tauldr_checkpoint(st) -> bool:
     m = st.get("model") if isinstance(st, dict) else None
     return isinstance(m, dict) and "config" not in st and any(
         strip_ddp(k).startswith("net.") or k in EMA_KEYS for k in m)
+
+
+def load_ema_weights(path: str, net: torch.nn.Module):
+    """The EMA weights of a checkpoint file in tauLDR's layout (tauLDR's own, or the Di4C
+    authors' student), checked against `net` and mapped onto its names; None when the file is
+    not in tauLDR's layout. A file that cannot be read or does not match stops with one line."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path!r} ({type(e).__name__})") from None
+    if not is_tauldr_checkpoint(st):
+        return None
+    try:
+        return check_and_convert(net, st["model"], path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None

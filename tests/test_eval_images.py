@@ -296,7 +296,7 @@ def random_pigm_weights(monkeypatch):
 
 
 def test_pigm_backend_is_the_packages_own_numbers(tmp_path, monkeypatch):
-    """--fid_backend pigm (cifar10_gaussian.py's paper preset) gives the numbers of the package
+    """pigm, the FID / IS of cifar10_gaussian.py's paper preset, gives the numbers of the package
     itself, with the same (random) weights: pigm_stats writes what its fid_ref tool writes from a
     PNG folder, and pigm_fid_is returns what get_inception_score_and_fid returns (scipy's sqrtm,
     25 s at 2048 x 2048 on two cores, is replaced on both sides by one stand-in)."""

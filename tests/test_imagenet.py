@@ -71,7 +71,7 @@ def test_teacher_step_reveal_count_and_clamped_gumbel_ramp():
     x0 = torch.randint(0, K, (8, D), generator=g)
     t = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.05, 0.02])
     x_t = m.make_process({"K": K}).add_noise(x0, t, g)
-    u = (t - cfg.r_delta).clamp_min(0)
+    u = (t - m.R_DELTA).clamp_min(0)
     logits = torch.randn(8, D, K + 1, generator=g)
     logits[..., K] = -1e6                                            # never [MASK]
     x_u = step(torch.log_softmax(logits, -1), x_t, t, u, g)
@@ -144,7 +144,7 @@ def test_student_equals_teacher_at_init_for_every_lambda():
 
 def test_init_student_copies_the_teacher_and_sets_its_own_dropout():
     meta = {"K": 17, "grid": 8, "n_classes": 10}
-    cfg = m.make_config(m.Config, preset="smoke", dropout=0.3, student_dropout=0.0)
+    cfg = m.make_config(m.Config, preset="smoke", dropout=(0.3, 0.0))
     torch.manual_seed(1)
     teacher = m.build_model(cfg, meta).eval()
     student = m.init_student(cfg, meta, teacher.state_dict(), "t.pt")
@@ -269,16 +269,17 @@ def test_vqgan_checkpoint_loads_strictly_and_quantisation_round_trips(tmp_path):
     against the definition instead: code (i, j) of the h x w grid, at index i w + j, is the nearest
     codebook entry to quant_conv(encoder(x)) there, and decode puts each code's vector back at
     (i, j) before post_quant_conv and the decoder."""
-    cfg = m.make_config(m.Config, preset="smoke", img_size=8, vq_ch=32, vq_ch_mult=(1, 2, 2),
-                        vq_res_blocks=1, vq_attn_res=(2,), vq_codes=16, vq_dim=8)
+    from pretrained import taming_vqgan
     keys = taming_keys(32, (1, 2, 2), 1, (2,), 8, 8, 16)
-    assert set(keys) == set(m.build_vq(cfg).state_dict())
+    assert set(keys) == set(taming_vqgan.build_vqgan(codes=16, dim=8, ch=32, ch_mult=(1, 2, 2),
+                                                     res_blocks=1, attn_res=(2,), img_size=8)
+                            .state_dict())
     torch.manual_seed(0)
     sd = {k: 0.1 * torch.randn(s) for k, s in keys.items()}
     sd["loss.discriminator.main.0.weight"] = torch.zeros(2)          # VQGAN-training only
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": sd, "global_step": 3}, path)
-    vq = m.load_vqgan(cfg, str(path)).eval()
+    vq = taming_vqgan.load_vqgan(str(path), 8).eval()      # sizes read off the state dict
     E = sd["quantize.embedding.weight"]                              # (16, 8)
     assert torch.equal(vq.quantize.embedding.weight, E)
     assert torch.cdist(E, E).add(torch.eye(16)).min() > 0.05         # distinct code vectors
@@ -307,23 +308,25 @@ def test_vqgan_checkpoint_loads_strictly_and_quantisation_round_trips(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, vq.decode(some.flip(1)), atol=1e-4)   # positions matter
     for bad, msg in (({k: v for k, v in sd.items() if "conv_out" not in k}, "missing"),
-                     (dict(sd, **{"quantize.embedding.weight": torch.zeros(32, 8)}), "shape")):
+                     (dict(sd, **{"encoder.conv_out.weight": torch.zeros(8, 64, 1, 1)}), "shape"),
+                     ({k: v for k, v in sd.items() if "conv_in" not in k}, "not a taming")):
         torch.save({"state_dict": bad}, path)
         with pytest.raises(SystemExit, match=msg):
-            m.load_vqgan(cfg, str(path))
+            taming_vqgan.load_vqgan(str(path), 8)
     with pytest.raises(SystemExit, match="not found"):
-        m.load_vqgan(cfg, str(tmp_path / "none.ckpt"))
+        taming_vqgan.load_vqgan(str(tmp_path / "none.ckpt"), 8)
 
 
 def test_paper_sizes_match_maskgit_pytorch():
     """MaskGIT-pytorch's README: 174.161M transformer, 72.142M VQGAN parameters."""
+    from pretrained import taming_vqgan
     cfg = m.make_config(m.Config)
     with torch.device("meta"):
         vit = m.build_model(cfg, {"K": 1024, "grid": 16, "n_classes": 1000})
-        vq = m.build_vq(cfg)
+        vq = taming_vqgan.build_vqvae(cfg.img_size)
     assert round(sum(p.numel() for p in vit.parameters()) / 1e6, 3) == 174.161
     assert round(sum(p.numel() for p in vq.parameters()) / 1e6, 3) == 72.142
-    assert vq.f == 16 and cfg.L == 32 and cfg.r_delta == 0.05 and cfg.alpha_const == 0.1
+    assert vq.f == 16 and cfg.L == 32 and m.R_DELTA == 0.05 and cfg.alpha_const == 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -341,23 +344,22 @@ def make_folder(root, sizes=((20, 24), (24, 20), (30, 30))):
 
 
 def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
-    make_folder(tmp_path / "imgs")
-    cfg = smoke(tmp_path, dataset="folder", data_dir=str(tmp_path / "imgs"), tokenizer="vqvae",
+    make_folder(tmp_path / "imgs", sizes=((20, 24), (24, 20), (30, 30)) * 4)
+    cfg = smoke(tmp_path, dataset="folder", data_dir=str(tmp_path / "imgs"), vqgan_ckpt="",
                 img_size=16, batch_size=4, stage="tokenize")
     ds = m.image_folder(cfg, "train")
     assert ds.classes == ["cat", "dog"] and ds[0][0].shape == (3, 16, 16)
     m.main(cfg)
     meta = m.codes_meta(cfg)
-    assert meta["codes"].shape == (12, 64) and meta["K"] == 16 and meta["grid"] == 8
-    assert meta["labels"].tolist() == [0] * 6 + [1] * 6 and meta["codes"].max() < 16
+    assert meta["codes"].shape == (48, 64) and meta["K"] == 16 and meta["grid"] == 8
+    assert meta["labels"].tolist() == [0] * 24 + [1] * 24 and meta["codes"].max() < 16
     assert os.path.exists(os.path.join(cfg.out_dir, "vqvae.pt"))
     m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher", "teacher_iters": 2}))
     net, _, _ = m.load_model(cfg, meta, m.ckpt_path(cfg, "teacher"), torch.device("cpu"))
-    tokens = m.load_tokens(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir),
-                                      "float32"), meta)
+    vq = m.tokenizer(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32"))
     x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
-    assert tokens.to_images(x).shape == (2, 3, 16, 16)
-    from eval import image_metrics, inception                       # Inception without weights:
+    assert m.decode(vq, x, meta).shape == (2, 3, 16, 16)
+    from eval import image_metrics, inception, maskgit_eval      # Inception without weights:
     proj = torch.randn(48, 6, generator=torch.Generator().manual_seed(1))
 
     def features(imgs):                                              # pixels -> (N, 6), (N, 5)
@@ -366,27 +368,27 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
         return pooled @ proj, (pooled @ proj)[:, :5]
     monkeypatch.setattr(inception, "inception_features", features)
     monkeypatch.setattr(m, "package_needs", lambda packages: [])     # torch-fidelity: mocked
-    for stage in ("distill", "sample", "eval"):
-        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage, "teacher_iters": 2,
-                                          "distil_iters": 1, "control_iters": 0, "metrics": "adm"}))
-    ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
+    run = {**asdict(cfg), "teacher_iters": 2, "distil_iters": 1, "control_iters": 0}
+    for stage in ("distill", "sample"):
+        m.main(m.make_config(m.Config, **{**run, "stage": stage}))
     with pytest.raises(SystemExit, match="teacher@2_w0: precision / recall with k = 3 need more "
-                                         "than 3 points per split .*--metrics adm"):
-        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval", "teacher_iters": 2,
-                                          "distil_iters": 1, "control_iters": 0}))
-    assert os.path.exists(os.path.join(cfg.out_dir, "fid_ref_remapped_features.pt"))
-    # the numbers are image_metrics' on the written PNGs' features against the reference's
-    # (--metrics adm: the reference images as they are; maskgit remaps them, and its 5 splits
-    # need more than 4 samples: one line says so)
+                                         "than 3 points per split .*--n_per_class"):
+        m.main(m.make_config(m.Config, **{**run, "stage": "eval"}))   # 4 samples, 5 splits
+    for stage in ("sample", "eval"):
+        m.main(m.make_config(m.Config, **{**run, "stage": stage, "n_per_class": 10}))
+    ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
+    # the numbers are image_metrics' (MaskGIT-pytorch's protocol) on the written PNGs' features
+    # against the reference's, both remapped min-max per image
     def read(folder):
         return torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(folder, n))))
                             .permute(2, 0, 1) for n in sorted(os.listdir(folder))])
     ref = read(os.path.join(cfg.out_dir, "fid_ref"))
-    assert len(ref) == 6 and os.path.exists(os.path.join(cfg.out_dir, "fid_ref_features.pt"))
-    real = features(ref)[0]
+    assert len(ref) == 24 and os.path.exists(os.path.join(cfg.out_dir, "fid_ref_features.pt"))
+    real = features(maskgit_eval.remap_uint8(ref.float()))[0]
     sample = read(os.path.join(cfg.out_dir, "samples", "teacher@4_w1_png"))
-    assert len(sample) == 4 and sample.amin((1, 2, 3)).eq(0).all() and sample.amax((1, 2, 3)).eq(255).all()
-    want = image_metrics.metrics_from_features(real, *features(sample), "adm")
+    assert len(sample) == 20 and sample.amin((1, 2, 3)).eq(0).all()
+    assert sample.amax((1, 2, 3)).eq(255).all()
+    want = image_metrics.metrics_from_features(real, *features(sample), "maskgit")
     got = ev["teacher@4_w1"]
     assert got.pop("steps") == 4 and got.pop("w") == 1.0
     assert got == pytest.approx(want) and set(got) == {"fid", "is_mean", "is_std", "precision",
@@ -423,7 +425,7 @@ def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
 
 
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
-    common = dict(control_iters=0, ckpt_every=100, student_ema=0.9, lam_lr_mult=10.0)
+    common = dict(control_iters=0, ckpt_every=100, ema=(0.0, 0.9), lam_lr_mult=10.0)
     full = smoke(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
     for stage in ("tokenize", "teacher", "distill"):
         m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))
@@ -454,16 +456,16 @@ def test_clear_errors(tmp_path):
         m.make_config(m.Config, preset="huge")
     with pytest.raises(SystemExit, match="unknown"):
         m.make_config(m.Config, stepz=3)
-    for field, value in (("stage", "train"), ("tokenizer", "bpe"), ("dataset", "cifar")):
+    for field, value in (("stage", "train"), ("sampler", "bpe"), ("dataset", "cifar")):
         with pytest.raises(SystemExit, match=f"--{field} must be"):
             m.main(smoke(tmp_path, **{field: value}))
     with pytest.raises(SystemExit, match="run --stage tokenize"):
         m.main(smoke(tmp_path, "empty", stage="teacher"))
     with pytest.raises(SystemExit, match="not a folder"):
         m.main(smoke(tmp_path, dataset="folder", data_dir=str(tmp_path / "nope"),
-                     tokenizer="vqvae", stage="tokenize"))
-    with pytest.raises(SystemExit, match="--tokenizer pixels"):
-        m.main(smoke(tmp_path, dataset="folder", stage="tokenize"))
+                     vqgan_ckpt="", stage="tokenize"))
+    with pytest.raises(SystemExit, match="--lr and --ema take two values"):
+        m.main(smoke(tmp_path, ema=(0.9,)))
     cfg = smoke(tmp_path, "ok", stage="tokenize")
     m.main(cfg)
     m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher"}))
@@ -475,7 +477,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="run --stage sample"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval", "control_iters": 0}))
     for argv, msg in ((["--L", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
-                      (["--data_term", "maybe"], "true or false"),
+                      (["--lfg", "maybe"], "true or false"),
                       (["--ste", "2"], "unrecognized")):
         r = subprocess.run([sys.executable, "imagenet_masked.py", *argv], cwd=ROOT,
                            capture_output=True, text=True)
@@ -495,7 +497,7 @@ def test_pair_labels_tokenize_and_errors(tmp_path):
     with pytest.raises(SystemExit, match="another config"):         # codes of 10 labels differ
         m.codes_meta(m.make_config(m.Config, **{**asdict(cfg), "label_div": 1}))
     for bad in (dict(label_div=0), dict(label_div=11),
-                dict(label_div=2, dataset="folder", tokenizer="vqvae")):
+                dict(label_div=2, dataset="folder", vqgan_ckpt="")):
         with pytest.raises(SystemExit, match="--label_div"):
             m.main(smoke(tmp_path, "bad", **bad))
 
@@ -507,30 +509,14 @@ def test_lr_factor_warmup_then_constant_or_cosine():
     assert all(a >= b for a, b in zip(cos[1:], cos[2:]))           # never rises after warm-up
 
 
-def test_fid_reference_from_adms_npz_and_the_cfg_sweep(tmp_path):
-    """--fid_ref: ADM's reference batch (arr_0, uint8 (N, H, W, 3)) written once as PNGs that
-    read back equal; a wrong shape or file stops with one line. The paper preset samples every
-    model at w = 0, cfg_w and each of cfg_ws (the FID-IS sweep of Fig. 3)."""
-    import numpy as np
-    from PIL import Image
-    arr = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "ref.npz", arr_0=arr)
-    cfg = m.make_config(m.Config, preset="smoke", img_size=16, out_dir=str(tmp_path / "run"),
-                        fid_ref=str(tmp_path / "ref.npz"))
-    folder = m.fid_reference(cfg)
-    files = sorted(os.listdir(folder))
-    assert len(files) == 3
-    assert all((np.asarray(Image.open(os.path.join(folder, f))) == a).all()
-               for f, a in zip(files, arr))
-    bad = m.make_config(m.Config, preset="smoke", img_size=32, out_dir=str(tmp_path / "bad"),
-                        fid_ref=str(tmp_path / "ref.npz"))
-    with pytest.raises(SystemExit, match=r"arr_0 is uint8 \(3, 16, 16, 3\), need uint8 \(N, 32, 32, 3\)"):
-        m.fid_reference(bad)
+def test_the_cfg_sweep():
+    """The paper preset samples every model at w = 0 and each of cfg_ws (the FID-IS sweep of
+    Fig. 3, cfg_w = 3 first); cfg_ws may be empty (no CFG) or fractional, from the CLI too."""
     paper = m.make_config(m.Config)
     ws = sorted({w for *_, w in m.sample_runs(paper)})
     assert ws == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
     assert len(m.sample_runs(paper)) == 6 * (len(paper.steps) + 2 * len(paper.student_steps))
-    m.check(m.make_config(m.Config, preset="smoke"))                  # cfg_ws = (): no sweep
+    m.check(m.make_config(m.Config, preset="smoke", cfg_ws=()))       # no CFG
     assert m.parse_config(m.Config, ["--cfg_ws"]).cfg_ws == ()        # from the CLI too
     assert m.parse_config(m.Config, ["--cfg_ws", "1.5", "2"]).cfg_ws == (1.5, 2.0)
     with pytest.raises(SystemExit, match="--cfg_ws must be values in"):
@@ -555,5 +541,3 @@ def test_photos_the_second_embedded_set_end_to_end(tmp_path):
     ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]
     assert ev and all(v["frechet"] > 0 for v in ev.values())
     assert os.path.exists(os.path.join(cfg.out_dir, "photos_classifier.pt"))
-    with pytest.raises(SystemExit, match="--dataset photos needs --tokenizer pixels"):
-        m.main(smoke(tmp_path, "bad", dataset="photos", tokenizer="vqvae", stage="tokenize"))

@@ -12,6 +12,7 @@ import torch
 import cifar10_gaussian as cifar
 import imagenet_masked as imagenet
 import owt_masked as owt
+from eval import text_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,31 +192,28 @@ def test_identical_runs_and_one_resume_default(tmp_path):
 
 def test_bad_image_files_and_batches_give_one_line(tmp_path):
     from PIL import Image
+    from pretrained import maskgit
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         Image.new("RGB", (12, 12)).save(tmp_path / "imgs" / cls / "ok.png")
     (tmp_path / "imgs" / "b" / "bad.png").write_bytes(b"not a png")
-    cfg = cifar.make_config(cifar.Config, dataset="folder", data_dir=str(tmp_path / "imgs"),
-                            image_size=8, S=17)
-    with pytest.raises(SystemExit, match=r"cannot read image .*bad\.png"):
-        cifar.load_images(cfg)
     cfg = imagenet.make_config(imagenet.Config, preset="smoke", dataset="folder",
-                               data_dir=str(tmp_path / "imgs"), img_size=8, tokenizer="vqvae")
-    ctx = imagenet.Ctx(0, 1, torch.device("cpu"), imagenet.Logger(0, str(tmp_path)), "float32")
+                               data_dir=str(tmp_path / "imgs"), img_size=8, vqgan_ckpt="")
     with pytest.raises(SystemExit, match=r"cannot read image .*bad\.png"):
-        imagenet.load_images(imagenet.image_folder(cfg, "train"), ctx)
+        maskgit.load_images(imagenet.image_folder(cfg, "train"))
     folder = tmp_path / "c" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     (folder / "data_batch_1").write_bytes(b"\x80\x04garbage")
     with pytest.raises(SystemExit, match=r"data_batch_1' is not a CIFAR-10 python batch"):
-        cifar.load_cifar10_batches(str(tmp_path / "c"))
+        cifar.load_images(cifar.make_config(cifar.Config, preset="smoke", dataset="cifar10",
+                                            data_dir=str(tmp_path / "c")))
 
 
 def test_binary_text_and_unknown_validation_tokens(tmp_path):
     (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 50)
     cfg = cfg_of(owt, tmp_path, data_files=str(tmp_path / "bin.txt"))
     with pytest.raises(SystemExit, match="could not read --data_files"):
-        owt.load_documents(cfg)
+        text_data.load_documents(cfg)
     import datasets                                   # validation text unlike the training text
     docs = ["the cat sat on the mat " * 20] * 12 + ["zebra quartz jukebox vexed " * 20] * 4
     datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "c.parquet"))
@@ -256,8 +254,8 @@ def test_resume_with_another_objective_is_refused(tmp_path):
     cfg = cfg_of(owt, tmp_path, control_iters=0)
     stage(owt, cfg, "teacher")
     stage(owt, cfg, "distill")
-    with pytest.raises(SystemExit, match="another config .*alpha_const"):
-        stage(owt, cfg, "distill", resume=True, distil_iters=5, alpha_const=0.0)
+    with pytest.raises(SystemExit, match="another config .*delta"):
+        stage(owt, cfg, "distill", resume=True, distil_iters=5, delta=0.1)
     stage(owt, cfg, "distill", resume=True, distil_iters=5)           # same objective: continues
     assert torch.load(os.path.join(cfg.out_dir, "student.pt"), weights_only=True)["step"] == 5
 

@@ -4,9 +4,9 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
-import types
 from dataclasses import asdict
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 
 import owt_masked as m
 from tests.runs import metrics_without_timings, second_di4c_round
-from eval import text_metrics
+from eval import text_data, text_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = os.path.join(ROOT, "assets", "gpt2.tiktoken")
@@ -38,7 +38,7 @@ def write_corpus(tmp_path, n_docs=40, kind="jsonl"):
         import datasets
         path = tmp_path / "corpus.parquet"
         datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
-    else:                               # shards as the export command in OWT_EXPORT writes them
+    else:                               # shards as docs/owt.md's export command writes them
         import datasets
         ds = datasets.Dataset.from_dict({"text": docs})
         for i in range(12):             # 12 > 10: names sort in document order (zero-padded)
@@ -48,8 +48,7 @@ def write_corpus(tmp_path, n_docs=40, kind="jsonl"):
 
 
 def smoke_cfg(tmp_path, name="run", **kw):
-    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / name),
-                         tokenizer_file=RANKS, **kw)
+    return m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / name), **kw)
 
 
 def ctx_for(cfg):
@@ -58,7 +57,7 @@ def ctx_for(cfg):
 
 
 def test_tokenizer_matches_gpt2():
-    enc = m.gpt2_encoding(RANKS)
+    enc = text_data.gpt2_encoding(RANKS)
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.encode(" the") == [262]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
@@ -72,7 +71,7 @@ def test_local_files_pipeline(tmp_path, kind):
     corpus = m.Corpus(cfg, ctx_for(cfg))
     enc = corpus.enc
     train_docs = docs[:len(docs) - cfg.val_docs]
-    expected = [t for d in train_docs for t in enc.encode_ordinary(d) + [m.EOT]]
+    expected = [t for d in train_docs for t in enc.encode_ordinary(d) + [text_data.EOT]]
     n = len(expected) // 16
     got = corpus.gpt2_ids(corpus.get("train", np.arange(n))).flatten().tolist()
     assert got == expected[:n * 16]
@@ -87,7 +86,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="documents"):
         m.Corpus(*(lambda c: (c, ctx_for(c)))(smoke_cfg(tmp_path, data_files=path, val_docs=5)))
     with pytest.raises(SystemExit, match="not found"):
-        m.gpt2_encoding("/nonexistent/gpt2.tiktoken")
+        text_data.gpt2_encoding("/nonexistent/gpt2.tiktoken")
     with pytest.raises(SystemExit, match="preset"):
         m.make_config(m.Config, preset="huge")
     with pytest.raises(SystemExit, match="unknown"):
@@ -102,20 +101,22 @@ def test_clear_errors(tmp_path):
     assert m.parse_config(m.Config, ["--preset", "demo", "--steps", "2", "3"]).steps == (2, 3)
 
 
-def test_hub_dataset_failure_gives_the_export_command(tmp_path, monkeypatch):
+def test_hub_dataset_failure_points_to_the_export_command(tmp_path, monkeypatch):
     """datasets >= 4 refuses the loading script of Skylion007/openwebtext: the error names the
-    cause and the one-off parquet export command (whose shard layout test_local_files_pipeline
-    reads back in document order)."""
+    cause and docs/owt.md's one-off parquet export (whose shard layout test_local_files_pipeline
+    reads back in document order), and docs/owt.md has that command."""
     import datasets
 
     def refuse(name, **kw):
         raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     cfg = smoke_cfg(tmp_path, dataset="Skylion007/openwebtext")
-    with pytest.raises(SystemExit, match=r"RuntimeError: Dataset scripts .*--data_files "
-                                         r"'owt/\*\.parquet': .*datasets<4.*'Skylion007/"
-                                         r"openwebtext'.*trust_remote_code.*contiguous=True"):
-        m.load_documents(cfg)
+    with pytest.raises(SystemExit, match=r"RuntimeError: Dataset scripts .*docs/owt.md.*"
+                                         r"--data_files 'owt/\*\.parquet'"):
+        text_data.load_documents(cfg)
+    doc = open(os.path.join(ROOT, "docs", "owt.md")).read()
+    assert re.search(r"datasets<4.*'Skylion007/openwebtext'.*trust_remote_code.*contiguous=True",
+                     doc, re.S)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
@@ -249,37 +250,6 @@ def test_second_di4c_round_from_a_student(tmp_path):
                       "samples/{model}_uncond_2.pt", "tokens")
 
 
-def test_mauve_is_optional_and_called_as_sdtt_does(tmp_path, monkeypatch):
-    """--mauve: MAUVE of the continuations against the held-out text after each prefix, GPT-2
-    Large features, through mauve-text (faked here: no weights); missing, the run stops first."""
-    seen = {}
-
-    def compute_mauve(**kw):
-        seen.update(kw)
-        return types.SimpleNamespace(mauve=0.875)
-    fake = types.ModuleType("mauve")
-    fake.compute_mauve = compute_mauve
-    monkeypatch.setitem(sys.modules, "mauve", fake)
-    got = text_metrics.mauve_score(["a real text"], ["a sample", "another"], device_id=-1)
-    assert got == 0.875 and seen["p_text"] == ["a real text"] and len(seen["q_text"]) == 2
-    assert seen["featurize_model_name"] == "gpt2-large" and seen["device_id"] == -1
-    cfg = smoke_cfg(tmp_path)
-    corpus = m.Corpus(cfg, ctx_for(cfg))
-    real = m.real_continuations(cfg, corpus)
-    block = corpus.get("val", [0])[0].tolist()
-    assert len(real) == min(cfg.n_prefix, corpus.n_blocks("val"))
-    assert real[0] == corpus.decode(block[cfg.prefix_len:cfg.prefix_len + cfg.cont_len])
-    monkeypatch.setitem(sys.modules, "mauve", None)
-    with pytest.raises(SystemExit, match="--mauve needs `pip install mauve-text`"):
-        text_metrics.mauve_score(["x"], ["y"])
-    import importlib.util
-    find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "mauve" else find(name, *a, **k))
-    assert any("--mauve needs the package mauve-text" in p
-               for p, _ in m.run_needs(smoke_cfg(tmp_path, mauve=True)))
-
-
 def test_embedding_gradient_is_deterministic():
     """The token embedding's gradient with repeated ids is bitwise the same every time (indexing's
     backward is not on CPU; a rerun of the demo must train the same weights)."""
@@ -333,8 +303,9 @@ def test_stdlib_docstrings_the_second_offline_corpus(tmp_path, monkeypatch):
     real = sysconfig.get_paths()
     with monkeypatch.context() as mp:
         mp.setattr(sysconfig, "get_paths", lambda: {**real, "stdlib": str(lib)})
-        assert m.stdlib_docstrings() == ["Module a.\n\nClass C.\n\nMethod f.", "Function g."]
-    docs = m.stdlib_docstrings()
+        assert text_data.stdlib_docstrings() == ["Module a.\n\nClass C.\n\nMethod f.",
+                                                 "Function g."]
+    docs = text_data.stdlib_docstrings()
     assert len(docs) > 100 and all(d.strip() for d in docs)
     cfg = smoke_cfg(tmp_path, dataset="stdlib")
     m.main(cfg)

@@ -140,12 +140,12 @@ def cifar_setup(**kw):
 
 
 def test_cifar_di4c_times_noise_and_weights_follow_the_tauldr_variant(monkeypatch):
-    """delta ~ LogU[1e-3, 1e-2], t | delta ~ U[min_time + delta, 1], u = t - delta; tau =
-    min_time w.p. 1/2, else U[min_time, min_time + 0.01]; x_t and x_tau noised at t and tau;
-    weights distil = distil_weight, consis = 1, alpha = alpha_const sigmoid(20 (t - 1/2)),
-    distillation on x_tau; L, lambda dimension, control-variate switch passed through."""
-    cfg, proc, teacher, student = cifar_setup(alpha_const=0.37, distil_weight=0.6,
-                                              control_variate=False)
+    """delta ~ LogU[1e-3, 1e-2], t | delta ~ U[MIN_TIME + delta, 1], u = t - delta; tau =
+    MIN_TIME w.p. 1/2, else U[MIN_TIME, MIN_TIME + 0.01]; x_t and x_tau noised at t and tau;
+    weights distil = 1, consis = 1, alpha = alpha_const sigmoid(20 (t - 1/2)), distillation on
+    x_tau; L, lambda dimension and the control-variate switch (on by default) passed through."""
+    cfg, proc, teacher, student = cifar_setup(alpha_const=0.37)
+    min_time = cifar.MIN_TIME
     seen, rec = record_noise(monkeypatch, proc), Record()
     monkeypatch.setattr(core, "di4c_loss", rec)
     x0 = torch.randint(0, cfg.S, (N_LAW, 64), generator=gen(1))
@@ -155,18 +155,22 @@ def test_cifar_di4c_times_noise_and_weights_follow_the_tauldr_variant(monkeypatc
     t, u, tau = c["t"].double(), c["u"].double(), c["tau"]
     delta = t - u
     assert ks_ok(delta.log10(), uniform_cdf(-3, -2))
-    assert ks_ok((t - cfg.min_time - delta) / (1 - cfg.min_time - delta), uniform_cdf(0, 1))
-    at_min = tau == torch.tensor(cfg.min_time, dtype=tau.dtype)
+    assert ks_ok((t - min_time - delta) / (1 - min_time - delta), uniform_cdf(0, 1))
+    at_min = tau == torch.tensor(min_time, dtype=tau.dtype)
     assert binomial_ok(int(at_min.sum()), N_LAW, 0.5)
-    assert ks_ok(tau[~at_min] - cfg.min_time, uniform_cdf(0, 0.01))
+    assert ks_ok(tau[~at_min] - min_time, uniform_cdf(0, 0.01))
     assert torch.equal(c["x0"], x0)
     assert noised_at(seen, x0, c["t"], c["x_t"]) and noised_at(seen, x0, tau, c["x_tau"])
     w = c["weights"]
     assert w["distil_on"] == "tau"
-    torch.testing.assert_close(w["distil"], torch.full_like(c["t"], 0.6))
+    torch.testing.assert_close(w["distil"], torch.ones_like(c["t"]))
     torch.testing.assert_close(w["consis"], torch.ones_like(c["t"]))
     torch.testing.assert_close(w["alpha"], sigmoid_alpha(c["t"], 0.37))
-    assert (c["L"], c["lam_dim"], c["control_variate"]) == (cfg.L, student.lam_dim, False)
+    assert (c["L"], c["lam_dim"], c["control_variate"]) == (cfg.L, student.lam_dim, True)
+    cfg = cifar.parse_config(cifar.Config, ["--preset", "smoke", "--control_variate", "false"])
+    cifar.di4c_step(student, student, core.make_teacher(teacher, proc.step, 0, cfg.L), proc, x0, cfg,
+                    gen(2))
+    assert rec.calls[-1]["control_variate"] is False
 
 
 def test_cifar_stage_distill_wires_the_teacher_and_its_step_from_t_to_u(tmp_path, monkeypatch):
@@ -196,13 +200,12 @@ def test_cifar_stage_distill_wires_the_teacher_and_its_step_from_t_to_u(tmp_path
 
 def test_cifar_hybrid_hands_exactly_the_last_nfes_to_the_teacher():
     """sample_images with n_teacher = 2 of 5 NFEs: the student runs at the first 3 times of
-    linspace(1, min_time, 5) with a lambda, the teacher at the last 2 without; sampler_runs
+    linspace(1, MIN_TIME, 5) with a lambda, the teacher at the last 2 without; sampler_runs
     labels hybrid@N with hybrid_teacher_steps teacher NFEs for every student N above it."""
     cfg, proc, teacher, student = cifar_setup(hybrid_teacher_steps=2)
     s_calls, t_calls = record_calls(student.eval()), record_calls(teacher)
-    _, nfe = cifar.sample_images(student, 1, proc, cfg, 5, 3, 1, 8, torch.device("cpu"),
-                                 teacher=teacher, n_teacher=2)
-    times = torch.linspace(1, cfg.min_time, 5)
+    _, nfe = cifar.sample_images(student, proc, cfg, 5, 3, teacher=teacher, n_teacher=2)
+    times = torch.linspace(1, cifar.MIN_TIME, 5)
     assert nfe == 5 and len(s_calls) == 3 and len(t_calls) == 2
     assert [c["t"][0].item() for c in s_calls + t_calls] == times.tolist()
     assert all(c["lam"] is not None for c in s_calls) and all(c["lam"] is None for c in t_calls)
@@ -283,11 +286,12 @@ def imagenet_batch(n, seed=0):
 
 @pytest.mark.parametrize("data_term", [True, False])
 def test_imagenet_di4c_times_labels_noise_and_weights(monkeypatch, data_term):
-    """t ~ U(0, 1), u = max(t - r_delta, 0); labels dropped to n_classes w.p. label_drop and
-    passed as cond; x_t masked at t; distil = 1[t <= r_delta] / r_delta, consis =
-    1[t > r_delta], alpha = alpha_const sigmoid(20 (t - 1/2)) ("di4c-d") or 0 ("di4c")."""
-    cfg, process, teacher, student = imagenet_setup(r_delta=0.2, alpha_const=0.3,
-                                                    label_drop=0.25, data_term=data_term)
+    """t ~ U(0, 1), u = max(t - R_DELTA, 0); labels dropped to n_classes w.p. LABEL_DROP and
+    passed as cond; x_t masked at t; distil = 1[t <= R_DELTA] / R_DELTA, consis =
+    1[t > R_DELTA], alpha = alpha_const sigmoid(20 (t - 1/2)) ("di4c-d") or 0 ("di4c")."""
+    monkeypatch.setattr(imagenet, "R_DELTA", 0.2)
+    monkeypatch.setattr(imagenet, "LABEL_DROP", 0.25)
+    cfg, process, teacher, student = imagenet_setup(alpha_const=0.3 if data_term else 0.0)
     seen, rec = record_noise(monkeypatch, process), Record()
     monkeypatch.setattr(core, "di4c_loss", rec)
     x0, y = imagenet_batch(N_LAW)
@@ -315,7 +319,9 @@ def test_imagenet_labels_reach_every_call_and_the_teacher_steps_to_u(monkeypatch
     gets the dropped labels of its rows; the teacher's confidence step from t to u leaves
     exactly D - floor((1 - gamma(1 - u)) D) tokens masked (or all that were), keeps every
     revealed token and reveals only masked ones."""
-    cfg, process, teacher, student = imagenet_setup(lam_T, r_delta=0.3, label_drop=0.5)
+    monkeypatch.setattr(imagenet, "R_DELTA", 0.3)
+    monkeypatch.setattr(imagenet, "LABEL_DROP", 0.5)
+    cfg, process, teacher, student = imagenet_setup(lam_T)
     s_calls, t_calls = record_calls(student), record_calls(teacher)
     rec = Record(real=core.di4c_loss, wrap_step=True)
     monkeypatch.setattr(core, "di4c_loss", rec)
@@ -360,10 +366,11 @@ class KnownNet(torch.nn.Module):
 @pytest.mark.parametrize("lfg", [False, True])
 def test_imagenet_cfg_combination_equals_its_formula(tmp_path, monkeypatch, lfg):
     """generate (the default sampler) on networks with known outputs: at step k of N the
-    reveal gets log_softmax(sm_temp ((1 + w_k) A - w_k U)), w_k = w k / (N - 1), where U is the
+    reveal gets log_softmax(SM_TEMP ((1 + w_k) A - w_k U)), w_k = w k / (N - 1), where U is the
     net's own dropped-label output, or with --lfg the teacher's (the student's dropped branch
     is then never run); both branches of a student share one lambda per step."""
-    cfg = imagenet.make_config(imagenet.Config, preset="smoke", sm_temp=0.7, lfg=lfg)
+    monkeypatch.setattr(imagenet, "SM_TEMP", 0.7)
+    cfg = imagenet.make_config(imagenet.Config, preset="smoke", lfg=lfg)
     net, teacher = KnownNet(0), KnownNet(1)
     calls, t_calls = record_calls(net), record_calls(teacher)
     seen, real = [], imagenet.confidence_reveal
@@ -434,11 +441,12 @@ def sdtt_time_pmf(T: int, delta: float, p: float) -> torch.Tensor:
 
 
 def test_owt_di4c_times_noise_and_weights_follow_the_sdtt_variant(monkeypatch):
-    """t ~ distil_prob U[0, delta) + (1 - distil_prob) U[delta, 1] snapped to {k / T}
+    """t ~ DISTIL_PROB U[0, delta) + (1 - DISTIL_PROB) U[delta, 1] snapped to {k / T}
     (chi-square against the exact law), u = t - min(1 / T, t / 2); x_t masked at t; weights
-    distil = 1[t < delta], consis = 1[t >= delta], alpha = alpha_const sigmoid(20 (t - 1/2))."""
-    T, delta, p = 16, 0.1, 0.3
-    cfg, process, teacher, student = owt_setup(T=T, delta=delta, distil_prob=p, alpha_const=0.25)
+    distil = 1[t < delta], consis = 1[t >= delta], alpha = ALPHA_CONST sigmoid(20 (t - 1/2))."""
+    T, delta, p = 16, 0.1, owt.DISTIL_PROB
+    monkeypatch.setattr(owt, "ALPHA_CONST", 0.25)
+    cfg, process, teacher, student = owt_setup(T=T, delta=delta)
     seen, rec = record_noise(monkeypatch, process), Record()
     monkeypatch.setattr(core, "di4c_loss", rec)
     x0 = torch.randint(0, 39, (N_LAW, 8), generator=gen(1))
@@ -524,13 +532,13 @@ def test_owt_control_length_matches_the_di4c_compute():
 
 def test_owt_stage_sample_conditions_on_the_held_out_prefixes(tmp_path):
     """stage_sample: every prefix-conditional sample of every model starts with the first
-    prefix_len tokens of its held-out block (n_cont continuations per block, in order)."""
+    prefix_len tokens of its held-out block (N_CONT continuations per block, in order)."""
     cfg = smoke_cfg(tmp_path)
     for stage in ("teacher", "distill", "sample"):
         owt.main(dataclasses.replace(cfg, stage=stage))
     corpus = owt.Corpus(cfg, ctx_for(cfg))
     n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
-    want = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].repeat_interleave(cfg.n_cont, 0)
+    want = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].repeat_interleave(owt.N_CONT, 0)
     sets = [s for s in owt.sample_sets(cfg) if s[1] == "cond"]
     assert {s[0] for s in sets} == {"teacher", "student", "control"}
     for name, kind, N in sets:

@@ -5,9 +5,9 @@ make_image_fixtures.py from andrew-cr/tauLDR, the Di4C authors' tauLDR copy (the
 valeoai/Maskgit-pytorch (its taming VQGAN): tiny networks with random weights
 (stored in float8, exact in float32), fixed inputs and the upstream outputs. Each test writes the
 state dict in the upstream checkpoint layout to a file, loads it with our loader
-(cifar10_gaussian.load_net -> pretrained/tauldr.py; imagenet_masked.load_vqgan ->
-pretrained/taming_vqgan.py), runs our network at the same size in float32 on CPU and checks,
-max abs difference <= 1e-5:
+(cifar10_gaussian.load_net -> pretrained/tauldr.py; pretrained/taming_vqgan.load_vqgan, sizes
+read off the state dict), runs our network at the same size in float32 on CPU and checks, max abs
+difference <= 1e-5:
 - tauLDR (EMA weights, and the raw net.* weights via tauldr_to_ours(ema=False)): the U-Net's
   output before the logistic head, and our head on upstream's U-Net output against upstream's
   logits (see check_tauldr for why the two are checked apart);
@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import cifar10_gaussian as cg
-import imagenet_masked as im
-from pretrained import tauldr
+from pretrained import taming_vqgan, tauldr
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TOL = 1e-5
@@ -132,10 +131,10 @@ def vqgan(tmp_path_factory):
     # weights sit under loss.* there and are not part of the tokenizer
     sd = {**fx["state_dict"], "loss.discriminator.main.0.weight": torch.ones(2, 3, 4, 4)}
     torch.save({"state_dict": sd, "global_step": 1}, path)
-    cfg = im.make_config(im.Config, vq_codes=c["n_embed"], vq_dim=c["embed_dim"], vq_ch=dd["ch"],
-                         vq_ch_mult=tuple(dd["ch_mult"]), vq_res_blocks=dd["num_res_blocks"],
-                         vq_attn_res=tuple(dd["attn_resolutions"]), img_size=dd["resolution"])
-    return fx, im.load_vqgan(cfg, path).eval()
+    net = taming_vqgan.load_vqgan(path, dd["resolution"]).eval()   # sizes read off the weights
+    assert (net.K, net.f, len(net.encoder.down[0].block)) == (c["n_embed"], 2 ** (len(
+        dd["ch_mult"]) - 1), dd["num_res_blocks"])
+    return fx, net
 
 
 def test_vqgan_encoder_and_quantizer_match_upstream(vqgan):

@@ -9,7 +9,6 @@ teacher, and configuration mismatches stop with a one-line error. CPU, offline.
 """
 import json
 import os
-import pickle
 import sys
 import types
 from types import SimpleNamespace
