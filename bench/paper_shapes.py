@@ -132,6 +132,7 @@ SCRIPTS = {
                    sample_batch=2, n_prefix=1,
                    judge="trained",              # GPT-2 Large is not here: the trained judge
                    teacher_ckpt=""),             # the teacher's training cost, not SDTT's file
+        constants=dict(LATENCY_RUNS=1, N_CONT=2),  # module constants: one timed call, 2 texts
         narrow=dict(n_layer=1, n_embd=32, n_head=2, cond_dim=16, L=1, n_samples=1,
                     sample_batch=1),
         fits={"teacher": ("teacher_iters", "batch_size", False),
@@ -178,13 +179,15 @@ def memory_gb(peak: bool = False, reset: bool = False) -> float:
     return int(status.split("VmHWM:" if peak else "VmRSS:")[1].split()[0]) / 2 ** 20
 
 
-def instrumented(name: str, argv: list, record: str):
+def instrumented(name: str, argv: list, record: str, constants: dict):
     """Run `python <name>.py argv` in this process with its training loop (fit, accumulate)
     wrapped: per training stage, parameters, rows, seconds per step (after the first), memory
     before the first step and the peak, FLOPs of the first step; merged into the JSON `record`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     m = importlib.import_module(name)
+    for k, v in constants.items():     # the bench's sizes of what the scripts keep constant
+        setattr(m, k, v)
     fit, accumulate, rec = m.fit, m.accumulate, {}
 
     def counted(cfg, ctx, stage, *args, **kw):
@@ -248,8 +251,8 @@ def run_script(name: str, work: str, narrow: bool, log) -> dict:
     over = {**spec["bench"], **(spec["narrow"] if narrow else {})}
     record = os.path.join(work, "train.json")
     base = [sys.executable, os.path.join("bench", "paper_shapes.py"), "--instrument", name,
-            record, "--preset", "paper", "--out_dir", out, "--device", "cpu", "--dtype",
-            "float32", "--log_every", "1", *args, *cli_args(over)]
+            record, json.dumps(spec.get("constants", {})), "--preset", "paper", "--out_dir", out,
+            "--device", "cpu", "--dtype", "float32", "--log_every", "1", *args, *cli_args(over)]
     stage_s = {}
     for stage in spec["stages"]:
         t0 = time.perf_counter()
@@ -320,7 +323,7 @@ def markdown(results: list) -> str:
 
 def main(argv=None):
     if argv is None and sys.argv[1:2] == ["--instrument"]:   # one stage, run by run_script
-        return instrumented(sys.argv[2], sys.argv[4:], sys.argv[3])
+        return instrumented(sys.argv[2], sys.argv[5:], sys.argv[3], json.loads(sys.argv[4]))
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--script", choices=sorted(SCRIPTS) + ["all"], default="all")

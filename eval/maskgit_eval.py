@@ -10,7 +10,6 @@ Notation: N images, 3 channels, R x R pixels.
 """
 import os
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -98,18 +97,9 @@ def save_grids(folder: str, label: str, by_class: list):
 def latency(sample, autocast, generator: torch.Generator, device: torch.device,
             runs: int = 5) -> float:
     """Mean seconds of `sample(generator)` (under `autocast()`) over `runs` calls after one
-    warm-up call, CUDA synchronised."""
-    out = []
-    for _ in range(runs + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast():
-            sample(generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return sum(out[1:]) / runs
+    warm-up call (eval/report.py's protocol)."""
+    from eval.report import seconds
+    return sum(seconds(lambda r: sample(generator), device, runs, autocast)) / runs
 
 
 def latencies(sample, autocast, generator: torch.Generator, seed: int,

@@ -2,6 +2,7 @@
 teacher at equal NFE, and the printed table with one RESULT line per student step count."""
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -19,14 +20,16 @@ def image_scorer(images, levels: int, dataset: str, out_dir: str, fid_stats: str
     return "fid", inception.pigm_scorer(images, levels, out_dir, fid_stats)
 
 
-def seconds(fn, device, repeats: int = 5) -> list:
-    """Wall seconds of each call fn(1) .. fn(repeats), after a warm-up call fn(0)."""
+def seconds(fn, device, repeats: int = 5, context=nullcontext) -> list:
+    """Wall seconds of each call fn(1) .. fn(repeats) inside context(), after a warm-up call
+    fn(0), CUDA-synchronised: the latency protocol of the three scripts."""
     out = []
     for r in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn(r)
+        with context():
+            fn(r)
         if device.type == "cuda":
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)

@@ -24,7 +24,6 @@ compute_generative_perplexity).
 import math
 import os
 import statistics
-import time
 from contextlib import nullcontext
 from typing import Callable, List, Sequence
 
@@ -199,20 +198,11 @@ def latency(fns: dict, runs: int, device, context: Callable = nullcontext) -> di
     """Seconds per call of fns["teacher"] and fns["student"] (each inside context(); mean and
     population sd of `runs` calls after one warm-up call, CUDA-synchronised) -> {teacher_s,
     teacher_std, student_s, student_std, overhead_pct} (the student's extra time in %)."""
+    from eval.report import seconds
     out = {}
     for name, fn in fns.items():
-        secs = []
-        for _ in range(runs + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with context():
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            secs.append(time.perf_counter() - t0)
-        out[f"{name}_s"], out[f"{name}_std"] = (statistics.mean(secs[1:]),
-                                                statistics.pstdev(secs[1:]))
+        secs = seconds(lambda r: fn(), device, runs, context)
+        out[f"{name}_s"], out[f"{name}_std"] = statistics.mean(secs), statistics.pstdev(secs)
     out["overhead_pct"] = 100 * (out["student_s"] / out["teacher_s"] - 1)
     return out
 
