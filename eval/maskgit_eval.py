@@ -94,21 +94,14 @@ def save_grids(folder: str, label: str, by_class: list):
                nrow=max(len(r) for r in rows), padding=1)
 
 
-def latency(sample, autocast, generator: torch.Generator, device: torch.device,
-            runs: int = 5) -> float:
-    """Mean seconds of `sample(generator)` (under `autocast()`) over `runs` calls after one
-    warm-up call (eval/report.py's protocol)."""
-    from eval.report import seconds
-    return sum(seconds(lambda r: sample(generator), device, runs, autocast)) / runs
-
-
 def latencies(sample, autocast, generator: torch.Generator, seed: int,
               device: torch.device) -> dict:
-    """{teacher_s, student_s, overhead_pct}: latency of sample("teacher" | "student", generator)
-    with the generator seeded to `seed` before each model."""
-    t_s, s_s = (latency(lambda g: sample(name, g), autocast, generator.manual_seed(seed), device)
-                for name in ("teacher", "student"))
-    return dict(teacher_s=t_s, student_s=s_s, overhead_pct=100 * (s_s / t_s - 1))
+    """{teacher_s, student_s, overhead_pct}: eval/report.latency of sample("teacher" |
+    "student", generator) under autocast(), the generator seeded to `seed` before each model."""
+    from eval.report import latency
+    timed = lambda name: lambda r: sample(name, generator.manual_seed(seed) if r == 0
+                                          else generator)
+    return latency(timed("teacher"), timed("student"), device, context=autocast)
 
 
 def summary(res: dict, lat: dict, key: str) -> dict:
@@ -131,10 +124,5 @@ def print_table(res: dict, lat: dict, key: str):
     print(f"\n{'samples':<20}{key:>10}{second:>11}")
     for label in sorted(res, key=lambda k: (k.split("@")[0], res[k]["w"], res[k]["steps"])):
         print(f"{label:<20}{res[label][key]:>10.3f}{res[label][second]:>11.3f}")
-    for N, v in lat.items():
-        print(f"latency @{N} steps: teacher {v['teacher_s']:.4f} s, student {v['student_s']:.4f} s "
-              f"({v['overhead_pct']:+.1f}%)")
-    for label in sorted(res):
-        if label.startswith("student@") and label.replace("student", "teacher") in res:
-            s, t = res[label], res[label.replace("student", "teacher")]
-            print(f"RESULT {label} {key}={s[key]:.3f} teacher {key}={t[key]:.3f}")
+    from eval.report import print_latency_and_results
+    print_latency_and_results(res, lat, key)

@@ -36,11 +36,11 @@ def seconds(fn, device, repeats: int = 5, context=nullcontext) -> list:
     return out[1:]
 
 
-def latency(teacher_fn, student_fn, device, repeats: int = 5) -> dict:
+def latency(teacher_fn, student_fn, device, repeats: int = 5, context=nullcontext) -> dict:
     """{teacher_s, student_s, overhead_pct}: mean seconds per sampler call (`seconds`, the
     teacher's calls first) and the student's overhead in percent."""
-    t, s = (sum(v) / len(v) for v in (seconds(teacher_fn, device, repeats),
-                                      seconds(student_fn, device, repeats)))
+    t, s = (sum(v) / len(v) for v in (seconds(teacher_fn, device, repeats, context),
+                                      seconds(student_fn, device, repeats, context)))
     return dict(teacher_s=t, student_s=s, overhead_pct=100 * (s / t - 1))
 
 
@@ -65,6 +65,12 @@ def print_table(res: dict, lat: dict, key: str):
     print(f"\n{'sampler':<14}{'NFE':>5}{key:>10}")
     for label in sorted(res, key=lambda k: (k.split("@")[0], res[k]["steps"])):
         print(f"{label:<14}{res[label]['nfe']:>5}{res[label][key]:>10.3f}")
+    print_latency_and_results(res, lat, key)
+
+
+def print_latency_and_results(res: dict, lat: dict, key: str):
+    """The latency lines and a RESULT line per student step count the teacher was sampled at
+    (the image scripts' table ends with them)."""
     for n, v in lat.items():
         print(f"latency @{n} NFE: teacher {v['teacher_s']:.3f} s, student {v['student_s']:.3f} s "
               f"({v['overhead_pct']:+.1f}%)")
