@@ -15,6 +15,7 @@ Stages: --stage tokenize | teacher | distill | sample | eval | all; --resume tru
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -96,7 +97,6 @@ class Config:
     seed: int = 0
     micro_batch: int = 0           # rows per forward pass and GPU; 0 = the GPU's whole share
     compile: bool = False          # torch.compile the network in training
-    time_limit: float = 0.0        # hours of training per stage, then save and stop (0 = none)
     log_every: int = 100
     ckpt_every: int = 10_000
 
@@ -133,8 +133,8 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
     **dict.fromkeys(("n_layer", "n_embd", "n_head", "mlp_dim", "teacher_iters", "batch_size",
                      "distil_iters", "distil_batch", "L", "steps", "student_steps", "n_per_class",
                      "sample_batch", "log_every", "ckpt_every"), (1, INF)),
-    **dict.fromkeys(("warmup", "lam_lr_mult", "alpha_const", "r_temp", "seed", "micro_batch",
-                     "time_limit"), (0, INF)),
+    **dict.fromkeys(("warmup", "lam_lr_mult", "alpha_const", "r_temp", "seed", "micro_batch"),
+                    (0, INF)),
     "dropout": (0, 0.99), "label_smoothing": (0, 0.99), "ema": (0, 1 - 1e-9), "lr": (TINY, 1),
     "label_div": (1, 10), "img_size": (8, INF), "control_iters": (-1, INF)}
 LABEL_DROP = 0.1                       # training labels dropped (index n_classes) for CFG
@@ -179,7 +179,7 @@ def tokenizer(cfg: Config, ctx: "Ctx", ds=None):
                 f"{tv.VQVAE[cfg.img_size]}")
         torch.manual_seed(cfg.seed)
         vq = tv.build_vqvae(cfg.img_size).to(ctx.device)
-        fit(cfg, ctx, "vqvae", vq, tv.vqvae_loss(vq), Batches((images, labels), cfg, ctx,
+        fit(cfg, ctx, "vqvae", vq, tv.vqvae_loss(vq), epoch_batches((images, labels), cfg, ctx,
                                                                cfg.batch_size),
             tv.VQVAE_ITERS[cfg.img_size], tv.VQVAE_LR, cfg.batch_size, betas=(0.5, 0.9),
             weight_decay=WEIGHT_DECAY)
@@ -466,8 +466,9 @@ def control_steps(cfg: Config) -> int:
     return math.ceil(cfg.distil_iters * (3 * B * L + B * L + B) / (3 * cfg.batch_size))
 
 
-def stage_teacher(cfg: Config, ctx: "Ctx", meta: dict):
+def stage_teacher(cfg: Config, ctx: "Ctx"):
     """Train the MaskGIT teacher from scratch (skipped when --teacher_ckpt is given)."""
+    meta = codes_meta(cfg)
     if cfg.teacher_ckpt:
         ctx.log(f"teacher: using --teacher_ckpt {cfg.teacher_ckpt}, nothing to train")
         return
@@ -483,15 +484,16 @@ def stage_teacher(cfg: Config, ctx: "Ctx", meta: dict):
 def train(cfg: Config, ctx: "Ctx", meta: dict, name: str, net, loss_fn, batch: int, iters: int,
           lr: float, **opt):
     """fit (AdamW, betas (0.9, 0.96)) on the codes in global batches of `batch` -> metrics.json."""
-    out = fit(cfg, ctx, name, net, loss_fn, Batches((meta["codes"], meta["labels"]), cfg, ctx,
+    out = fit(cfg, ctx, name, net, loss_fn, epoch_batches((meta["codes"], meta["labels"]), cfg, ctx,
                                                     batch), iters, lr, batch, betas=(0.9, 0.96),
               weight_decay=WEIGHT_DECAY, **opt)
     update_metrics(cfg, ctx, {name: dict(iters=out["step"], train_seconds=out["wall"])})
 
 
-def stage_distill(cfg: Config, ctx: "Ctx", meta: dict):
+def stage_distill(cfg: Config, ctx: "Ctx"):
     """Di4C from the teacher (a product MaskGIT, or a Di4C student: another round), then the
     control: the teacher trained on with its own loss for the same compute (a gain is Di4C's)."""
+    meta = codes_meta(cfg)
     t_path = cfg.teacher_ckpt or run_path(cfg, "teacher.pt")
     teacher, lam_T, t_info = load_model(cfg, meta, t_path, ctx.device)
     check_round(cfg, lam_T)
@@ -607,8 +609,9 @@ def load_nets(cfg: Config, ctx: "Ctx", meta: dict) -> dict:
     return nets
 
 
-def stage_sample(cfg: Config, ctx: "Ctx", meta: dict):
+def stage_sample(cfg: Config, ctx: "Ctx"):
     """n_per_class samples per class of every sample_runs set -> samples/<label>.pt, PNG grids."""
+    meta = codes_meta(cfg)
     from eval import maskgit_eval
     nets = load_nets(cfg, ctx, meta)
     vq = tokenizer(cfg, ctx) if ctx.rank == 0 else None
@@ -637,10 +640,11 @@ def stage_sample(cfg: Config, ctx: "Ctx", meta: dict):
 # Evaluation: eval/digits.py (embedded images), eval/maskgit_eval.py (VQ tokens); latency
 
 
-def stage_eval(cfg: Config, ctx: "Ctx", meta: dict):
+def stage_eval(cfg: Config, ctx: "Ctx"):
     """Score every sample set (rank 0: an 8x8 classifier's Frechet distance and class accuracy,
     or MaskGIT-pytorch's FID, IS, PRDC against the validation images), time the samplers (one
     batch, w = 0) -> metrics.json, the plot and the printed table."""
+    meta = codes_meta(cfg)
     if ctx.rank == 0:
         from eval import maskgit_eval
         nets, sets = load_nets(cfg, ctx, meta), {}
@@ -720,24 +724,7 @@ def run_needs(cfg: Config) -> list:
 def main(cfg: Config):
     check(cfg)
     preflight(run_needs(cfg))
-    rank, world_size, device = setup_dist(cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
-    ctx.log(f"imagenet_masked.py | torch {torch.__version__} | python "
-            f"{platform.python_version()} | device {device} | world size {world_size}")
-    ctx.log("config " + json.dumps(asdict(cfg)))
-    walls, t_start = {}, time.time()
-    for name in STAGES if cfg.stage == "all" else (cfg.stage,):
-        t0 = time.time()
-        if name == "tokenize":
-            stage_tokenize(cfg, ctx)
-        else:
-            globals()[f"stage_{name}"](cfg, ctx, codes_meta(cfg))
-        walls[name] = time.time() - t0
-        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
-    walls["total"] = time.time() - t_start
-    update_metrics(cfg, ctx, {"wall_seconds": walls})
-    cleanup(ctx)
+    run_stages(cfg, "imagenet_masked.py", {name: globals()[f"stage_{name}"] for name in STAGES})
 
 
 # -----------------------------------------------------------------------------
@@ -745,26 +732,22 @@ def main(cfg: Config):
 
 
 # Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
-# config and CLI, distributed setup, logging, atomic checkpoints with their lineage, per-step
-# RNG and the training loop. It uses the script's Config, PRESETS, CHOICES, LIMITS, RESUME_KEYS.
+# config and CLI, processes and logging, atomic checkpoints with their lineage, per-step RNG,
+# the training loop. It uses the script's Config, PRESETS, CHOICES, LIMITS, RESUME_KEYS.
 
 
 def parse_config(cls, argv=None):
     """CLI -> Config: `--preset` picks a preset, then every `--field value` wins."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
         elem = float if f.type is tuple and any(isinstance(x, float) for x in f.default) else int
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=elem, nargs="*")}.get(
-            f.type, dict(type=f.type))                 # an empty list: LIMITS decides
+        kind = {bool: dict(type=str.lower, choices=("true", "false")),
+                tuple: dict(type=elem, nargs="*")}.get(f.type, dict(type=f.type))
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
-    return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("1", "true", "yes")
+    return make_config(cls, **{k: v == "true" if fields[k].type is bool else v
+                               for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
 
 def make_config(cls, **overrides):
@@ -780,25 +763,23 @@ def make_config(cls, **overrides):
 
 
 def check_config(cfg):
-    """Validate the whole config before any work against CHOICES (allowed values) and LIMITS
-    ((lo, hi) inclusive, for every element of a tuple); one line names the field."""
+    """Before any work: CHOICES (allowed values), LIMITS ((lo, hi) for every element), out_dir."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
                              f"got {getattr(cfg, name)!r}")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
     for name, (lo, hi) in LIMITS.items():
         v = getattr(cfg, name)
         vs = v if isinstance(v, tuple) else (v,)
         if not vs or any(not lo <= x <= hi for x in vs):
             raise SystemExit(f"error: --{name} must be {'values ' if isinstance(v, tuple) else ''}"
                              f"in [{lo}, {hi}]; got {v}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
 
 
 def setup_dist(device: str = "", timeout_min: float = 60.0):
-    """torchrun -> one process per GPU (nccl) or CPU worker (gloo); plain python -> one process.
-    timeout_min (--dist_timeout): how long a rank waits for the others in a collective."""
+    """torchrun: one process per GPU (nccl) or CPU worker (gloo); plain python: one process."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -807,28 +788,8 @@ def setup_dist(device: str = "", timeout_min: float = 60.0):
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                            timeout=timedelta(minutes=timeout_min))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_min))
     return rank, world, dev
-
-
-def cleanup(ctx):
-    if ctx.world_size > 1:
-        ctx.barrier()                  # without it gloo aborts intermittently at exit
-        dist.destroy_process_group()
-
-
-class Logger:
-    """Print on rank 0 (through tqdm, so progress bars stay intact) and append to log.txt."""
-
-    def __init__(self, rank: int, out_dir: str):
-        self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
-
-    def __call__(self, *msg):
-        if self.rank == 0:
-            tqdm.write(" ".join(map(str, msg)))
-            with open(self.path, "a") as f:
-                f.write(" ".join(map(str, msg)) + "\n")
 
 
 @dataclass
@@ -838,8 +799,18 @@ class Ctx:
     rank: int
     world_size: int
     device: torch.device
-    log: Logger
+    out_dir: str
     dtype: str
+
+    def log(self, *msg):               # rank 0: print through tqdm (bars stay intact), log.txt
+        if self.rank == 0:
+            tqdm.write(" ".join(map(str, msg)))
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                f.write(" ".join(map(str, msg)) + "\n")
+
+    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0)
 
     def autocast(self):
         return (nullcontext() if self.dtype == "float32"
@@ -862,9 +833,27 @@ class Ctx:
             dist.all_gather_object(parts, obj)
         return parts
 
-    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
-        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
-                    disable=self.rank != 0, mininterval=1.0)
+
+def run_stages(cfg, script: str, stages: dict, *args):
+    """Start this process, then run --stage (or all stages in order), logging each one's wall
+    time (metrics.json too). stages: {name: f(cfg, ctx, *args)}; an arg may be f(cfg, ctx)."""
+    rank, world_size, device = setup_dist(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx = Ctx(rank, world_size, device, cfg.out_dir, cfg.dtype)
+    ctx.log(f"{script} | torch {torch.__version__} | python {platform.python_version()} | "
+            f"device {device} | world size {world_size}")
+    ctx.log("config " + json.dumps(asdict(cfg)))
+    walls, t_start = {}, time.time()
+    args = [a(cfg, ctx) if callable(a) else a for a in args]
+    for name in stages if cfg.stage == "all" else (cfg.stage,):
+        t0 = time.time()
+        stages[name](cfg, ctx, *args)
+        walls[name] = time.time() - t0
+        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
+    update_metrics(cfg, ctx, {"wall_seconds": {**walls, "total": time.time() - t_start}})
+    if world_size > 1:
+        ctx.barrier()                  # without it gloo aborts intermittently at exit
+        dist.destroy_process_group()
 
 
 def save_checkpoint(path: str, state: dict):
@@ -876,8 +865,7 @@ def save_checkpoint(path: str, state: dict):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the previous one "
-                         "is kept") from None
+        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the old one is kept")
 
 
 def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
@@ -891,11 +879,11 @@ def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise SystemExit(f"error: {path!r} is not a checkpoint written by this script")
-    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    bad = [f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}"
+           for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
     if bad:
-        raise SystemExit(f"error: checkpoint {path!r} was written with another config ("
-                         + ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now "
-                                     f"{cfg_dict.get(k)!r}" for k in bad) + ")")
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config "
+                         f"({', '.join(bad)})")
     return state
 
 
@@ -912,11 +900,10 @@ def weights_id(state_dict: dict) -> str:
 def check_lineage(path: str, state: dict, parents: dict):
     """Refuse a checkpoint or sample file made from other parents ({name: weights_id})."""
     have = state.get("parents", {})
-    bad = {k: (have.get(k), v) for k, v in parents.items() if have.get(k) != v}
+    bad = [f"{k} {have.get(k)} vs now {v}" for k, v in parents.items() if have.get(k) != v]
     if bad:
-        diffs = ", ".join(f"{k} {a} vs now {b}" for k, (a, b) in bad.items())
-        raise SystemExit(f"error: {path!r} was made from another {diffs}; rerun the stage that "
-                         "writes it (or start in a fresh --out_dir)")
+        raise SystemExit(f"error: {path!r} was made from another {', '.join(bad)}; rerun the "
+                         "stage that writes it (or start in a fresh --out_dir)")
 
 
 def ckpt_path(cfg, name: str) -> str:
@@ -925,16 +912,6 @@ def ckpt_path(cfg, name: str) -> str:
 
 def run_path(cfg, *parts: str) -> str:  # what a stage reads: --run_dir (a finished run) or out_dir
     return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
-
-
-def step_rng(cfg, ctx: Ctx, salt: str, step: int, row: int) -> torch.Generator:
-    """The generator of one micro-batch, seeded by (seed, stage, step, first global row): resume
-    is exact without saved RNG state, and any rank count that cuts a global batch into the same
-    micro-batches draws the same numbers (docs/scale.md). Also seeds the global RNG (dropout)."""
-    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + row * 2 ** 32
-            + step) % (2 ** 63)
-    torch.manual_seed(seed)
-    return torch.Generator(device=ctx.device).manual_seed(seed)
 
 
 def batch_plan(ctx: Ctx, global_batch: int, micro_batch: int = 0) -> list:
@@ -959,24 +936,16 @@ def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
 
 
-def update_ema(ema: nn.Module, model: nn.Module, decay: float):
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
-
-
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
         global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
         cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
-    """The training loop of every stage: AdamW on core.lam_param_groups, lr_factor, grad clip 1,
-    EMA warmed up as min(decay, (1 + n) / (10 + n)); each step's gradient is that of the mean
-    loss over `global_batch` rows at any world size. batches(step, rows, g) -> those rows of
-    batch `step`; loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is
-    written every ckpt_every steps, on Ctrl-C and at --time_limit; --resume continues from it
-    exactly unless its config or `parents` ({name: weights_id}) differ. A non-finite loss or
-    gradient stops before the update. Writes <name>.pt; returns {ema, step, wall}."""
+    """Every stage's training loop: AdamW on core.lam_param_groups, lr_factor, grad clip 1, EMA
+    warmed up as min(decay, (1 + n) / (10 + n)); a step's gradient is that of the mean loss over
+    `global_batch` rows at any world size. batches(step, rows, g) -> those rows of batch `step`;
+    loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is written every
+    ckpt_every steps and on Ctrl-C; --resume continues from it exactly unless its config or
+    `parents` ({name: weights_id}) differ. A non-finite loss or gradient stops before the update.
+    Writes <name>.pt; returns {ema, step, wall}."""
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
@@ -1012,10 +981,6 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     bar = ctx.progress(iters, name, step)
     try:
         while step < iters:
-            if ctx.sum(torch.tensor([float(0 < cfg.time_limit * 3600 <= wall)])).item():
-                snapshot(state_path)           # every rank stops at the same step
-                raise SystemExit(f"{name}: --time_limit {cfg.time_limit} h used up at step "
-                                 f"{step}; state saved to {state_path}; rerun with --resume true")
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
@@ -1027,12 +992,14 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
             names.append("grad_norm")
             if not torch.isfinite(vals).all():
                 bad = [k for k, v in zip(names, vals.tolist()) if not math.isfinite(v)]
-                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
-                                 f"stopped before the update, {state_path} (if any) is the last "
-                                 "good state; try a lower --lr")
+                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; stopped "
+                                 f"before the update, {state_path} (if any) is the last good "
+                                 "state; try a lower --lr")
             opt.step()
             if ema is not None:        # warm-up: early EMAs must not keep the random init
-                update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), raw.parameters()):
+                        pe.lerp_(pm, 1 - min(ema_decay, (1 + step) / (10 + step)))
             step, wall = step + 1, wall + time.perf_counter() - t0
             bar.update(1)
             if step % cfg.log_every == 0 or step == iters:
@@ -1056,17 +1023,21 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
 def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,
                global_batch: int) -> tuple:
-    """The backward passes of one step over this rank's micro-batches (`plan`), each row's loss
-    weighted W / B so that DDP's mean over ranks is the global batch's mean. Returns (names,
-    (n,) row sums of the loss and of every term)."""
+    """One step's backward passes over this rank's micro-batches (`plan`), each row's loss
+    weighted W / B so that DDP's mean over ranks is the global batch's mean. Per micro-batch, one
+    generator seeded by (seed, stage, step, first global row), which also seeds the global RNG
+    (dropout): resume is exact without saved RNG state, at any rank count (docs/scale.md).
+    Returns (names, (n,) row sums of the loss and of every term)."""
     names, sums = [], torch.zeros(0)
     for j, rows in enumerate(plan):
         if rows.start == rows.stop:    # a rank with fewer rows: nothing to do (not a sync step)
             continue
-        g = step_rng(cfg, ctx, name, step, rows.start)
+        seed = (cfg.seed * 1_000_003 + sum(map(ord, name)) * 7919 + rows.start * 2 ** 32
+                + step) % (2 ** 63)
+        torch.manual_seed(seed)
+        g = torch.Generator(device=ctx.device).manual_seed(seed)
         batch = batches(step, rows, g)
-        sync = j == len(plan) - 1 or ctx.world_size == 1
-        with nullcontext() if sync else ddp.no_sync():
+        with nullcontext() if j == len(plan) - 1 or ctx.world_size == 1 else ddp.no_sync():
             with ctx.autocast():
                 loss, terms = loss_fn(model, batch, g)
             (loss.sum() * (ctx.world_size / global_batch)).backward()
@@ -1076,27 +1047,22 @@ def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int
     return names, sums
 
 
-class Batches:
-    """Global batches of in-memory tensors, a pure function of (seed, step) (fit's `batches`):
-    epoch e is a permutation drawn from seed + e (as DistributedSampler), batch s of an epoch
-    its items [s B, (s + 1) B), the rest of the epoch dropped; a rank takes its batch_plan rows."""
+def epoch_batches(tensors: tuple, cfg, ctx: Ctx, global_batch: int):
+    """fit's `batches` over in-memory tensors, a pure function of (seed, step): epoch e is a
+    permutation drawn from seed + e (as DistributedSampler), its batch s the items [s B, (s + 1) B),
+    the rest of the epoch dropped; a rank takes its batch_plan rows (int16/32 -> long)."""
+    n, per_epoch = len(tensors[0]), len(tensors[0]) // global_batch
+    if per_epoch == 0:
+        raise SystemExit(f"error: {n} training items cannot fill a global batch of {global_batch}")
+    order = functools.lru_cache(1)(
+        lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)))
 
-    def __init__(self, tensors: tuple, cfg, ctx: Ctx, global_batch: int):
-        self.tensors, self.B, self.seed, self.device = tensors, global_batch, cfg.seed, ctx.device
-        self.per_epoch = len(tensors[0]) // global_batch
-        if self.per_epoch == 0:
-            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a global "
-                             f"batch of {global_batch}")
-        self.epoch, self.order = -1, None
-
-    def __call__(self, step: int, rows: slice, g=None) -> tuple:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self.epoch:
-            perm = torch.Generator().manual_seed(self.seed + epoch)
-            self.epoch, self.order = epoch, torch.randperm(len(self.tensors[0]), generator=perm)
-        idx = self.order[i * self.B + rows.start:i * self.B + rows.stop]
-        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
-                     else t[idx].to(self.device) for t in self.tensors)
+    def batch(step: int, rows: slice, g=None) -> tuple:
+        i = step % per_epoch * global_batch
+        idx = order(step // per_epoch)[i + rows.start:i + rows.stop]
+        return tuple(t[idx].to(ctx.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(ctx.device) for t in tensors)
+    return batch
 
 
 # End of the infrastructure block.

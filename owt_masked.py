@@ -70,15 +70,14 @@ class Config:
     teacher_iters: int = 1_000_000
     judge_iters: int = 100_000
     batch_size: int = 512          # global sequences per teacher / judge / control step
-    teacher_lr: float = 3e-4
-    ema: float = 0.9999            # teacher EMA; the teacher samples with it (MDLM)
+    lr: tuple = (3e-4, 3e-5)       # AdamW: the teacher's and judge's; Di4C's and the control's
+    ema: tuple = (0.9999, 0.0)     # EMA decay: the teacher's (it samples with it, MDLM); the
+                                   # student's and control's (sampled with it if > 0)
     teacher_cosine: bool = False   # cosine decay of the teacher LR to 0 after warm-up (demo)
     # di4c (SDTT variant, docs/method.md (30), (33))
     distil_iters: int = 50_000
     distil_batch: int = 2          # global sequences per Di4C step, each with L lambdas
-    lr: float = 3e-5               # Di4C and control fine-tuning, constant after warm-up
     lam_lr_mult: float = 1.0       # learning-rate multiplier of the lambda path (zero-initialised)
-    lam_inject: str = "adaln"      # adaln (ours: student = teacher at init) | token (the authors')
     warmup: int = 2500
     L: int = 16                    # lambda-samples per x_t
     delta: float = 0.02            # distillation region t < delta
@@ -87,25 +86,23 @@ class Config:
                                    # (another round); a released MDLM / SDTT / Di4C-SDTT file
     student_ckpt: str = ""         # "" = out_dir/student.pt; or a released Di4C-SDTT student
     control_iters: int = -1        # teacher fine-tuned with its loss: -1 = Di4C's compute, 0 = none
-    student_ema: float = 0.0       # EMA of the student and the control (sampled with it if > 0)
     # sampling and evaluation (docs/method.md (37); MDLM's gen-PPL protocol)
     steps: tuple = (8, 16, 32, 64, 128, 256, 512, 1024)  # teacher step counts
     student_steps: tuple = (8, 16, 32, 64)               # student and control step counts
     n_samples: int = 1024
     sample_batch: int = 16
-    sampler: str = "ours"          # ours (float64 draws) | sdtt (SDTT's own, pretrained/mdlm.py)
-    prefix_len: int = 50           # prefix-conditional samples: N_CONT continuations of
-    cont_len: int = 50             # cont_len tokens after each of n_prefix held-out prefixes
-    n_prefix: int = 256
+    sampler: str = "ours"          # ours (float64 draws; a new student takes lambda through
+                                   # adaLN) | sdtt (the authors': SDTT's sampler, lambda token)
+    prefix: tuple = (256, 50, 50)  # prefix-conditional samples: N_CONT continuations of cont_len
+                                   # tokens after n_prefix held-out prefixes of prefix_len tokens:
+                                   # (n_prefix, prefix_len, cont_len)
     judge: str = "gpt2-large"      # gen-PPL judge: gpt2-large (the papers') | trained (here)
     # system
     device: str = ""               # "" = cuda if available else cpu
     dtype: str = "bfloat16"        # float32 | bfloat16 (autocast; draws stay float64)
     seed: int = 0
     micro_batch: int = 0           # rows per forward pass and GPU (0: the GPU's whole share)
-    dist_timeout: float = 60.0     # minutes a rank waits for the others in a collective
     compile: bool = False          # torch.compile the network in training
-    time_limit: float = 0.0        # hours of training per stage, then save and stop (0 = none)
     log_every: int = 100
     ckpt_every: int = 5000
 
@@ -115,19 +112,18 @@ PRESETS = {
     # CPython's bundled docs, exact GPT-2 BPE, remapped ids; why each value: docs/owt.md
     "demo": dict(out_dir="runs/owt_demo", dataset="pydoc", teacher_ckpt="", seq_len=32, val_docs=8,
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
-                 teacher_iters=4000, judge_iters=600, batch_size=32, teacher_lr=1e-3,
-                 teacher_cosine=True, ema=0.995, student_ema=0.99, distil_iters=400,
-                 distil_batch=4, lr=1e-4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
+                 teacher_iters=4000, judge_iters=600, batch_size=32, lr=(1e-3, 1e-4),
+                 teacher_cosine=True, ema=(0.995, 0.99), distil_iters=400, distil_batch=4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
                  steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
-                 sample_batch=128, prefix_len=8, cont_len=24, n_prefix=24, dtype="float32",
+                 sample_batch=128, prefix=(24, 8, 24), dtype="float32",
                  log_every=50, ckpt_every=500, judge="trained"),
     # seconds, for tests
     "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", teacher_ckpt="", seq_len=32,
                   val_docs=4, remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
                   dropout=0.0, teacher_iters=4, judge_iters=4, batch_size=8,
-                  teacher_lr=1e-3, ema=0.9, distil_iters=3, distil_batch=2, lr=1e-4,
+                  lr=(1e-3, 1e-4), ema=(0.9, 0.0), distil_iters=3, distil_batch=2,
                   warmup=2, L=4, control_iters=2, steps=(2, 4), student_steps=(2,),
-                  n_samples=4, sample_batch=4, prefix_len=8, cont_len=24, n_prefix=2,
+                  n_samples=4, sample_batch=4, prefix=(2, 8, 24),
                   dtype="float32", log_every=1, ckpt_every=2, judge="trained"),
 }
 DISTIL_PROB = 0.3                   # probability of drawing t in [0, delta) (SDTT's)
@@ -136,25 +132,23 @@ N_CONT = 5                          # continuations per prefix (self-BLEU)
 LATENCY_RUNS = 3                    # timed sampler calls per model and step count
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset", "data_files")
-RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr", "teacher_lr",
+RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
                            "warmup", "seed", "dropout", "ema", "teacher_cosine", "lam_lr_mult",
-                           "lam_inject", "delta", "T", "student_ema")
-SAMPLE_KEYS = ("seq_len", "n_samples", "prefix_len", "cont_len", "n_prefix", "seed", "dtype",
+                           "sampler", "delta", "T")
+SAMPLE_KEYS = ("seq_len", "n_samples", "prefix", "seed", "dtype",
                "sampler")
 CHOICES = {"stage": STAGES + ("all",), "dtype": ("float32", "bfloat16"),
-           "lam_inject": ("adaln", "token"), "judge": ("gpt2-large", "trained"),
+           "judge": ("gpt2-large", "trained"),
            "sampler": ("ours", "sdtt")}
 INF, TINY = float("inf"), 1e-12
 LIMITS = {k: (1, INF) for k in (      # (lo, hi), inclusive; check_config applies them
     "val_docs", "n_layer", "n_embd", "n_head", "cond_dim", "teacher_iters", "judge_iters",
     "batch_size", "distil_iters", "distil_batch", "L", "T", "steps", "student_steps", "n_samples",
-    "sample_batch", "prefix_len", "cont_len", "n_prefix", "dist_timeout", "log_every",
-    "ckpt_every")}
-LIMITS.update(seq_len=(2, INF), dropout=(0, 0.99), teacher_lr=(TINY, 1), lr=(TINY, 1),
-              ema=(0, 1 - 1e-9), student_ema=(0, 1 - 1e-9), delta=(TINY, 0.999),
-              control_iters=(-1, INF), **dict.fromkeys(
-                  ("lam_lr_mult", "warmup", "seed", "micro_batch", "time_limit"),
-                  (0, INF)))
+    "sample_batch", "prefix", "log_every", "ckpt_every")}
+LIMITS.update(seq_len=(2, INF), dropout=(0, 0.99), lr=(TINY, 1), ema=(0, 1 - 1e-9),
+              delta=(TINY, 0.999),
+              control_iters=(-1, INF),
+              **dict.fromkeys(("lam_lr_mult", "warmup", "seed", "micro_batch"), (0, INF)))
 
 # -----------------------------------------------------------------------------
 # Data: eval/text_data.Corpus: the documents in exact GPT-2 BPE joined by <|endoftext|>,
@@ -266,7 +260,7 @@ class DiT(nn.Module):
     def __init__(self, S: int, n_layer: int, E: int, H: int, cond_dim: int, dropout: float,
                  lam_dim: int = 0, causal: bool = False, lam_inject: str = "adaln"):
         super().__init__()
-        assert lam_inject in CHOICES["lam_inject"] and lam_dim in (0, 1), (lam_inject, lam_dim)
+        assert lam_inject in ("adaln", "token") and lam_dim in (0, 1), (lam_inject, lam_dim)
         self.S, self.mask_id, self.lam_dim, self.causal, self.hd = S, S - 1, lam_dim, causal, E // H
         self.lam_inject = lam_inject if lam_dim else ""
         self.vocab_embed = VocabEmbed(S, E)
@@ -318,7 +312,7 @@ def build_model(cfg: Config, S: int, lam_dim: int = 0, causal: bool = False,
                 lam_inject: Optional[str] = None) -> DiT:
     """lam_dim 0: a product teacher (or the judge, causal); 1: a Di4C student."""
     return DiT(S, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.dropout, lam_dim, causal,
-               cfg.lam_inject if lam_inject is None else lam_inject)
+               lam_inject or ("token" if cfg.sampler == "sdtt" else "adaln"))
 
 
 # -----------------------------------------------------------------------------
@@ -378,8 +372,8 @@ def stage_teacher(cfg: Config, ctx, corpus: Corpus):
     ctx.log(f"teacher: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params, "
             f"S = {corpus.S}, D = {cfg.seq_len}, {corpus.n_blocks('train')} train blocks")
     out = fit(cfg, ctx, "teacher", raw, lambda model, x0, g: mdlm_loss(model, x0, process, g),
-              random_blocks(corpus), cfg.teacher_iters, cfg.teacher_lr, cfg.batch_size,
-              warmup=cfg.warmup, cosine=cfg.teacher_cosine, ema_decay=cfg.ema)
+              random_blocks(corpus), cfg.teacher_iters, cfg.lr[0], cfg.batch_size,
+              warmup=cfg.warmup, cosine=cfg.teacher_cosine, ema_decay=cfg.ema[0])
     nelbo = val_nelbo(cfg, ctx, corpus, out["ema"].eval())
     ctx.log(f"teacher: val NELBO {nelbo:.4f} nats/token, PPL <= {math.exp(nelbo):.1f}")
     update_metrics(cfg, ctx, {"teacher": dict(val_nelbo=nelbo, val_ppl_bound=math.exp(nelbo),
@@ -402,7 +396,7 @@ def load_model(cfg: Config, corpus: Corpus, path: str, use_ema: bool = True) -> 
     else:
         state = load_checkpoint(path, asdict(cfg), ARCH_KEYS)
         lam_dim = state["lam_dim"]                     # a student runs as it was trained
-        inject = state["config"].get("lam_inject", "adaln")
+        inject = "token" if any(k.startswith("lam_token.") for k in state["model"]) else "adaln"
         net = build_model(cfg, corpus.S, lam_dim, lam_inject=inject)
         net.load_state_dict(state["ema"] if use_ema and state["ema"] is not None
                             else state["model"])
@@ -456,23 +450,23 @@ def stage_distill(cfg: Config, ctx, corpus: Corpus):
         student = core.student_from_teacher(build_model(cfg, corpus.S, lam_dim=1),
                                             teacher.state_dict()).to(ctx.device)
     except ValueError as e:
-        hint = (" (the teacher is a lambda-token student: add --lam_inject token)"
-                if "lam_token" in str(e) and cfg.lam_inject != "token" else "")
+        hint = (" (the teacher is a lambda-token student: add --sampler sdtt)"
+                if "lam_token" in str(e) and cfg.sampler != "sdtt" else "")
         raise SystemExit(f"error: {t_path}: {e}{hint}") from None
     process, parents = make_process(corpus.S), {"teacher": t_meta["id"]}
     ctx.log(f"distill: {'mixture (multi-round)' if lam_T else 'product'} teacher {t_path}, "
             f"{cfg.distil_batch} sequences x L = {cfg.L} lambdas per step")
     out = fit(cfg, ctx, "student", student, di4c_loss(cfg, teacher, student, process, lam_T),
-              random_blocks(corpus), cfg.distil_iters, cfg.lr, cfg.distil_batch,
-              warmup=cfg.warmup, ema_decay=cfg.student_ema, parents=parents)
+              random_blocks(corpus), cfg.distil_iters, cfg.lr[1], cfg.distil_batch,
+              warmup=cfg.warmup, ema_decay=cfg.ema[1], parents=parents)
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
     if cfg.control_iters == 0:
         return
     control = build_model(cfg, corpus.S).to(ctx.device)
     control.load_state_dict(teacher.state_dict())
     cout = fit(cfg, ctx, "control", control, lambda model, x0, g: mdlm_loss(model, x0, process, g),
-               random_blocks(corpus), control_steps(cfg), cfg.lr, cfg.batch_size,
-               warmup=cfg.warmup, ema_decay=cfg.student_ema, parents=parents)
+               random_blocks(corpus), control_steps(cfg), cfg.lr[1], cfg.batch_size,
+               warmup=cfg.warmup, ema_decay=cfg.ema[1], parents=parents)
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
@@ -565,10 +559,11 @@ def stage_sample(cfg: Config, ctx, corpus: Corpus):
     os.makedirs(sample_dir, exist_ok=True)
     nets = load_models(cfg, corpus)
     process = make_process(corpus.S)
-    n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
-    prefix = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].cpu()  # (P, prefix_len)
-    x_cond = process.prior(n_prefix * N_CONT, cfg.prefix_len + cfg.cont_len)
-    x_cond[:, :cfg.prefix_len] = prefix.repeat_interleave(N_CONT, 0)          # (P C, D')
+    n_prefix, prefix_len, cont_len = cfg.prefix
+    n_prefix = min(n_prefix, corpus.n_blocks("val"))
+    prefix = corpus.get("val", np.arange(n_prefix))[:, :prefix_len].cpu()     # (P, prefix_len)
+    x_cond = process.prior(n_prefix * N_CONT, prefix_len + cont_len)
+    x_cond[:, :prefix_len] = prefix.repeat_interleave(N_CONT, 0)              # (P C, D')
     x_uncond = process.prior(cfg.n_samples, cfg.seq_len)                      # (N, D)
     sets = sample_sets(cfg)
     bar = ctx.progress(len(sets), "sample", unit="set")
@@ -621,7 +616,7 @@ def train_judge(cfg: Config, ctx, corpus: Corpus) -> nn.Module:
             return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(1), {}
 
         fit(cfg, ctx, "judge", judge, ar_loss, random_blocks(corpus), cfg.judge_iters,
-            cfg.teacher_lr, cfg.batch_size, warmup=cfg.warmup)
+            cfg.lr[0], cfg.batch_size, warmup=cfg.warmup)
     return judge.eval()
 
 
@@ -648,7 +643,7 @@ def stage_eval(cfg: Config, ctx, corpus: Corpus):
     for (model, kind, N), path in paths.items():
         s = load_checkpoint(path, asdict(cfg), SAMPLE_KEYS)
         check_lineage(path, s, {model: ids[model]})
-        first = 0 if kind == "uncond" else cfg.prefix_len                   # continuation only
+        first = 0 if kind == "uncond" else cfg.prefix[1]                   # continuation only
         row = {**score(s["tokens"], max(first, 1)), "nfe": s["nfe"],
                "entropy": text_metrics.unigram_entropy(s["tokens"][:, first:])}
         if kind == "cond":
@@ -689,56 +684,36 @@ def main(cfg: Config):
     preflight(run_needs(cfg))
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if (len(cfg.lr), len(cfg.ema), len(cfg.prefix)) != (2, 2, 3):
+        raise SystemExit("error: --lr and --ema take two values (the teacher's, then the student's), "
+                         f"--prefix three; got {cfg.lr}, {cfg.ema}, {cfg.prefix}")
     if not 1 / cfg.T <= cfg.delta < 1:
         raise SystemExit(f"error: --delta {cfg.delta} must lie in [1/T, 1) = [{1 / cfg.T:.4g}, 1): "
                          "times are snapped to k/T, so a smaller delta never distils")
-    rank, world_size, device = setup_dist(cfg.device, cfg.dist_timeout)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ctx = Ctx(rank, world_size, device, Logger(rank, cfg.out_dir), cfg.dtype)
-    ctx.log(f"owt_masked.py | torch {torch.__version__} | python {platform.python_version()} | "
-            f"device {device} | world size {world_size}")
-    ctx.log("config " + json.dumps(asdict(cfg)))
-    t_start = time.time()
-    corpus = Corpus(cfg, ctx)
-    ctx.log(f"data: {corpus.n_blocks('train')} train / {corpus.n_blocks('val')} val blocks "
-            f"of {cfg.seq_len} tokens, S = {corpus.S} (with [MASK])")
-    run = {"teacher": stage_teacher, "distill": stage_distill,
-           "sample": stage_sample, "eval": stage_eval}
-    walls = {}
-    for name in STAGES if cfg.stage == "all" else (cfg.stage,):
-        t0 = time.time()
-        run[name](cfg, ctx, corpus)
-        walls[name] = time.time() - t0
-        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
-    walls["total"] = time.time() - t_start
-    update_metrics(cfg, ctx, {"wall_seconds": walls})
-    cleanup(ctx)
+    run_stages(cfg, "owt_masked.py", {"teacher": stage_teacher, "distill": stage_distill,
+                                      "sample": stage_sample, "eval": stage_eval}, Corpus)
 
 
 # -----------------------------------------------------------------------------
 # Plumbing: the infrastructure shared by the three domain scripts
 
 # Infrastructure (identical in the three domain scripts; tests/test_layout.py checks it whole):
-# config and CLI, distributed setup, logging, atomic checkpoints with their lineage, per-step
-# RNG and the training loop. It uses the script's Config, PRESETS, CHOICES, LIMITS, RESUME_KEYS.
+# config and CLI, processes and logging, atomic checkpoints with their lineage, per-step RNG,
+# the training loop. It uses the script's Config, PRESETS, CHOICES, LIMITS, RESUME_KEYS.
 
 
 def parse_config(cls, argv=None):
     """CLI -> Config: `--preset` picks a preset, then every `--field value` wins."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
         elem = float if f.type is tuple and any(isinstance(x, float) for x in f.default) else int
-        kind = {bool: dict(type=_parse_bool), tuple: dict(type=elem, nargs="*")}.get(
-            f.type, dict(type=f.type))                 # an empty list: LIMITS decides
+        kind = {bool: dict(type=str.lower, choices=("true", "false")),
+                tuple: dict(type=elem, nargs="*")}.get(f.type, dict(type=f.type))
         p.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
-    return make_config(cls, **{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("1", "true", "yes")
+    return make_config(cls, **{k: v == "true" if fields[k].type is bool else v
+                               for k, v in vars(p.parse_args(argv)).items() if v is not None})
 
 
 def make_config(cls, **overrides):
@@ -754,25 +729,23 @@ def make_config(cls, **overrides):
 
 
 def check_config(cfg):
-    """Validate the whole config before any work against CHOICES (allowed values) and LIMITS
-    ((lo, hi) inclusive, for every element of a tuple); one line names the field."""
+    """Before any work: CHOICES (allowed values), LIMITS ((lo, hi) for every element), out_dir."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(str, allowed))}; "
                              f"got {getattr(cfg, name)!r}")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
     for name, (lo, hi) in LIMITS.items():
         v = getattr(cfg, name)
         vs = v if isinstance(v, tuple) else (v,)
         if not vs or any(not lo <= x <= hi for x in vs):
             raise SystemExit(f"error: --{name} must be {'values ' if isinstance(v, tuple) else ''}"
                              f"in [{lo}, {hi}]; got {v}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir!r} is a file, not a folder")
 
 
 def setup_dist(device: str = "", timeout_min: float = 60.0):
-    """torchrun -> one process per GPU (nccl) or CPU worker (gloo); plain python -> one process.
-    timeout_min (--dist_timeout): how long a rank waits for the others in a collective."""
+    """torchrun: one process per GPU (nccl) or CPU worker (gloo); plain python: one process."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -781,28 +754,8 @@ def setup_dist(device: str = "", timeout_min: float = 60.0):
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                            timeout=timedelta(minutes=timeout_min))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_min))
     return rank, world, dev
-
-
-def cleanup(ctx):
-    if ctx.world_size > 1:
-        ctx.barrier()                  # without it gloo aborts intermittently at exit
-        dist.destroy_process_group()
-
-
-class Logger:
-    """Print on rank 0 (through tqdm, so progress bars stay intact) and append to log.txt."""
-
-    def __init__(self, rank: int, out_dir: str):
-        self.rank, self.path = rank, os.path.join(out_dir, "log.txt")
-
-    def __call__(self, *msg):
-        if self.rank == 0:
-            tqdm.write(" ".join(map(str, msg)))
-            with open(self.path, "a") as f:
-                f.write(" ".join(map(str, msg)) + "\n")
 
 
 @dataclass
@@ -812,8 +765,18 @@ class Ctx:
     rank: int
     world_size: int
     device: torch.device
-    log: Logger
+    out_dir: str
     dtype: str
+
+    def log(self, *msg):               # rank 0: print through tqdm (bars stay intact), log.txt
+        if self.rank == 0:
+            tqdm.write(" ".join(map(str, msg)))
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                f.write(" ".join(map(str, msg)) + "\n")
+
+    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
+        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
+                    disable=self.rank != 0, mininterval=1.0)
 
     def autocast(self):
         return (nullcontext() if self.dtype == "float32"
@@ -836,9 +799,27 @@ class Ctx:
             dist.all_gather_object(parts, obj)
         return parts
 
-    def progress(self, total=None, desc: str = "", initial: int = 0, unit: str = "it"):
-        return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True,
-                    disable=self.rank != 0, mininterval=1.0)
+
+def run_stages(cfg, script: str, stages: dict, *args):
+    """Start this process, then run --stage (or all stages in order), logging each one's wall
+    time (metrics.json too). stages: {name: f(cfg, ctx, *args)}; an arg may be f(cfg, ctx)."""
+    rank, world_size, device = setup_dist(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ctx = Ctx(rank, world_size, device, cfg.out_dir, cfg.dtype)
+    ctx.log(f"{script} | torch {torch.__version__} | python {platform.python_version()} | "
+            f"device {device} | world size {world_size}")
+    ctx.log("config " + json.dumps(asdict(cfg)))
+    walls, t_start = {}, time.time()
+    args = [a(cfg, ctx) if callable(a) else a for a in args]
+    for name in stages if cfg.stage == "all" else (cfg.stage,):
+        t0 = time.time()
+        stages[name](cfg, ctx, *args)
+        walls[name] = time.time() - t0
+        ctx.log(f"stage {name} done in {walls[name]:.1f} s")
+    update_metrics(cfg, ctx, {"wall_seconds": {**walls, "total": time.time() - t_start}})
+    if world_size > 1:
+        ctx.barrier()                  # without it gloo aborts intermittently at exit
+        dist.destroy_process_group()
 
 
 def save_checkpoint(path: str, state: dict):
@@ -850,8 +831,7 @@ def save_checkpoint(path: str, state: dict):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the previous one "
-                         "is kept") from None
+        raise SystemExit(f"error: could not write checkpoint {path!r} ({e}); the old one is kept")
 
 
 def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
@@ -865,11 +845,11 @@ def load_checkpoint(path: str, cfg_dict: dict, keys_that_must_match=()) -> dict:
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise SystemExit(f"error: {path!r} is not a checkpoint written by this script")
-    bad = [k for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
+    bad = [f"{k}: checkpoint {state['config'].get(k)!r} vs now {cfg_dict.get(k)!r}"
+           for k in keys_that_must_match if state["config"].get(k) != cfg_dict.get(k)]
     if bad:
-        raise SystemExit(f"error: checkpoint {path!r} was written with another config ("
-                         + ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs now "
-                                     f"{cfg_dict.get(k)!r}" for k in bad) + ")")
+        raise SystemExit(f"error: checkpoint {path!r} was written with another config "
+                         f"({', '.join(bad)})")
     return state
 
 
@@ -886,11 +866,10 @@ def weights_id(state_dict: dict) -> str:
 def check_lineage(path: str, state: dict, parents: dict):
     """Refuse a checkpoint or sample file made from other parents ({name: weights_id})."""
     have = state.get("parents", {})
-    bad = {k: (have.get(k), v) for k, v in parents.items() if have.get(k) != v}
+    bad = [f"{k} {have.get(k)} vs now {v}" for k, v in parents.items() if have.get(k) != v]
     if bad:
-        diffs = ", ".join(f"{k} {a} vs now {b}" for k, (a, b) in bad.items())
-        raise SystemExit(f"error: {path!r} was made from another {diffs}; rerun the stage that "
-                         "writes it (or start in a fresh --out_dir)")
+        raise SystemExit(f"error: {path!r} was made from another {', '.join(bad)}; rerun the "
+                         "stage that writes it (or start in a fresh --out_dir)")
 
 
 def ckpt_path(cfg, name: str) -> str:
@@ -899,16 +878,6 @@ def ckpt_path(cfg, name: str) -> str:
 
 def run_path(cfg, *parts: str) -> str:  # what a stage reads: --run_dir (a finished run) or out_dir
     return os.path.join(cfg.run_dir or cfg.out_dir, *parts)
-
-
-def step_rng(cfg, ctx: Ctx, salt: str, step: int, row: int) -> torch.Generator:
-    """The generator of one micro-batch, seeded by (seed, stage, step, first global row): resume
-    is exact without saved RNG state, and any rank count that cuts a global batch into the same
-    micro-batches draws the same numbers (docs/scale.md). Also seeds the global RNG (dropout)."""
-    seed = (cfg.seed * 1_000_003 + sum(map(ord, salt)) * 7919 + row * 2 ** 32
-            + step) % (2 ** 63)
-    torch.manual_seed(seed)
-    return torch.Generator(device=ctx.device).manual_seed(seed)
 
 
 def batch_plan(ctx: Ctx, global_batch: int, micro_batch: int = 0) -> list:
@@ -933,24 +902,16 @@ def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, decay_iters - warmup))))
 
 
-def update_ema(ema: nn.Module, model: nn.Module, decay: float):
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
-
-
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
         global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
         cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
-    """The training loop of every stage: AdamW on core.lam_param_groups, lr_factor, grad clip 1,
-    EMA warmed up as min(decay, (1 + n) / (10 + n)); each step's gradient is that of the mean
-    loss over `global_batch` rows at any world size. batches(step, rows, g) -> those rows of
-    batch `step`; loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is
-    written every ckpt_every steps, on Ctrl-C and at --time_limit; --resume continues from it
-    exactly unless its config or `parents` ({name: weights_id}) differ. A non-finite loss or
-    gradient stops before the update. Writes <name>.pt; returns {ema, step, wall}."""
+    """Every stage's training loop: AdamW on core.lam_param_groups, lr_factor, grad clip 1, EMA
+    warmed up as min(decay, (1 + n) / (10 + n)); a step's gradient is that of the mean loss over
+    `global_batch` rows at any world size. batches(step, rows, g) -> those rows of batch `step`;
+    loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is written every
+    ckpt_every steps and on Ctrl-C; --resume continues from it exactly unless its config or
+    `parents` ({name: weights_id}) differ. A non-finite loss or gradient stops before the update.
+    Writes <name>.pt; returns {ema, step, wall}."""
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
@@ -986,10 +947,6 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     bar = ctx.progress(iters, name, step)
     try:
         while step < iters:
-            if ctx.sum(torch.tensor([float(0 < cfg.time_limit * 3600 <= wall)])).item():
-                snapshot(state_path)           # every rank stops at the same step
-                raise SystemExit(f"{name}: --time_limit {cfg.time_limit} h used up at step "
-                                 f"{step}; state saved to {state_path}; rerun with --resume true")
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr * group["mult"] * lr_factor(step, warmup, iters if cosine else 0)
@@ -1001,12 +958,14 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
             names.append("grad_norm")
             if not torch.isfinite(vals).all():
                 bad = [k for k, v in zip(names, vals.tolist()) if not math.isfinite(v)]
-                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; "
-                                 f"stopped before the update, {state_path} (if any) is the last "
-                                 "good state; try a lower --lr")
+                raise SystemExit(f"error: {name} step {step}: non-finite {', '.join(bad)}; stopped "
+                                 f"before the update, {state_path} (if any) is the last good "
+                                 "state; try a lower --lr")
             opt.step()
             if ema is not None:        # warm-up: early EMAs must not keep the random init
-                update_ema(ema, raw, min(ema_decay, (1 + step) / (10 + step)))
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), raw.parameters()):
+                        pe.lerp_(pm, 1 - min(ema_decay, (1 + step) / (10 + step)))
             step, wall = step + 1, wall + time.perf_counter() - t0
             bar.update(1)
             if step % cfg.log_every == 0 or step == iters:
@@ -1030,17 +989,21 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
 
 def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,
                global_batch: int) -> tuple:
-    """The backward passes of one step over this rank's micro-batches (`plan`), each row's loss
-    weighted W / B so that DDP's mean over ranks is the global batch's mean. Returns (names,
-    (n,) row sums of the loss and of every term)."""
+    """One step's backward passes over this rank's micro-batches (`plan`), each row's loss
+    weighted W / B so that DDP's mean over ranks is the global batch's mean. Per micro-batch, one
+    generator seeded by (seed, stage, step, first global row), which also seeds the global RNG
+    (dropout): resume is exact without saved RNG state, at any rank count (docs/scale.md).
+    Returns (names, (n,) row sums of the loss and of every term)."""
     names, sums = [], torch.zeros(0)
     for j, rows in enumerate(plan):
         if rows.start == rows.stop:    # a rank with fewer rows: nothing to do (not a sync step)
             continue
-        g = step_rng(cfg, ctx, name, step, rows.start)
+        seed = (cfg.seed * 1_000_003 + sum(map(ord, name)) * 7919 + rows.start * 2 ** 32
+                + step) % (2 ** 63)
+        torch.manual_seed(seed)
+        g = torch.Generator(device=ctx.device).manual_seed(seed)
         batch = batches(step, rows, g)
-        sync = j == len(plan) - 1 or ctx.world_size == 1
-        with nullcontext() if sync else ddp.no_sync():
+        with nullcontext() if j == len(plan) - 1 or ctx.world_size == 1 else ddp.no_sync():
             with ctx.autocast():
                 loss, terms = loss_fn(model, batch, g)
             (loss.sum() * (ctx.world_size / global_batch)).backward()
@@ -1050,27 +1013,22 @@ def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int
     return names, sums
 
 
-class Batches:
-    """Global batches of in-memory tensors, a pure function of (seed, step) (fit's `batches`):
-    epoch e is a permutation drawn from seed + e (as DistributedSampler), batch s of an epoch
-    its items [s B, (s + 1) B), the rest of the epoch dropped; a rank takes its batch_plan rows."""
+def epoch_batches(tensors: tuple, cfg, ctx: Ctx, global_batch: int):
+    """fit's `batches` over in-memory tensors, a pure function of (seed, step): epoch e is a
+    permutation drawn from seed + e (as DistributedSampler), its batch s the items [s B, (s + 1) B),
+    the rest of the epoch dropped; a rank takes its batch_plan rows (int16/32 -> long)."""
+    n, per_epoch = len(tensors[0]), len(tensors[0]) // global_batch
+    if per_epoch == 0:
+        raise SystemExit(f"error: {n} training items cannot fill a global batch of {global_batch}")
+    order = functools.lru_cache(1)(
+        lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)))
 
-    def __init__(self, tensors: tuple, cfg, ctx: Ctx, global_batch: int):
-        self.tensors, self.B, self.seed, self.device = tensors, global_batch, cfg.seed, ctx.device
-        self.per_epoch = len(tensors[0]) // global_batch
-        if self.per_epoch == 0:
-            raise SystemExit(f"error: {len(tensors[0])} training items cannot fill a global "
-                             f"batch of {global_batch}")
-        self.epoch, self.order = -1, None
-
-    def __call__(self, step: int, rows: slice, g=None) -> tuple:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self.epoch:
-            perm = torch.Generator().manual_seed(self.seed + epoch)
-            self.epoch, self.order = epoch, torch.randperm(len(self.tensors[0]), generator=perm)
-        idx = self.order[i * self.B + rows.start:i * self.B + rows.stop]
-        return tuple(t[idx].to(self.device).long() if t.dtype in (torch.int16, torch.int32)
-                     else t[idx].to(self.device) for t in self.tensors)
+    def batch(step: int, rows: slice, g=None) -> tuple:
+        i = step % per_epoch * global_batch
+        idx = order(step // per_epoch)[i + rows.start:i + rows.stop]
+        return tuple(t[idx].to(ctx.device).long() if t.dtype in (torch.int16, torch.int32)
+                     else t[idx].to(ctx.device) for t in tensors)
+    return batch
 
 
 # End of the infrastructure block.

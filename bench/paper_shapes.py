@@ -129,7 +129,7 @@ SCRIPTS = {
         stages=("teacher", "distill", "sample", "eval"), gpus=2,
         bench=dict(teacher_iters=2, batch_size=2, distil_iters=2, distil_batch=1, L=4,
                    control_iters=2, judge_iters=2, steps=(2,), student_steps=(2,), n_samples=2,
-                   sample_batch=2, n_prefix=1,
+                   sample_batch=2, prefix=(1, 50, 50),
                    judge="trained",              # GPT-2 Large is not here: the trained judge
                    teacher_ckpt=""),             # the teacher's training cost, not SDTT's file
         constants=dict(LATENCY_RUNS=1, N_CONT=2),  # module constants: one timed call, 2 texts

@@ -6,6 +6,7 @@ that the script trains on, samples prefixes from and decodes with.
 """
 import glob
 import os
+import time
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def stdlib_docstrings() -> list:
 def token_cache(cfg, ctx, enc) -> dict:
     """{split: np.memmap uint16} of GPT-2 ids, tokenised once into text_tokens/ beside out_dir
     (shared by the runs there); documents [0, n - val_docs) are the training split, the last
-    val_docs the validation split, each followed by <|endoftext|>. Rank 0 writes."""
+    val_docs the validation split, each followed by <|endoftext|>. Rank 0 writes; the others wait for the files."""
     cache = os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "text_tokens")
     src = cfg.data_files or cfg.dataset
     tag = "".join(c if c.isalnum() else "_" for c in src)[-60:] + f"_v{cfg.val_docs}"
@@ -131,7 +132,8 @@ def token_cache(cfg, ctx, enc) -> dict:
                     f.write(np.fromiter((t for d in docs for t in d + [EOT]), np.uint16).tobytes())
             os.replace(tmp, paths[split])
         ctx.log(f"tokenised {n} documents from {src!r} into {cache}")
-    ctx.barrier()
+    while not all(os.path.exists(p) for p in paths.values()):   # other ranks: no collective,
+        time.sleep(5)                                            # so no timeout while rank 0 works
     return {s: np.memmap(p, dtype=np.uint16, mode="r") for s, p in paths.items()}
 
 
@@ -160,6 +162,8 @@ class Corpus:
                 raise SystemExit(f"error: the {split} split has {len(arr)} tokens, fewer than "
                                  f"one block of --seq_len {self.D}")
             self.blocks[split] = arr[:n * self.D].reshape(n, self.D)          # (n, D) memmap
+        ctx.log(f"data: {self.n_blocks('train')} train / {self.n_blocks('val')} val blocks "
+                f"of {self.D} tokens, S = {self.S} (with [MASK])")
 
     def n_blocks(self, split: str) -> int:
         return self.blocks[split].shape[0]

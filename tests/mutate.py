@@ -159,7 +159,7 @@ OWT = [
      'core.variant_weights("sdtt", t, cfg.delta, ALPHA_CONST)',
      'core.variant_weights("sdtt", t, cfg.delta)'),
     ("owt_prefix_dropped", "prefixes: conditional samples start from an all-[MASK] x_T",
-     "x_cond[:, :cfg.prefix_len] = prefix.repeat_interleave(N_CONT, 0)",
+     "x_cond[:, :prefix_len] = prefix.repeat_interleave(N_CONT, 0)",
      "x_cond[:, :0] = prefix.repeat_interleave(N_CONT, 0)"),
     ("owt_control_rows", "control compute: a Di4C step counted with x_tau rows",
      "(3 * B * L + B * L + B) / (3 * cfg.batch_size))",

@@ -122,8 +122,8 @@ def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
     assert (tmp_path / "quality_vs_steps.png").exists()
 
 
-def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
-    """Teacher cut at step 2 and resumed, student stopped by --time_limit at step 1 and resumed:
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
+    """Teacher cut at step 2 and resumed, student stopped by Ctrl-C at step 1 and resumed:
     the states and the finished checkpoints equal the uninterrupted run's, the raw weights and
     the EMA weights (which sampling uses; restored from the state, not restarted from the raw
     weights) both."""
@@ -132,9 +132,16 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
     m.main(smoke(b, stage="teacher", teacher_iters=2, ckpt_every=100))      # "interrupted" at step 2
     m.main(smoke(b, stage="teacher", teacher_iters=4, ckpt_every=100, resume=True))  # from step 2
     m.main(smoke(a, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100))
-    with pytest.raises(SystemExit, match="time_limit .* used up at step 1"):   # stops, saves
-        m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100,
-                     time_limit=1e-9))
+    accumulate = m.accumulate
+
+    def ctrl_c_at_step_1(*args):
+        if args[7] == 1:                                                 # accumulate's `step`
+            raise KeyboardInterrupt
+        return accumulate(*args)
+    monkeypatch.setattr(m, "accumulate", ctrl_c_at_step_1)
+    with pytest.raises(SystemExit, match="interrupted: student state at step 1"):  # stops, saves
+        m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100))
+    monkeypatch.setattr(m, "accumulate", accumulate)
     m.main(smoke(b, stage="distill", distil_iters=4, control_iters=0, ckpt_every=100, resume=True))
     for name in ("teacher_state", "teacher", "student_state", "student"):
         sa = torch.load(a / f"{name}.pt", weights_only=True)

@@ -356,7 +356,7 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(cfg.out_dir, "vqvae.pt"))
     m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "teacher", "teacher_iters": 2}))
     net, _, _ = m.load_model(cfg, meta, m.ckpt_path(cfg, "teacher"), torch.device("cpu"))
-    vq = m.tokenizer(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32"))
+    vq = m.tokenizer(cfg, m.Ctx(0, 1, torch.device("cpu"), cfg.out_dir, "float32"))
     x = m.maskgit_sample(cfg, net, 0, torch.tensor([0, 1]), 2, 1.0)
     assert m.decode(vq, x, meta).shape == (2, 3, 16, 16)
     from eval import image_metrics, inception, maskgit_eval      # Inception without weights:
@@ -477,7 +477,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="run --stage sample"):
         m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": "eval", "control_iters": 0}))
     for argv, msg in ((["--L", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
-                      (["--lfg", "maybe"], "true or false"),
+                      (["--lfg", "maybe"], "choose from 'true', 'false'"),
                       (["--ste", "2"], "unrecognized")):
         r = subprocess.run([sys.executable, "imagenet_masked.py", *argv], cwd=ROOT,
                            capture_output=True, text=True)

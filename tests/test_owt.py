@@ -53,7 +53,7 @@ def smoke_cfg(tmp_path, name="run", **kw):
 
 def ctx_for(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
-    return m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32")
+    return m.Ctx(0, 1, torch.device("cpu"), cfg.out_dir, "float32")
 
 
 def test_tokenizer_matches_gpt2():
@@ -94,7 +94,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="stage"):
         m.main(smoke_cfg(tmp_path, stage="train"))
     for argv, msg in ((["--seq_len", "abc"], "invalid int"), (["--bogus", "1"], "unrecognized"),
-                      (["--resume", "maybe"], "true or false")):
+                      (["--resume", "maybe"], "choose from 'true', 'false'")):
         r = subprocess.run([sys.executable, "owt_masked.py", *argv], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
@@ -219,7 +219,7 @@ def test_smoke_end_to_end_pydoc(tmp_path):
 def test_resume_is_exact(tmp_path):
     path, _ = write_corpus(tmp_path)
     common = dict(data_files=path, control_iters=0, ckpt_every=1, lam_lr_mult=10.0,
-                  student_ema=0.9, teacher_cosine=True)
+                  ema=(0.9, 0.9), teacher_cosine=True)
     full = smoke_cfg(tmp_path, "full", teacher_iters=4, distil_iters=3, **common)
     for stage in ("teacher", "distill"):
         m.main(m.make_config(m.Config, **{**asdict(full), "stage": stage}))

@@ -182,7 +182,7 @@ def test_cifar_stage_distill_wires_the_teacher_and_its_step_from_t_to_u(tmp_path
     images = cifar.load_images(cfg)
     proc = cifar.build_process(cfg, "cpu")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ctx = cifar.Ctx(0, 1, torch.device("cpu"), cifar.Logger(0, cfg.out_dir), "float32")
+    ctx = cifar.Ctx(0, 1, torch.device("cpu"), cfg.out_dir, "float32")
     cifar.stage_teacher(cfg, ctx, images, proc)
     rec = Record(real=core.di4c_loss, wrap_step=True)
     monkeypatch.setattr(core, "di4c_loss", rec)
@@ -379,7 +379,7 @@ def test_imagenet_cfg_combination_equals_its_formula(tmp_path, monkeypatch, lfg)
         seen.append(log_p.clone())
         return real(x, log_p, n, noise, mask_id, generator)
     monkeypatch.setattr(imagenet, "confidence_reveal", confidence_reveal)
-    ctx = imagenet.Ctx(0, 1, torch.device("cpu"), imagenet.Logger(0, str(tmp_path)), "float32")
+    ctx = imagenet.Ctx(0, 1, torch.device("cpu"), str(tmp_path), "float32")
     y, w, N = torch.tensor([0, 2, 1]), 2.5, 4
     imagenet.generate(cfg, ctx, net, 1, y, N, w, teacher if lfg else None)
     assert len(seen) == N
@@ -501,7 +501,7 @@ def test_owt_prefix_reaches_every_nfe_and_stays(tmp_path):
     the sample keeps them; the sampler runs N NFEs (+1 if a [MASK] is left)."""
     cfg, process, teacher, student = owt_setup(1, sample_batch=8)
     calls = record_calls(student.eval())
-    ctx = owt.Ctx(0, 1, torch.device("cpu"), owt.Logger(0, str(tmp_path)), "float32")
+    ctx = owt.Ctx(0, 1, torch.device("cpu"), str(tmp_path), "float32")
     P, n_steps = 5, 4
     x_T = process.prior(6, 16)
     prefix = torch.randint(0, 39, (6, P), generator=gen(3))
@@ -537,15 +537,16 @@ def test_owt_stage_sample_conditions_on_the_held_out_prefixes(tmp_path):
     for stage in ("teacher", "distill", "sample"):
         owt.main(dataclasses.replace(cfg, stage=stage))
     corpus = owt.Corpus(cfg, ctx_for(cfg))
-    n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
-    want = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len].repeat_interleave(owt.N_CONT, 0)
+    n_prefix, prefix_len, cont_len = cfg.prefix
+    n_prefix = min(n_prefix, corpus.n_blocks("val"))
+    want = corpus.get("val", np.arange(n_prefix))[:, :prefix_len].repeat_interleave(owt.N_CONT, 0)
     sets = [s for s in owt.sample_sets(cfg) if s[1] == "cond"]
     assert {s[0] for s in sets} == {"teacher", "student", "control"}
     for name, kind, N in sets:
         x = torch.load(os.path.join(cfg.out_dir, "samples", f"{name}_{kind}_{N}.pt"),
                        weights_only=True)["tokens"]
-        assert x.shape[1] == cfg.prefix_len + cfg.cont_len
-        assert torch.equal(x[:, :cfg.prefix_len], want), name
+        assert x.shape[1] == prefix_len + cont_len
+        assert torch.equal(x[:, :prefix_len], want), name
 
 
 def test_imagenet_stage_sample_hands_lfg_the_teacher(tmp_path, monkeypatch):

@@ -202,7 +202,7 @@ def test_released_teacher_and_student_run_end_to_end(tmp_path):
     m.main(base)
     teacher = os.path.join(str(tmp_path), "teacher.ckpt")
     as_released(os.path.join(base.out_dir, "teacher.pt"), teacher)
-    run = smoke_cfg(tmp_path, "from_mdlm", teacher_ckpt=teacher, lam_inject="token")
+    run = smoke_cfg(tmp_path, "from_mdlm", teacher_ckpt=teacher, sampler="sdtt")
     m.main(run)
     ev = json.load(open(os.path.join(run.out_dir, "metrics.json")))["eval"]
     assert {"teacher_uncond_2", "student_uncond_2", "control_uncond_2"} <= set(ev)
@@ -220,10 +220,10 @@ def test_released_teacher_and_student_run_end_to_end(tmp_path):
     with pytest.raises(SystemExit, match="--student_ckpt replaces the distill stage"):
         m.main(smoke_cfg(tmp_path, "bad", teacher_ckpt=teacher, student_ckpt=student))
     # another Di4C round from the authors' (lambda-token) student: needs their injection
-    with pytest.raises(SystemExit, match="lambda-token student: add --lam_inject token"):
+    with pytest.raises(SystemExit, match="lambda-token student: add --sampler sdtt"):
         m.main(smoke_cfg(tmp_path, "r2bad", teacher_ckpt=student, control_iters=0,
                          stage="distill"))
     r2 = smoke_cfg(tmp_path, "r2", teacher_ckpt=student, control_iters=0, stage="distill",
-                   lam_inject="token")
+                   sampler="sdtt")
     m.main(r2)
     assert "mixture (multi-round) teacher" in open(os.path.join(r2.out_dir, "log.txt")).read()

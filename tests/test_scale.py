@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ctx_of(rank, world_size, device="cpu", out_dir="."):
-    return owt.Ctx(rank, world_size, torch.device(device), owt.Logger(1, out_dir), "float32")
+    return owt.Ctx(rank, world_size, torch.device(device), out_dir, "float32")
 
 
 @pytest.mark.parametrize("B", range(1, 13))
@@ -50,7 +50,7 @@ def toy_fit(tmp_path, name, ctx, micro_batch, steps=3, B=5):
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
-    data = owt.Batches((torch.randn(4 * B, 3, generator=torch.Generator().manual_seed(1)),),
+    data = owt.epoch_batches((torch.randn(4 * B, 3, generator=torch.Generator().manual_seed(1)),),
                        cfg, ctx, B)
     loss = lambda model, batch, g: ((model(batch[0])[:, 0] - 1) ** 2, {})
     owt.fit(cfg, ctx, "toy", net, loss, data, steps, 0.1, B)
@@ -101,7 +101,7 @@ def test_two_process_fit_matches_one_process(tmp_path):
         "import test_scale as ts, owt_masked as owt\nfrom pathlib import Path\n"
         "r, w, dev = owt.setup_dist('cpu', 5)\nctx = ts.ctx_of(r, w, out_dir=%r)\n"
         "weight = ts.toy_fit(Path(%r), 'two', ctx, 1)\n"
-        "if r == 0:\n    torch.save(weight, %r)\nowt.cleanup(ctx)\n"
+        "if r == 0:\n    torch.save(weight, %r)\nctx.barrier(); torch.distributed.destroy_process_group()\n"
         % (ROOT, ROOT, str(tmp_path), str(tmp_path), str(tmp_path / "w.pt")))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", str(script)], cwd=ROOT, capture_output=True,
@@ -155,7 +155,7 @@ def test_compile_trains_like_eager_and_saves_plain_names(tmp_path):
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
-    data = owt.Batches((torch.randn(20, 3, generator=torch.Generator().manual_seed(1)),),
+    data = owt.epoch_batches((torch.randn(20, 3, generator=torch.Generator().manual_seed(1)),),
                        cfg, ctx, 5)
     owt.fit(cfg, ctx, "toy", net, lambda m, b, g: ((m(b[0])[:, 0] - 1) ** 2, {}), data, 3,
             0.1, 5)

@@ -133,7 +133,7 @@ def samples_of(run):
 def test_stage_eval_scores_conditional_samples_from_the_prefix_offset(sampled_run, tmp_path,
                                                                       monkeypatch):
     """Every gen_ppl call of stage_eval (trained judge): prefix-conditional sets with start =
-    --prefix_len, and their first prefix_len tokens are the held-out prefixes (so that offset is
+    --prefix, and their first prefix_len tokens are the held-out prefixes (so that offset is
     where the continuation begins); unconditional sets and the data with start = 1."""
     calls, real = [], text_metrics.gen_ppl
 
@@ -147,16 +147,17 @@ def test_stage_eval_scores_conditional_samples_from_the_prefix_offset(sampled_ru
     order = [f"{n}_{k}_{N}" for n, k, N in m.sample_sets(cfg)]     # stage_eval's order
     assert sorted(order) == sorted(sets) and any("_cond_" in k for k in order)
     assert len(calls) == 1 + len(order)                                  # the data, then each set
-    corpus = m.Corpus(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32"))
+    corpus = m.Corpus(cfg, m.Ctx(0, 1, torch.device("cpu"), cfg.out_dir, "float32"))
     val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val"))))
     assert torch.equal(calls[0][0], val) and calls[0][1] == 1
-    n_prefix = min(cfg.n_prefix, corpus.n_blocks("val"))
-    prefixes = corpus.get("val", np.arange(n_prefix))[:, :cfg.prefix_len]
+    n_prefix, prefix_len, cont_len = cfg.prefix
+    n_prefix = min(n_prefix, corpus.n_blocks("val"))
+    prefixes = corpus.get("val", np.arange(n_prefix))[:, :prefix_len]
     for name, (tokens, start) in zip(order, calls[1:]):
         assert torch.equal(tokens, sets[name]), name
         if "_cond_" in name:
-            assert start == cfg.prefix_len > 1
-            assert tokens.shape[1] == cfg.prefix_len + cfg.cont_len
+            assert start == prefix_len > 1
+            assert tokens.shape[1] == prefix_len + cont_len
             assert torch.equal(tokens[:, :start], prefixes.repeat_interleave(m.N_CONT, 0))
         else:
             assert start == 1 and tokens.shape[1] == cfg.seq_len
@@ -240,7 +241,7 @@ def test_smoke_eval_with_the_gpt2_large_judge_end_to_end(sampled_run, tmp_path, 
                                                          monkeypatch):
     """--judge gpt2-large on a sampled smoke run: metrics.json holds GPT-2's numbers for every
     sample set, equal to the model's NLL by hand: the id protocol on
-    the GPT-2 ids of the samples (prefix-conditional: from --prefix_len), MDLM's retokenised
+    the GPT-2 ids of the samples (prefix-conditional: from prefix_len, --prefix), MDLM's retokenised
     protocol (unconditional only); the results table takes the retokenised number as primary."""
     model, asked = tiny_gpt2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -252,13 +253,13 @@ def test_smoke_eval_with_the_gpt2_large_judge_end_to_end(sampled_run, tmp_path, 
     ev = metrics["eval"]
     sets = samples_of(sampled_run)
     assert set(ev) == set(sets) | {"data"}
-    corpus = m.Corpus(cfg, m.Ctx(0, 1, torch.device("cpu"), m.Logger(0, cfg.out_dir), "float32"))
+    corpus = m.Corpus(cfg, m.Ctx(0, 1, torch.device("cpu"), cfg.out_dir, "float32"))
     encode = lambda t: corpus.enc.encode(t, allowed_special="all")
     for name, tokens in sets.items():
         row, cond = ev[name], name.split("_")[1] == "cond"
         assert "gen_ppl_judge" not in row                       # no trained judge here
         ids = corpus.gpt2_ids(tokens)
-        want = hand_gen_ppl(model, ids, cfg.prefix_len if cond else 1)
+        want = hand_gen_ppl(model, ids, cfg.prefix[1] if cond else 1)
         assert row["gen_ppl_gpt2_large"] == pytest.approx(want, rel=1e-4), name
         if cond:
             assert "gen_ppl_gpt2_large_retok" not in row
