@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import di4c_core as core
-from eval import report
+from eval import report, validation
 from eval.preflight import check_round, checkpoint_needs, preflight
 from eval.results_table import update_metrics
 
@@ -46,7 +46,7 @@ class Config:
     out_dir: str = "runs/cifar10"
     run_dir: str = ""              # read checkpoints and samples from here (default out_dir)
     # data: CIFAR-10 (random horizontal flips) or an embedded 8x8 set (no flips, eval/digits.py)
-    dataset: str = "cifar10"       # cifar10 | digits | photos
+    dataset: str = "cifar10"       # cifar10 | digits | photos | scenes (embedded 8x8)
     data_dir: str = "data/cifar10"
     download: bool = False         # let torchvision download CIFAR-10 into data_dir
     S: int = 256                   # grey levels per channel
@@ -103,13 +103,13 @@ DEMO = dict(dataset="photos", S=17, rate_sigma=1.5, time_base=0.3, ch=32, ch_mul
             teacher_lr=1e-3, nll_weight=100.0, distil_iters=400, batch_size=8, L=16, lr=2e-4,
             lam_lr_mult=10.0, ema_decay=0.99, control_iters=-1, steps=(2, 4, 8, 16, 32),
             student_steps=(2, 4, 8), hybrid_teacher_steps=1, n_samples=1000, sample_batch=500,
-            log_every=100, ckpt_every=500, out_dir="runs/cifar10_demo")
+            log_every=100, ckpt_every=100, out_dir="runs/cifar10_demo")
 PRESETS = {"paper": {}, "demo": DEMO, "smoke": dict(
     DEMO, dataset="digits", ch=8, teacher_iters=4, teacher_batch=8, distil_iters=4, batch_size=2,
     L=4, lr=1e-4, ema_decay=0.9, steps=(2, 4), student_steps=(2,), n_samples=16, sample_batch=8,
     log_every=1, ckpt_every=2, out_dir="runs/cifar10_smoke")}
 STAGES = ("teacher", "distill", "sample", "eval")
-EMBEDDED = ("digits", "photos")        # 8x8, 17 grey levels, scored by eval/digits.py
+EMBEDDED = ("digits", "photos", "scenes")   # 8x8, 17 grey levels, scored by eval/digits.py
 TIME_EXP, MIN_TIME = 100.0, 0.01       # tauLDR's beta_bar base and the end of the time grid
 ARCH_KEYS = ("dataset", "S", "ch", "ch_mult", "num_res_blocks", "attn_res")
 RESUME_KEYS = ARCH_KEYS + ("data_dir", "L", "batch_size", "teacher_batch", "lr", "teacher_lr",
@@ -134,13 +134,15 @@ LIMITS = {                             # (lo, hi), inclusive; check_config appli
 # Data: uint8 images (N, C, H, W) with values in 0..S-1, held in memory
 
 
-def load_images(cfg: Config) -> torch.Tensor:
-    """CIFAR-10's training set (its python-pickle batches data_batch_1..5, 256 grey levels), or
-    an embedded 8x8 set of 17 (eval/digits.py: scikit-learn's digits, or patches of its two
-    photographs), requantised to S levels."""
+def load_images(cfg: Config, split: str = "train") -> torch.Tensor:
+    """CIFAR-10's training or test set (its python-pickle batches data_batch_1..5 / test_batch,
+    256 grey levels), or an embedded 8x8 set of 17 (eval/digits.py: scikit-learn's digits, or
+    patches of its two photographs; "train" its fixed 80 %, "val" the other 20 %), requantised
+    to S levels. The "val" images are never trained on: Di4C's validation scores against them."""
     if cfg.dataset in EMBEDDED:
         from eval import digits
-        x, levels = digits.load_embedded(cfg.dataset)[0].to(torch.uint8)[:, None], 17
+        part = digits.digits_split(cfg.dataset)[0 if split == "train" else 2]
+        x, levels = part.to(torch.uint8)[:, None], 17
         return x if levels == cfg.S else (x.long() * cfg.S // levels).to(torch.uint8)
     import glob
     import pickle
@@ -149,7 +151,8 @@ def load_images(cfg: Config) -> torch.Tensor:
         torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True)
     folder = os.path.join(cfg.data_dir, "cifar-10-batches-py")
     parts = []
-    for path in sorted(glob.glob(os.path.join(folder, "data_batch_*"))):
+    for path in sorted(glob.glob(os.path.join(folder, "data_batch_*" if split == "train"
+                                              else "test_batch"))):
         try:
             with open(path, "rb") as fh:
                 data = pickle.load(fh, encoding="bytes")[b"data"]
@@ -158,7 +161,7 @@ def load_images(cfg: Config) -> torch.Tensor:
             raise SystemExit(f"error: {path!r} is not a CIFAR-10 python batch "
                              f"({type(e).__name__})") from None
     if not parts:
-        raise SystemExit(f"error: no CIFAR-10 training batches under {folder!r}; pass --data_dir "
+        raise SystemExit(f"error: no CIFAR-10 {'training' if split == 'train' else 'test'} batches under {folder!r}; pass --data_dir "
                          "with the folder that holds cifar-10-batches-py, or add --download true")
     x = torch.cat(parts)
     return x if cfg.S == 256 else (x.long() * cfg.S // 256).to(torch.uint8)
@@ -450,8 +453,11 @@ def stage_distill(cfg: Config, ctx, images: torch.Tensor, proc):
               lambda model, batch, g: di4c_step(model, student, fns, proc,
                                                 flip_batch(batch, g, cfg), cfg, g),
               data, cfg.distil_iters, cfg.lr, cfg.batch_size, ema_decay=cfg.ema_decay,
-              parents=parents)
-    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
+              parents=parents, validate=selection(cfg, ctx, proc, teacher))
+    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"],
+                                              validation=out["validation"])})
+    if out["validation"] and ctx.rank == 0:
+        validation.plot_curve(cfg.out_dir, out["validation"])
     if cfg.control_iters:
         control = copy.deepcopy(teacher).train().requires_grad_(True)
         data = epoch_batches((images,), cfg, ctx, cfg.teacher_batch)
@@ -459,6 +465,24 @@ def stage_distill(cfg: Config, ctx, images: torch.Tensor, proc):
                   control_steps(cfg), cfg.lr, cfg.teacher_batch, ema_decay=cfg.ema_decay,
                   parents=parents)
         update_metrics(cfg, ctx, {"control": dict(iters=out["step"], train_seconds=out["wall"])})
+
+
+def selection(cfg: Config, ctx, proc, teacher) -> Optional[validation.Selection]:
+    """Di4C's validation (eval/validation.py), rank 0: n_samples samples (at most the held-out
+    count) at each student step count, scored by the classifier's Frechet distance to the
+    held-out 20 % of an embedded set (load_images "val"). None on CIFAR-10 (not validated yet:
+    its FID needs Inception weights during Di4C, docs/validation.md)."""
+    if cfg.dataset not in EMBEDDED:
+        return None
+    val = load_images(cfg, "val")
+    key, metric = report.image_scorer(val, cfg.S, cfg.dataset, cfg.out_dir) if ctx.rank == 0 \
+        else (None, None)
+    n = min(cfg.n_samples, len(val))
+
+    def score(net) -> dict:
+        return {f"@{N}": metric(sample_images(net, proc, cfg, N, n, seed=cfg.seed + 23)[0])[key]
+                for N in cfg.student_steps}
+    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
 
 
 def control_steps(cfg: Config) -> int:
@@ -833,20 +857,24 @@ def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
         global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
-        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
+        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None,
+        validate=None) -> dict:
     """Every stage's training loop: AdamW on core.lam_param_groups, lr_factor, grad clip 1, EMA
     warmed up as min(decay, (1 + n) / (10 + n)); a step's gradient is that of the mean loss over
     `global_batch` rows at any world size. batches(step, rows, g) -> those rows of batch `step`;
     loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is written every
     ckpt_every steps and on Ctrl-C; --resume continues from it exactly unless its config or
     `parents` ({name: weights_id}) differ. A non-finite loss or gradient stops before the update.
-    Writes <name>.pt; returns {ema, step, wall}."""
+    validate(step, model) (eval/validation.Selection) scores the weights fit writes at step 0,
+    every ckpt_every steps and at the end, and keeps the best. Writes <name>.pt (the best
+    weights with validate); returns {ema, step, wall, validation}."""
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
-    step, wall = 0, 0.0
+    kept = lambda: raw if ema is None else ema          # the weights <name>.pt holds
+    step, wall, record = 0, 0.0, None
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
         check_lineage(state_path, state, parents)
@@ -855,16 +883,18 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, wall = state["step"], state["wall"]
+        if validate is not None:
+            validate.load_state_dict(state["validation"])
         ctx.log(f"{name}: resumed from {state_path} at step {step}")
 
     def snapshot(path, finished=False):  # training state (with optimizer) or finished model
         if ctx.rank == 0:
-            final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(
                 model=raw.state_dict(), ema=ema.state_dict() if ema else None, step=step, wall=wall,
                 config=asdict(cfg), kind=name, lam_dim=getattr(raw, "lam_dim", 0),
-                parents=parents, id=weights_id(final) if finished else None,
-                optimizer=None if finished else opt.state_dict()))
+                parents=parents, id=weights_id(kept().state_dict()) if finished else None,
+                optimizer=None if finished else opt.state_dict(),
+                validation=validate.state_dict() if validate and not finished else None))
 
     # no batch norm, so buffers are constants: not broadcasting them lets a rank with fewer
     # rows skip an empty micro-step while the others run forward
@@ -874,6 +904,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
             f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
     bar = ctx.progress(iters, name, step)
+    if validate is not None and step == 0:
+        validate(0, kept())
     try:
         while step < iters:
             t0 = time.perf_counter()
@@ -902,6 +934,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                 ctx.log(f"{name} step {step:06d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if validate is not None and (step % cfg.ckpt_every == 0 or step == iters):
+                validate(step, kept())
             if step % cfg.ckpt_every == 0:
                 snapshot(state_path)
     except KeyboardInterrupt:
@@ -911,9 +945,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     finally:
         bar.close()
     snapshot(state_path)
+    if validate is not None:
+        record = validate.restore_best(kept())
     snapshot(ckpt_path(cfg, name), finished=True)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "validation": record}
 
 
 def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,

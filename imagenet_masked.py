@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import di4c_core as core
-from eval import plot
+from eval import plot, validation
 from eval.preflight import check_round, checkpoint_needs, package_needs, preflight
 from eval.results_table import update_metrics
 
@@ -53,8 +53,8 @@ class Config:
     resume: bool = False           # continue every training stage from its checkpoint
     # data and tokens
     dataset: str = "imagenet"      # imagenet (data_dir/{train,val}/<class>/) | folder
-                                   # (data_dir/<class>/) | digits | photos (embedded 8x8)
-    label_div: int = 1             # digits / photos: condition on class // label_div (2: pairs)
+                                   # (data_dir/<class>/) | digits | photos | scenes (8x8)
+    label_div: int = 1             # embedded sets: condition on class // label_div (2: pairs)
     data_dir: str = "data/imagenet"
     img_size: int = 256            # Resize + CenterCrop, as MaskGIT-pytorch; the VQ-VAE's key
     vqgan_ckpt: str = "pretrained_maskgit/VQGAN/last.ckpt"  # "" = a VQ-VAE trained here
@@ -110,7 +110,7 @@ PRESETS = {
                  teacher_cosine=True, label_smoothing=0.0, ema=(0.995, 0.99), distil_iters=400,
                  distil_batch=16, lam_lr_mult=10.0, L=16, alpha_const=1.0, steps=(2, 4, 8, 16),
                  student_steps=(2, 4), cfg_ws=(1.0,), r_temp=20.0, n_per_class=200,
-                 sample_batch=500, dtype="float32", log_every=100, ckpt_every=500),
+                 sample_batch=500, dtype="float32", log_every=100, ckpt_every=100),
     # seconds, for tests
     "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=16, n_layer=1,
                   n_embd=32, n_head=2, mlp_dim=64, dropout=(0.0, 0.1), teacher_iters=4,
@@ -125,9 +125,9 @@ RESUME_KEYS = ARCH_KEYS + ("vqgan_ckpt", "batch_size", "distil_batch", "L", "lr"
                            "seed", "dropout", "label_smoothing", "ema", "lam_lr_mult",
                            "alpha_const", "r_temp", "teacher_cosine", "sampler")
 SAMPLE_KEYS = ("n_per_class", "r_temp", "lfg", "seed", "dtype", "sampler")
-CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits", "photos"),
+CHOICES = {"stage": STAGES + ("all",), "dataset": ("imagenet", "folder", "digits", "photos", "scenes"),
            "dtype": ("float32", "bfloat16"), "sampler": ("ours", "di4c")}
-EMBEDDED = ("digits", "photos")        # 8x8, 17 grey levels as tokens, eval/digits.py
+EMBEDDED = ("digits", "photos", "scenes")   # 8x8, 17 grey levels as tokens, eval/digits.py
 INF, TINY = float("inf"), 1e-12
 LIMITS = {                             # (lo, hi), inclusive; check_config applies them
     **dict.fromkeys(("n_layer", "n_embd", "n_head", "mlp_dim", "teacher_iters", "batch_size",
@@ -150,7 +150,7 @@ GRID_CLASSES, WORKERS = 10, min(8, os.cpu_count() or 1)   # PNG grids of the fir
 
 
 def token_kind(cfg: Config) -> str:
-    """pixels (digits / photos), vqgan (--vqgan_ckpt) or vqvae (--vqgan_ckpt '')."""
+    """pixels (embedded sets), vqgan (--vqgan_ckpt) or vqvae (--vqgan_ckpt '')."""
     return "pixels" if cfg.dataset in EMBEDDED else "vqgan" if cfg.vqgan_ckpt else "vqvae"
 
 
@@ -193,13 +193,16 @@ def stage_tokenize(cfg: Config, ctx: "Ctx"):
     path = ckpt_path(cfg, "codes")
     if os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if all(state["config"].get(k) == asdict(cfg).get(k) for k in TOKEN_KEYS):
+        if all(state["config"].get(k) == asdict(cfg).get(k) for k in TOKEN_KEYS) and (
+                "val_codes" in state or token_kind(cfg) != "pixels"):
             ctx.log(f"tokenize: reusing {path} ({len(state['codes'])} items)")
             return
     if token_kind(cfg) == "pixels":
         from eval import digits
-        images, labels = digits.load_embedded(cfg.dataset)                      # (N, 8, 8)
+        images, labels, val, val_labels = digits.digits_split(cfg.dataset)   # 80 / 20, fixed
         codes, K, grid, labels = images.flatten(1), digits.LEVELS, 8, labels // cfg.label_div
+        held_out = {"val_codes": val.flatten(1).to(torch.int16),      # validation (Di4C) only
+                    "val_labels": val_labels // cfg.label_div}
         classes = digits.class_names(cfg.dataset, cfg.label_div)
     else:
         from pretrained import maskgit, taming_vqgan
@@ -209,12 +212,12 @@ def stage_tokenize(cfg: Config, ctx: "Ctx"):
         mine = maskgit.image_batches(share, WORKERS)
         parts = ctx.gather(taming_vqgan.encode_mirrored(vq, mine, ctx.device))   # rank order
         codes, labels = (torch.cat(c) for c in zip(*filter(None, parts)))
-        K, grid, classes = vq.K, cfg.img_size // vq.f, ds.classes
+        K, grid, classes, held_out = vq.K, cfg.img_size // vq.f, ds.classes, {}
     if ctx.rank == 0:
         small = torch.int16 if K < 2 ** 15 else torch.int32
         save_checkpoint(path, {"codes": codes.to(small), "labels": labels.long(), "K": K,
                                "grid": grid, "n_classes": len(classes), "classes": classes,
-                               "config": asdict(cfg)})
+                               "config": asdict(cfg), **held_out})
     ctx.barrier()
     ctx.log(f"tokenize: {len(codes)} items of {grid}x{grid} tokens, K = {K}, "
             f"{len(classes)} classes -> {path}")
@@ -483,11 +486,36 @@ def stage_teacher(cfg: Config, ctx: "Ctx"):
 
 def train(cfg: Config, ctx: "Ctx", meta: dict, name: str, net, loss_fn, batch: int, iters: int,
           lr: float, **opt):
-    """fit (AdamW, betas (0.9, 0.96)) on the codes in global batches of `batch` -> metrics.json."""
+    """fit (AdamW, betas (0.9, 0.96)) on the codes in global batches of `batch` -> metrics.json
+    (with the validation curve, also plotted to validation.png)."""
     out = fit(cfg, ctx, name, net, loss_fn, epoch_batches((meta["codes"], meta["labels"]), cfg, ctx,
                                                     batch), iters, lr, batch, betas=(0.9, 0.96),
               weight_decay=WEIGHT_DECAY, **opt)
-    update_metrics(cfg, ctx, {name: dict(iters=out["step"], train_seconds=out["wall"])})
+    update_metrics(cfg, ctx, {name: dict(iters=out["step"], train_seconds=out["wall"],
+                                         validation=out["validation"])})
+    if out["validation"] and ctx.rank == 0:
+        validation.plot_curve(cfg.out_dir, out["validation"])
+
+
+def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> "validation.Selection":
+    """Di4C's validation (eval/validation.py), rank 0: class-conditional samples (the labels of
+    the first n_per_class x classes held-out images) at each student step count, with w = 0 and
+    the first --cfg_ws, scored by the 8x8 classifier's Frechet distance to the held-out 20 %
+    (never trained on). None for VQ tokens (not validated yet, docs/validation.md)."""
+    if token_kind(cfg) != "pixels":
+        return None
+    from eval import digits
+    cache = os.path.join(cfg.out_dir, f"{cfg.dataset}_classifier.pt")
+    clf = digits.load_or_train_classifier(cache, data=cfg.dataset) if ctx.rank == 0 else None
+    real = meta["val_codes"].long().view(-1, 8, 8)
+    y = meta["val_labels"][:cfg.n_per_class * meta["n_classes"]]
+    one = dataclasses.replace(ctx, rank=0, world_size=1)             # rank 0 alone: no collective
+
+    def score(net) -> dict:
+        return {f"@{N}_w{w:g}": digits.digits_frechet(clf, generate(
+            cfg, one, net, net.lam_dim, y, N, w).view(-1, 8, 8), real)
+            for N in cfg.student_steps for w in dict.fromkeys((0.0, *cfg.cfg_ws[:1]))}
+    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
 
 
 def stage_distill(cfg: Config, ctx: "Ctx"):
@@ -505,7 +533,8 @@ def stage_distill(cfg: Config, ctx: "Ctx"):
     opt = dict(ema_decay=cfg.ema[1], parents={"teacher": t_info["id"]})
     train(cfg, ctx, meta, "student", student, di4c_loss(cfg, teacher, student, process, n_classes,
                                                         lam_T),
-          cfg.distil_batch, cfg.distil_iters, cfg.lr[1], **opt)
+          cfg.distil_batch, cfg.distil_iters, cfg.lr[1], validate=selection(cfg, ctx, meta, teacher),
+          **opt)
     if cfg.control_iters == 0:
         return
     control = build_model(cfg, meta).to(ctx.device)
@@ -669,9 +698,10 @@ def stage_eval(cfg: Config, ctx: "Ctx"):
             lambda name, g: maskgit_sample(cfg, *nets[name][:2], y, N, 0.0, g), ctx.autocast,
             torch.Generator(device=ctx.device), cfg.seed, ctx.device) for N in cfg.student_steps}
         summary = maskgit_eval.summary(res, lat, key)           # also prints the table
-        update_metrics(cfg, ctx, summary)
         plot.plot_quality(cfg.out_dir, f"{os.path.basename(__file__)} --preset {cfg.preset}",
                           summary["results"], key)
+        summary["worse_than_teacher"] = validation.warn_worse(ctx, summary["results"], key)
+        update_metrics(cfg, ctx, summary)
     ctx.barrier()
 
 
@@ -683,8 +713,8 @@ def check(cfg: Config):
     """Reject bad values before any work, with the flag to fix."""
     check_config(cfg)
     if cfg.label_div > 1 and cfg.dataset not in EMBEDDED:
-        raise SystemExit(f"error: --label_div must be 1..10, and 1 unless --dataset digits or "
-                         f"photos; got {cfg.label_div}")
+        raise SystemExit("error: --label_div must be 1..10, and 1 unless --dataset digits, "
+                         f"photos or scenes; got {cfg.label_div}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: --n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if any(len(v) != 2 for v in (cfg.dropout, cfg.lr, cfg.ema)):
@@ -938,20 +968,24 @@ def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
         global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
-        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
+        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None,
+        validate=None) -> dict:
     """Every stage's training loop: AdamW on core.lam_param_groups, lr_factor, grad clip 1, EMA
     warmed up as min(decay, (1 + n) / (10 + n)); a step's gradient is that of the mean loss over
     `global_batch` rows at any world size. batches(step, rows, g) -> those rows of batch `step`;
     loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is written every
     ckpt_every steps and on Ctrl-C; --resume continues from it exactly unless its config or
     `parents` ({name: weights_id}) differ. A non-finite loss or gradient stops before the update.
-    Writes <name>.pt; returns {ema, step, wall}."""
+    validate(step, model) (eval/validation.Selection) scores the weights fit writes at step 0,
+    every ckpt_every steps and at the end, and keeps the best. Writes <name>.pt (the best
+    weights with validate); returns {ema, step, wall, validation}."""
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
-    step, wall = 0, 0.0
+    kept = lambda: raw if ema is None else ema          # the weights <name>.pt holds
+    step, wall, record = 0, 0.0, None
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
         check_lineage(state_path, state, parents)
@@ -960,16 +994,18 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, wall = state["step"], state["wall"]
+        if validate is not None:
+            validate.load_state_dict(state["validation"])
         ctx.log(f"{name}: resumed from {state_path} at step {step}")
 
     def snapshot(path, finished=False):  # training state (with optimizer) or finished model
         if ctx.rank == 0:
-            final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(
                 model=raw.state_dict(), ema=ema.state_dict() if ema else None, step=step, wall=wall,
                 config=asdict(cfg), kind=name, lam_dim=getattr(raw, "lam_dim", 0),
-                parents=parents, id=weights_id(final) if finished else None,
-                optimizer=None if finished else opt.state_dict()))
+                parents=parents, id=weights_id(kept().state_dict()) if finished else None,
+                optimizer=None if finished else opt.state_dict(),
+                validation=validate.state_dict() if validate and not finished else None))
 
     # no batch norm, so buffers are constants: not broadcasting them lets a rank with fewer
     # rows skip an empty micro-step while the others run forward
@@ -979,6 +1015,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
             f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
     bar = ctx.progress(iters, name, step)
+    if validate is not None and step == 0:
+        validate(0, kept())
     try:
         while step < iters:
             t0 = time.perf_counter()
@@ -1007,6 +1045,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                 ctx.log(f"{name} step {step:06d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if validate is not None and (step % cfg.ckpt_every == 0 or step == iters):
+                validate(step, kept())
             if step % cfg.ckpt_every == 0:
                 snapshot(state_path)
     except KeyboardInterrupt:
@@ -1016,9 +1056,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     finally:
         bar.close()
     snapshot(state_path)
+    if validate is not None:
+        record = validate.restore_best(kept())
     snapshot(ckpt_path(cfg, name), finished=True)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "validation": record}
 
 
 def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,

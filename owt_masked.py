@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import di4c_core as core
-from eval import plot, results_table, text_data, text_metrics
+from eval import plot, results_table, text_data, text_metrics, validation
 from eval.preflight import check_round, checkpoint_needs, package_needs, preflight
 from eval.results_table import update_metrics
 from eval.text_data import Corpus
@@ -116,7 +116,7 @@ PRESETS = {
                  teacher_cosine=True, ema=(0.995, 0.99), distil_iters=400, distil_batch=4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
                  steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
                  sample_batch=128, prefix=(24, 8, 24), dtype="float32",
-                 log_every=50, ckpt_every=500, judge="trained"),
+                 log_every=50, ckpt_every=100, judge="trained"),
     # seconds, for tests
     "smoke": dict(out_dir="runs/owt_smoke", dataset="pydoc", teacher_ckpt="", seq_len=32,
                   val_docs=4, remap_vocab=True, n_layer=1, n_embd=32, n_head=2, cond_dim=16,
@@ -130,6 +130,7 @@ DISTIL_PROB = 0.3                   # probability of drawing t in [0, delta) (SD
 ALPHA_CONST = 0.1                   # alpha(t) = 0.1 sigmoid(20 (t - 1/2)) (SDTT variant, (28))
 N_CONT = 5                          # continuations per prefix (self-BLEU)
 LATENCY_RUNS = 3                    # timed sampler calls per model and step count
+VAL_BLOCKS, VAL_L = 32, 8           # Di4C validation: held-out blocks, lambdas per block
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset", "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
@@ -458,8 +459,12 @@ def stage_distill(cfg: Config, ctx, corpus: Corpus):
             f"{cfg.distil_batch} sequences x L = {cfg.L} lambdas per step")
     out = fit(cfg, ctx, "student", student, di4c_loss(cfg, teacher, student, process, lam_T),
               random_blocks(corpus), cfg.distil_iters, cfg.lr[1], cfg.distil_batch,
-              warmup=cfg.warmup, ema_decay=cfg.ema[1], parents=parents)
-    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"])})
+              warmup=cfg.warmup, ema_decay=cfg.ema[1], parents=parents,
+              validate=selection(cfg, ctx, corpus, teacher))
+    update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"],
+                                              validation=out["validation"])})
+    if out["validation"] and ctx.rank == 0:
+        validation.plot_curve(cfg.out_dir, out["validation"])
     if cfg.control_iters == 0:
         return
     control = build_model(cfg, corpus.S).to(ctx.device)
@@ -470,6 +475,41 @@ def stage_distill(cfg: Config, ctx, corpus: Corpus):
     nelbo = val_nelbo(cfg, ctx, corpus, (cout["ema"] or control).eval())
     update_metrics(cfg, ctx, {"control": dict(iters=cout["step"], train_seconds=cout["wall"],
                                               val_nelbo=nelbo)})
+
+
+@torch.no_grad()
+def n_step_nelbo(cfg: Config, ctx, corpus: Corpus, net, N: int) -> float:
+    """The held-out N-step NELBO (nats/token; docs/validation.md), Di4C's validation score: on the
+    N-step sampler's grid, a validation block's tokens are revealed in the order of fixed uniform
+    draws u (masked at t iff u < m(t); the last step reveals the rest), and each step pays
+    -log p(the tokens revealed at it | x_t) jointly: a product model the sum of its marginals, a
+    mixture the log-mean over VAL_L lambdas of those sums, which its correlations lower."""
+    dev, L = ctx.device, VAL_L if net.lam_dim else 1
+    g = torch.Generator(device=dev).manual_seed(cfg.seed + 23)
+    times = sample_times(N, dev)
+    times[-1] = 0.0
+    x0 = corpus.get("val", np.arange(min(VAL_BLOCKS, corpus.n_blocks("val"))))        # (n, D)
+    u = torch.rand(x0.shape, generator=g, dtype=torch.float64, device=dev)
+    total, chunk = 0.0, max(1, cfg.sample_batch // L)
+    for i in range(0, len(x0), chunk):
+        x, ui = x0[i:i + chunk].repeat_interleave(L, 0), u[i:i + chunk].repeat_interleave(L, 0)
+        ll = torch.zeros(len(x), dtype=torch.float64, device=dev)                    # (b L,)
+        for t, s in zip(times[:-1], times[1:]):
+            x_t = torch.where(ui < mask_rate(t), net.mask_id, x)
+            lam = core.draw_lambda(len(x), net.lam_dim, g, dev) if net.lam_dim else None
+            with ctx.autocast():
+                logp = core.log_probs(net(x_t, t.expand(len(x)), lam))             # (b L, D, S)
+            new = (ui < mask_rate(t)) & (ui >= mask_rate(s))                       # revealed now
+            ll += (logp.gather(-1, x[..., None])[..., 0].double() * new).sum(1)
+        total += (ll.view(-1, L).logsumexp(1) - math.log(L)).sum().item()
+    return -total / x0.numel()
+
+
+def selection(cfg: Config, ctx, corpus: Corpus, teacher) -> validation.Selection:
+    """Di4C's validation (eval/validation.py): n_step_nelbo at each student step count, rank 0."""
+    def score(net) -> dict:
+        return {f"@{N}": n_step_nelbo(cfg, ctx, corpus, net, N) for N in cfg.student_steps}
+    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
 
 
 def control_steps(cfg: Config) -> int:
@@ -656,6 +696,7 @@ def stage_eval(cfg: Config, ctx, corpus: Corpus):
     plot.plot_quality(cfg.out_dir, f"{os.path.basename(__file__)} --preset {cfg.preset}",
                       [r for r in rows if r["kind"] == "uncond"], "gen_ppl")
     text_metrics.print_table(res, key)
+    update_metrics(cfg, ctx, {"worse_than_teacher": validation.warn_worse(ctx, rows, "gen_ppl")})
 
 
 # -----------------------------------------------------------------------------
@@ -904,20 +945,24 @@ def lr_factor(step: int, warmup: int, decay_iters: int = 0) -> float:
 
 def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, lr: float,
         global_batch: int, *, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup: int = 0,
-        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None) -> dict:
+        cosine: bool = False, ema_decay: float = 0.0, parents: Optional[dict] = None,
+        validate=None) -> dict:
     """Every stage's training loop: AdamW on core.lam_param_groups, lr_factor, grad clip 1, EMA
     warmed up as min(decay, (1 + n) / (10 + n)); a step's gradient is that of the mean loss over
     `global_batch` rows at any world size. batches(step, rows, g) -> those rows of batch `step`;
     loss_fn(model, batch, g) -> (loss (b,), {term: (b,)}). <name>_state.pt is written every
     ckpt_every steps and on Ctrl-C; --resume continues from it exactly unless its config or
     `parents` ({name: weights_id}) differ. A non-finite loss or gradient stops before the update.
-    Writes <name>.pt; returns {ema, step, wall}."""
+    validate(step, model) (eval/validation.Selection) scores the weights fit writes at step 0,
+    every ckpt_every steps and at the end, and keeps the best. Writes <name>.pt (the best
+    weights with validate); returns {ema, step, wall, validation}."""
     parents, plan = parents or {}, batch_plan(ctx, global_batch, cfg.micro_batch)
     state_path = ckpt_path(cfg, f"{name}_state")
     opt = torch.optim.AdamW(core.lam_param_groups(raw, lr, cfg.lam_lr_mult), betas=betas,
                             weight_decay=weight_decay)
     ema = copy.deepcopy(raw).requires_grad_(False) if ema_decay else None
-    step, wall = 0, 0.0
+    kept = lambda: raw if ema is None else ema          # the weights <name>.pt holds
+    step, wall, record = 0, 0.0, None
     if cfg.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, asdict(cfg), RESUME_KEYS)
         check_lineage(state_path, state, parents)
@@ -926,16 +971,18 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, wall = state["step"], state["wall"]
+        if validate is not None:
+            validate.load_state_dict(state["validation"])
         ctx.log(f"{name}: resumed from {state_path} at step {step}")
 
     def snapshot(path, finished=False):  # training state (with optimizer) or finished model
         if ctx.rank == 0:
-            final = (raw if ema is None else ema).state_dict()
             save_checkpoint(path, dict(
                 model=raw.state_dict(), ema=ema.state_dict() if ema else None, step=step, wall=wall,
                 config=asdict(cfg), kind=name, lam_dim=getattr(raw, "lam_dim", 0),
-                parents=parents, id=weights_id(final) if finished else None,
-                optimizer=None if finished else opt.state_dict()))
+                parents=parents, id=weights_id(kept().state_dict()) if finished else None,
+                optimizer=None if finished else opt.state_dict(),
+                validation=validate.state_dict() if validate and not finished else None))
 
     # no batch norm, so buffers are constants: not broadcasting them lets a rank with fewer
     # rows skip an empty micro-step while the others run forward
@@ -945,6 +992,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     ctx.log(f"{name}: global batch {global_batch} = {ctx.world_size} rank(s) x {len(plan)} "
             f"micro-step(s) of <= {max(r.stop - r.start for r in plan)} rows")
     bar = ctx.progress(iters, name, step)
+    if validate is not None and step == 0:
+        validate(0, kept())
     try:
         while step < iters:
             t0 = time.perf_counter()
@@ -973,6 +1022,8 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
                 ctx.log(f"{name} step {step:06d} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     + f" | lr {opt.param_groups[0]['lr']:.1e} | {1000 * wall / step:.0f} ms/it")
+            if validate is not None and (step % cfg.ckpt_every == 0 or step == iters):
+                validate(step, kept())
             if step % cfg.ckpt_every == 0:
                 snapshot(state_path)
     except KeyboardInterrupt:
@@ -982,9 +1033,11 @@ def fit(cfg, ctx: Ctx, name: str, raw: nn.Module, loss_fn, batches, iters: int, 
     finally:
         bar.close()
     snapshot(state_path)
+    if validate is not None:
+        record = validate.restore_best(kept())
     snapshot(ckpt_path(cfg, name), finished=True)
     ctx.barrier()
-    return {"ema": ema, "step": step, "wall": wall}
+    return {"ema": ema, "step": step, "wall": wall, "validation": record}
 
 
 def accumulate(cfg, ctx: Ctx, name: str, model, ddp, loss_fn, batches, step: int, plan: list,

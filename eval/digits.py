@@ -16,6 +16,8 @@ so its numbers (floor 1.98) do not carry over.
 "photos" (load_photo_patches): 1950 grey 8x8 patches, 17 levels, of china.jpg and flower.jpg
 (427 x 640, shipped with scikit-learn); labels = photograph x 5 horizontal bands (10 classes), so
 the same classifier, trained the same way on that set's own 80% split, gives its features.
+"scenes" (load_scene_patches), the third set: 2040 patches of the terrain map and the portrait
+shipped with matplotlib, labelled the same way.
 
 Notation: N images, 64 = 8 * 8 pixels, 128 feature dimensions.
 """
@@ -39,38 +41,68 @@ def load_digits_uint():
     return torch.as_tensor(d.images).round().long(), torch.as_tensor(d.target).long()
 
 
-def load_photo_patches(scale: int = 4, stride: int = 4):
-    """Grey 8x8 patches of the two photographs bundled with scikit-learn (china.jpg, flower.jpg):
-    luma (0.299 R + 0.587 G + 0.114 B), area-downscaled `scale`x (427 x 640 -> 106 x 160), every
-    8x8 window at `stride` (25 x 39 per photograph), levels round(16 v / 255). Label of a patch:
-    5 photo + the fifth of the picture (top to bottom) its first row lies in.
-    Returns images (1950, 8, 8) long in 0..16, labels (1950,) long in 0..9."""
-    from sklearn.datasets import load_sample_images
-    luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+def bands_of_patches(greys: list, scales: list, strides: list):
+    """Grey 8x8 patches of grey pictures (H, W) float64 in 0..255: each area-downscaled by its
+    scale, every 8x8 window at its stride, levels round(16 v / 255); the label of a patch is
+    5 picture + the fifth of the picture (top to bottom) its first row lies in.
+    Returns images (N, 8, 8) long in 0..16, labels (N,) long in 0..5 len(greys) - 1."""
     images, labels = [], []
-    for photo, rgb in enumerate(load_sample_images().images):            # (427, 640, 3) uint8
-        grey = torch.from_numpy(rgb.copy()).double() @ luma                # (427, 640)
+    for i, (grey, scale, stride) in enumerate(zip(greys, scales, strides)):
         H, W = grey.shape[0] // scale, grey.shape[1] // scale
         small = grey[:H * scale, :W * scale].view(H, scale, W, scale).mean((1, 3))   # (H, W)
         win = small.unfold(0, 8, stride).unfold(1, 8, stride)             # (rows, cols, 8, 8)
         rows, cols = win.shape[:2]
         band = (torch.arange(rows) * 5 // rows)[:, None].expand(rows, cols)
         images.append(win.reshape(-1, 8, 8))
-        labels.append((5 * photo + band).reshape(-1))
+        labels.append((5 * i + band).reshape(-1))
     return (torch.cat(images) * (LEVELS - 1) / 255).round().long(), torch.cat(labels)
 
 
+def load_photo_patches(scale: int = 4, stride: int = 4):
+    """Grey 8x8 patches of the two photographs bundled with scikit-learn (china.jpg, flower.jpg):
+    luma (0.299 R + 0.587 G + 0.114 B), downscaled 4x (427 x 640 -> 106 x 160), windows at
+    stride 4 (25 x 39 per photograph; bands_of_patches). Returns images (1950, 8, 8) long in
+    0..16, labels (1950,) long in 0..9."""
+    from sklearn.datasets import load_sample_images
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    greys = [torch.from_numpy(rgb.copy()).double() @ luma for rgb in load_sample_images().images]
+    return bands_of_patches(greys, [scale] * 2, [stride] * 2)
+
+
+def load_scene_patches():
+    """The third set, which no preset was tuned on: grey 8x8 patches of the two pictures bundled
+    with matplotlib, a terrain (jacksboro_fault_dem.npz, a 344 x 403 elevation map, min-max
+    scaled to 0..255, downscaled 2x, stride 6: 28 x 33 patches) and a portrait (grace_hopper.jpg,
+    512 x 600, luma, downscaled 4x, stride 4: 31 x 36). Returns images (2040, 8, 8) long in
+    0..16, labels (2040,) long in 0..9 (bands_of_patches)."""
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+    dem = torch.from_numpy(cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"]
+                           .astype(np.float64))
+    dem = (dem - dem.min()) / (dem.max() - dem.min()) * 255
+    rgb = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    luma = torch.from_numpy(rgb.astype(np.float64)) @ torch.tensor([0.299, 0.587, 0.114],
+                                                                   dtype=torch.float64)
+    return bands_of_patches([dem, luma], [2, 4], [6, 4])
+
+
+EMBEDDED = {"digits": load_digits_uint, "photos": load_photo_patches,
+            "scenes": load_scene_patches}
+
+
 def load_embedded(data: str = "digits"):
-    """An embedded 8x8 set by name: "digits" (load_digits_uint) | "photos" (load_photo_patches)."""
-    if data not in ("digits", "photos"):
-        raise ValueError(f"embedded data must be digits or photos, got {data!r}")
-    return load_digits_uint() if data == "digits" else load_photo_patches()
+    """An embedded 8x8 set by name: digits | photos | scenes (the loaders above)."""
+    if data not in EMBEDDED:
+        raise ValueError(f"embedded data must be one of {sorted(EMBEDDED)}, got {data!r}")
+    return EMBEDDED[data]()
 
 
 def class_names(data: str = "digits", label_div: int = 1) -> list:
     """Names of the classes label // label_div of an embedded set: the digits ("0|1", ... for
-    label_div 2), or the photo bands ("china0", ..., "flower4")."""
-    name = str if data == "digits" else lambda d: f"{('china', 'flower')[d // 5]}{d % 5}"
+    label_div 2), or the picture bands ("china0", ..., "flower4"; "terrain0", ..., "hopper4")."""
+    pics = {"photos": ("china", "flower"), "scenes": ("terrain", "hopper")}.get(data)
+    name = str if pics is None else lambda d: f"{pics[d // 5]}{d % 5}"
     return ["|".join(name(d) for d in range(10) if d // label_div == c)
             for c in range((9 // label_div) + 1)]
 

@@ -47,8 +47,9 @@ def latency(teacher_fn, student_fn, device, repeats: int = 5, context=nullcontex
 def finish(cfg, ctx, res: dict, key: str, draw, script: str):
     """The end of the eval stage (rank 0): the latency of teacher and student at each student
     step count (draw(name, n, r) = one sampler call), metrics.json (results, speedups at equal
-    quality), the quality-vs-NFE plot and the printed table."""
-    from eval import plot, results_table
+    quality), the quality-vs-NFE plot and the printed table, then the warning naming every cell
+    where the student is worse than its teacher (eval/validation.py)."""
+    from eval import plot, results_table, validation
     lat = {str(n): latency(lambda r: draw("teacher", n, r), lambda r: draw("student", n, r),
                            ctx.device) for n in cfg.student_steps}
     rows = [dict(model=label.split("@")[0], **r) for label, r in res.items()]
@@ -57,6 +58,8 @@ def finish(cfg, ctx, res: dict, key: str, draw, script: str):
                                             "speedup": results_table.speedups(rows, key)})
     plot.plot_quality(cfg.out_dir, f"{script} --preset {cfg.preset}", rows, key)
     print_table(res, lat, key)
+    results_table.update_metrics(cfg, ctx, {"worse_than_teacher": validation.warn_worse(
+        ctx, rows, key)})
 
 
 def print_table(res: dict, lat: dict, key: str):

@@ -17,6 +17,9 @@ and the mean ± sd of the speedups, each measured against its own run's teacher;
 is marked when it holds in every run, "~" when only some runs are bounds (the mean then mixes a
 bound with interpolations).
 
+"!" marks a student cell worse than its teacher at the same NFE (with --seeds: "!k/n", worse in k
+of the n runs), the cells the eval stage's warning names (eval/validation.py).
+
 --teacher_from BASE [BASE ...] (one per run, after the runs): measure against BASE's teacher
 rows instead of each run's own, which are dropped. For another Di4C round (docs/method.md (35)),
 whose own "teacher" is the round-1 student: its speedup over the original product teacher.
@@ -110,10 +113,20 @@ def tables(metrics: dict, title: str = "") -> str:
                 elif model == "teacher" or not teacher:
                     row.append(f"{cells[n]:.2f}")
                 else:
-                    row.append(f"{cells[n]:.2f} ({speedup(teacher, n, cells[n], lower)})")
+                    row.append(f"{cells[n]:.2f} ({speedup(teacher, n, cells[n], lower)})"
+                               + _mark([(cells[n], dict(teacher).get(n))], model, lower))
             out.append(f"| {model} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _mark(pairs: list, model: str, lower: bool) -> str:
+    """" !" (" !k/n" over n runs) when the student's score is worse than its teacher's at the same
+    NFE in k of the (student, teacher) pairs; "" otherwise or without a teacher cell."""
+    k = sum(t is not None and (s > t if lower else s < t) for s, t in pairs)
+    if model != "student" or not k:
+        return ""
+    return " !" if len(pairs) == 1 else f" !{k}/{len(pairs)}"
 
 
 def tag(r: dict) -> tuple:
@@ -161,6 +174,8 @@ def seed_table(runs: list, title: str = "") -> str:
                     mark = "~" if len(rels) > 1 else rels.pop().replace("=", "")
                     sm, ssd = _mean_sd([g["speedup"] for g in got])
                     cell += f" ({mark}{sm:.1f} ± {ssd:.1f}x)"
+                cell += _mark([(c[model, n, t], c.get(("teacher", n, t))) for c in cells], model,
+                              LOWER_IS_BETTER.get(key, True))
                 row.append(cell)
             out.append(f"| {model} | " + " | ".join(row) + " |")
         out.append("")

@@ -59,12 +59,13 @@ def test_logistic_head_is_a_finite_distribution_peaked_at_mu():
 
 
 def write_cifar10_batches(root, n_per_batch=5, batches=2):
-    """CIFAR-10's python-pickle layout with random images under root/cifar-10-batches-py."""
+    """CIFAR-10's python-pickle layout with random images under root/cifar-10-batches-py: training
+    batches data_batch_1.. and the test batch."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    for i in range(1, batches + 1):
+    for name in [f"data_batch_{i}" for i in range(1, batches + 1)] + ["test_batch"]:
         data = torch.randint(0, 256, (n_per_batch, 3072), dtype=torch.uint8).numpy()
-        with open(folder / f"data_batch_{i}", "wb") as f:
+        with open(folder / name, "wb") as f:
             pickle.dump({b"data": data, b"labels": [0] * n_per_batch}, f)
 
 
@@ -75,6 +76,7 @@ def test_cifar10_pickle_batches_format_and_requantisation(tmp_path):
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
     x17 = m.load_images(m.make_config(m.Config, dataset="cifar10", data_dir=str(tmp_path), S=17))
     assert torch.equal(x17, (x.long() * 17 // 256).to(torch.uint8)) and int(x17.max()) <= 16
+    assert m.load_images(cfg, "val").shape == (5, 3, 32, 32)                     # test_batch
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -178,7 +180,7 @@ def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
     cfg = smoke(tmp_path / "run", dataset="cifar10", data_dir=str(tmp_path / "cifar"),
                 teacher_iters=2, distil_iters=1)
     m.main(cfg)
-    (ref,) = calls["stats"]
+    (ref,) = calls["stats"]           # no validation on CIFAR-10 (yet): the eval's statistics
     assert ref.dtype == torch.uint8 and ref.shape == (10, 3, 32, 32) and int(ref.max()) > 200
     assert len(calls["score"]) == 5 and all(
         s.dtype == torch.uint8 and s.shape == (16, 3, 32, 32) and p.endswith("fid_stats_pigm.npz")
@@ -202,11 +204,12 @@ def test_second_di4c_round_from_a_student(tmp_path):
 
 
 def test_photos_the_second_embedded_set_end_to_end(tmp_path):
-    """--dataset photos: the training images are the photo patches; the run scores with the
+    """--dataset photos: the training images are the photo patches (their fixed 80 %; the other
+    20 % validates Di4C, tests/test_validation.py); the run scores with the
     classifier trained on the photos (its own cache file)."""
     from eval import digits
     cfg = smoke(tmp_path, dataset="photos")
-    assert torch.equal(m.load_images(cfg)[:, 0].long(), digits.load_photo_patches()[0])
+    assert torch.equal(m.load_images(cfg)[:, 0].long(), digits.digits_split("photos")[0])
     m.main(cfg)
     ev = json.load(open(tmp_path / "metrics.json"))["eval"]
     assert ev and all(v["frechet"] > 0 for v in ev.values())

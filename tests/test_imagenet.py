@@ -490,10 +490,12 @@ def test_pair_labels_tokenize_and_errors(tmp_path):
     cfg = smoke(tmp_path, "pairs", stage="tokenize", label_div=2)
     m.main(cfg)
     meta = m.codes_meta(cfg)
-    images, labels = digits.load_digits_uint()
+    images, labels, val, val_labels = digits.digits_split("digits")     # 80 % trained on
     assert meta["n_classes"] == 5 and meta["classes"] == ["0|1", "2|3", "4|5", "6|7", "8|9"]
     assert torch.equal(meta["labels"], labels // 2)
     assert torch.equal(meta["codes"].long(), images.flatten(1))
+    assert torch.equal(meta["val_codes"].long(), val.flatten(1))       # 20 % held out
+    assert torch.equal(meta["val_labels"], val_labels // 2)
     with pytest.raises(SystemExit, match="another config"):         # codes of 10 labels differ
         m.codes_meta(m.make_config(m.Config, **{**asdict(cfg), "label_div": 1}))
     for bad in (dict(label_div=0), dict(label_div=11),
@@ -535,7 +537,7 @@ def test_photos_the_second_embedded_set_end_to_end(tmp_path):
     cfg = smoke(tmp_path, "photos", dataset="photos", label_div=2)
     m.main(cfg)
     meta = m.codes_meta(cfg)
-    images, labels = digits.load_photo_patches()
+    images, labels, _, _ = digits.digits_split("photos")
     assert torch.equal(meta["codes"].long(), images.flatten(1))
     assert torch.equal(meta["labels"], labels // 2) and meta["classes"][2] == "china4|flower0"
     ev = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["eval"]

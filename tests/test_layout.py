@@ -42,7 +42,7 @@ def test_infrastructure_blocks_are_identical_and_whole():
     first = blocks[SCRIPTS[0]]
     for s, b in blocks.items():
         assert b == first, f"{s} infrastructure block differs from {SCRIPTS[0]}"
-    assert first.count("\n") <= 340, "the shared block grew: what it holds is listed above"
+    assert first.count("\n") <= 350, "the shared block grew: what it holds is listed above"
     tree = ast.parse(first)
     names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert names >= {"parse_config", "make_config", "check_config", "setup_dist", "Ctx",

@@ -1,5 +1,6 @@
 """eval/results_table.py: matched-quality step speedups and the Markdown tables."""
 import json
+import re
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_teacher_from_measures_against_another_runs_teacher(tmp_path, capsys):
             json.dumps({"results": rows, "primary": "frechet"}))
     r2, b = str(tmp_path / "r2"), str(tmp_path / "base")
     rt.main([r2])
-    assert "| student |  | 2.00 (0.5x) |" in capsys.readouterr().out   # = its round-1 student at 2
+    assert "| student |  | 2.00 (0.5x) ! |" in capsys.readouterr().out  # = its round-1 student at 2
     rt.main([r2, "--teacher_from", b])
     out = capsys.readouterr().out
     assert "r2 vs base's teacher" in out and "| teacher | 8.00 | 4.00 |" in out
@@ -111,3 +112,24 @@ def test_teacher_from_measures_against_another_runs_teacher(tmp_path, capsys):
         {"results": [dict(r, w=1.0) for r in base], "primary": "frechet"}))
     with pytest.raises(SystemExit, match="no teacher rows"):
         rt.main([r2, "--teacher_from", b])
+
+
+def test_cells_worse_than_the_teacher_are_marked(tmp_path, capsys):
+    """"!" marks a student cell worse than its teacher at the same NFE (the warning's cells);
+    with --seeds "!k/n" counts the runs where it is; the control is never marked."""
+    runs = []
+    for i, student in enumerate([5.0, 3.0, 6.0]):                  # teacher at 4 NFE: 4.0
+        rows = [dict(model="teacher", nfe=n, frechet=s) for n, s in TEACHER]
+        rows += [dict(model="student", nfe=4, frechet=student),
+                 dict(model="control", nfe=4, frechet=9.0)]
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "metrics.json").write_text(
+            json.dumps({"results": rows, "primary": "frechet"}))
+        runs.append(str(tmp_path / f"s{i}"))
+    rt.main([runs[0], runs[1]])
+    out = capsys.readouterr().out
+    assert re.search(r"\| student \|  \| 5\.00 \([0-9.]+x\) ! \|", out)
+    assert re.search(r"\| student \|  \| 3\.00 \([0-9.]+x\) \|", out)
+    assert "| control |  | 9.00 (<0.5x) |" in out
+    rt.main(["--seeds"] + runs)
+    assert " !2/3 |" in capsys.readouterr().out
