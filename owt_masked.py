@@ -130,7 +130,6 @@ DISTIL_PROB = 0.3                   # probability of drawing t in [0, delta) (SD
 ALPHA_CONST = 0.1                   # alpha(t) = 0.1 sigmoid(20 (t - 1/2)) (SDTT variant, (28))
 N_CONT = 5                          # continuations per prefix (self-BLEU)
 LATENCY_RUNS = 3                    # timed sampler calls per model and step count
-VAL_BLOCKS, VAL_L = 32, 8           # Di4C validation: held-out blocks, lambdas per block
 STAGES = ("teacher", "distill", "sample", "eval")
 ARCH_KEYS = ("n_layer", "n_embd", "n_head", "cond_dim", "remap_vocab", "dataset", "data_files")
 RESUME_KEYS = ARCH_KEYS + ("seq_len", "batch_size", "distil_batch", "L", "lr",
@@ -477,38 +476,20 @@ def stage_distill(cfg: Config, ctx, corpus: Corpus):
                                               val_nelbo=nelbo)})
 
 
-@torch.no_grad()
-def n_step_nelbo(cfg: Config, ctx, corpus: Corpus, net, N: int) -> float:
-    """The held-out N-step NELBO (nats/token; docs/validation.md), Di4C's validation score: on the
-    N-step sampler's grid, a validation block's tokens are revealed in the order of fixed uniform
-    draws u (masked at t iff u < m(t); the last step reveals the rest), and each step pays
-    -log p(the tokens revealed at it | x_t) jointly: a product model the sum of its marginals, a
-    mixture the log-mean over VAL_L lambdas of those sums, which its correlations lower."""
-    dev, L = ctx.device, VAL_L if net.lam_dim else 1
-    g = torch.Generator(device=dev).manual_seed(cfg.seed + 23)
-    times = sample_times(N, dev)
-    times[-1] = 0.0
-    x0 = corpus.get("val", np.arange(min(VAL_BLOCKS, corpus.n_blocks("val"))))        # (n, D)
-    u = torch.rand(x0.shape, generator=g, dtype=torch.float64, device=dev)
-    total, chunk = 0.0, max(1, cfg.sample_batch // L)
-    for i in range(0, len(x0), chunk):
-        x, ui = x0[i:i + chunk].repeat_interleave(L, 0), u[i:i + chunk].repeat_interleave(L, 0)
-        ll = torch.zeros(len(x), dtype=torch.float64, device=dev)                    # (b L,)
-        for t, s in zip(times[:-1], times[1:]):
-            x_t = torch.where(ui < mask_rate(t), net.mask_id, x)
-            lam = core.draw_lambda(len(x), net.lam_dim, g, dev) if net.lam_dim else None
-            with ctx.autocast():
-                logp = core.log_probs(net(x_t, t.expand(len(x)), lam))             # (b L, D, S)
-            new = (ui < mask_rate(t)) & (ui >= mask_rate(s))                       # revealed now
-            ll += (logp.gather(-1, x[..., None])[..., 0].double() * new).sum(1)
-        total += (ll.view(-1, L).logsumexp(1) - math.log(L)).sum().item()
-    return -total / x0.numel()
-
-
 def selection(cfg: Config, ctx, corpus: Corpus, teacher) -> validation.Selection:
-    """Di4C's validation (eval/validation.py): n_step_nelbo at each student step count, rank 0."""
+    """Di4C's validation (eval/validation.py), rank 0: the eval's gen-PPL (--judge: the judge
+    trained here, trained now and reused by the eval, or GPT-2 Large) of n_samples unconditional
+    samples at each student step count; the sampling seed is the validation's own."""
+    judge = train_judge(cfg, ctx, corpus) if cfg.judge == "trained" else None
+    one = dataclasses.replace(ctx, rank=0, world_size=1)             # rank 0 alone: no collective
+    x_T = make_process(corpus.S).prior(cfg.n_samples, cfg.seq_len)
+    if ctx.rank == 0:
+        score_ids, key = judge_scorer(cfg, ctx, corpus, judge)
+
     def score(net) -> dict:
-        return {f"@{N}": n_step_nelbo(cfg, ctx, corpus, net, N) for N in cfg.student_steps}
+        return {f"@{N}": score_ids(generate(cfg, one, corpus, net, net.lam_dim, N, x_T,
+                                            f"validation{N}")[0], 1)[key]
+                for N in cfg.student_steps}
     return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
 
 
@@ -660,6 +641,15 @@ def train_judge(cfg: Config, ctx, corpus: Corpus) -> nn.Module:
     return judge.eval()
 
 
+def judge_scorer(cfg: Config, ctx, corpus: Corpus, judge) -> tuple:
+    """text_metrics.scorer with the trained judge (model ids, no padding) or GPT-2 Large (None)."""
+    def judge_fn(x, attention_mask=None):
+        with ctx.autocast():
+            return judge(x.to(ctx.device)).float()                            # (N, D, S)
+    return text_metrics.scorer(judge_fn if judge else None, corpus, ctx.device, cfg.seq_len,
+                               cfg.sample_batch)
+
+
 def stage_eval(cfg: Config, ctx, corpus: Corpus):
     """Score every sample set of this configuration, each drawn by the current checkpoint:
     gen-PPL under --judge (text_metrics.scorer: GPT-2 Large's protocols or the judge trained
@@ -672,12 +662,7 @@ def stage_eval(cfg: Config, ctx, corpus: Corpus):
     judge = train_judge(cfg, ctx, corpus) if cfg.judge == "trained" else None
     if ctx.rank != 0:
         return
-
-    def judge_fn(x, attention_mask=None):                  # model ids, no padding
-        with ctx.autocast():
-            return judge(x.to(ctx.device)).float()                            # (N, D, S)
-    score, key = text_metrics.scorer(judge_fn if judge else None, corpus, ctx.device,
-                                     cfg.seq_len, cfg.sample_batch)
+    score, key = judge_scorer(cfg, ctx, corpus, judge)
     val = corpus.get("val", np.arange(min(cfg.n_samples, corpus.n_blocks("val")))).cpu()
     res = {"data": {**score(val, 1), "entropy": text_metrics.unigram_entropy(val)}}
     for (model, kind, N), path in paths.items():
@@ -714,7 +699,7 @@ def run_needs(cfg: Config) -> list:
                     f"download it: {SDTT7_GET}; or --teacher_ckpt '' trains MDLM from scratch")
     if "eval" in stages:
         needs += package_needs({"nltk": ("nltk", "self-BLEU (stage eval)")})
-    if "eval" in stages and cfg.judge == "gpt2-large":
+    if {"distill", "eval"} & set(stages) and cfg.judge == "gpt2-large":   # also Di4C's validation
         needs += (package_needs({"transformers": ("transformers", "--judge gpt2-large")})
                   + text_metrics.gpt2_large_needs())
     return needs

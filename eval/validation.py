@@ -10,28 +10,30 @@ import math
 class Selection:
     """fit's `validate`: selection(step, model) scores the model (the weights fit would write)
     with score(model) -> {cell: value}, on rank 0 (every rank gets its values, so all decide
-    alike), and keeps a copy of the weights with the lowest mean over cells of
-    log(value / teacher's value): the geometric-mean ratio to the teacher. fit calls it at step
-    0, where the student is its teacher (its lambda path starts at zero, docs/method.md (14)), so
-    the student kept is never worse than the teacher on this measure. The curve, the best step
-    and its weights travel in fit's training state (exact resume)."""
+    alike), and keeps a copy of the best weights: the fewest cells worse than the teacher's
+    value, then the lowest mean over cells of log(value / teacher's value), the geometric-mean
+    ratio. So a student no worse than the teacher anywhere beats one with a lower ratio that is
+    worse somewhere. fit calls it at step 0, where the student is its teacher (its lambda path
+    starts at zero, docs/method.md (14)). The curve, the best and its weights travel in fit's
+    training state (exact resume)."""
 
     def __init__(self, ctx, score, teacher: dict):
         self.ctx, self.score, self.teacher = ctx, score, teacher
-        self.curve, self.best = [], None                  # best: (log ratio, step, state dict)
+        self.curve, self.best = [], None    # best: ((n worse, log ratio), step, state dict)
 
     def __call__(self, step: int, model):
         training = model.training
         values = self.ctx.gather(self.score(model.eval()) if self.ctx.rank == 0 else None)[0]
         model.train(training)
         log_ratio = sum(math.log(values[c] / self.teacher[c]) for c in values) / len(values)
-        self.curve.append(dict(step=step, ratio=math.exp(log_ratio), **values))
-        if self.best is None or log_ratio < self.best[0]:
+        worse = sum(values[c] > self.teacher[c] for c in values)
+        self.curve.append(dict(step=step, ratio=math.exp(log_ratio), worse=worse, **values))
+        if self.best is None or (worse, log_ratio) < tuple(self.best[0]):
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            self.best = (log_ratio, step, weights)
+            self.best = ((worse, log_ratio), step, weights)
         self.ctx.log(f"validation step {step}: " + ", ".join(
             f"{c} {v:.3f} (teacher {self.teacher[c]:.3f})" for c, v in values.items())
-            + f" | ratio {math.exp(log_ratio):.3f} | best: step {self.best[1]}")
+            + f" | ratio {math.exp(log_ratio):.3f}, {worse} worse | best: step {self.best[1]}")
 
     def state_dict(self) -> dict:
         return {"curve": self.curve, "best": self.best and list(self.best)}
@@ -42,10 +44,11 @@ class Selection:
     def restore_best(self, model) -> dict:
         """Load the best weights into model; returns the record for metrics.json."""
         model.load_state_dict(self.best[2])
-        self.ctx.log(f"validation: keeping the student of step {self.best[1]} (ratio to the "
-                     f"teacher {math.exp(self.best[0]):.3f})")
-        return {"teacher": self.teacher, "curve": self.curve, "best_step": self.best[1],
-                "best_ratio": math.exp(self.best[0])}
+        (worse, log_ratio), step = self.best[:2]
+        self.ctx.log(f"validation: keeping the student of step {step} (ratio to the teacher "
+                     f"{math.exp(log_ratio):.3f}, {worse} cell(s) worse)")
+        return {"teacher": self.teacher, "curve": self.curve, "best_step": step,
+                "best_ratio": math.exp(log_ratio), "best_worse": worse}
 
 
 def worse_cells(rows: list, key: str, models=("student",)) -> list:

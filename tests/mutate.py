@@ -5,9 +5,10 @@ a domain script, run the tests that pin that file on it, and report whether they
     python tests/mutate.py -k cifar     # only mutants whose name contains "cifar"
 
 Each mutant is a real mistake a Di4C implementation can make and still train: in the core
-(tests/test_core_contracts.py) and in each script's Di4C wiring (tests/test_pipelines.py: the
+(tests/test_core_contracts.py), in each script's Di4C wiring (tests/test_pipelines.py: the
 times drawn, the teacher's step, the per-row weights, labels and prefixes, CFG, the hybrid,
-the control's compute). A survivor means the tests cannot see that class of bug.
+the control's compute) and in the selection of the student kept (tests/test_validation.py). A
+survivor means the tests cannot see that class of bug.
 Exit status 1 when a mutant survives or no longer applies (the line it edits changed).
 """
 import argparse
@@ -23,7 +24,8 @@ CORE_TESTS = ["tests/test_core_exact.py", "tests/test_core_contracts.py", "tests
 TESTS = {"di4c_core.py": CORE_TESTS,        # the file a mutant edits -> the tests that pin it
          "cifar10_gaussian.py": ["tests/test_pipelines.py", "tests/test_cifar10.py"],
          "imagenet_masked.py": ["tests/test_pipelines.py", "tests/test_imagenet.py"],
-         "owt_masked.py": ["tests/test_pipelines.py", "tests/test_owt.py"]}
+         "owt_masked.py": ["tests/test_pipelines.py", "tests/test_owt.py"],
+         "eval/validation.py": ["tests/test_validation.py"]}
 
 # (name, bug class, exact text of one core line (a unique substring), replacement)
 CORE = [
@@ -165,8 +167,20 @@ OWT = [
      "(3 * B * L + B * L + B) / (3 * cfg.batch_size))",
      "(3 * 2 * B * L + B * L + 2 * B) / (3 * cfg.batch_size))"),
 ]
+VALIDATION = [      # never worse than the teacher: the selection and the warning
+    ("validation_ratio_inverted", "selection: teacher / student instead of student / teacher",
+     "log_ratio = sum(math.log(values[c] / self.teacher[c]) for c in values) / len(values)",
+     "log_ratio = sum(math.log(self.teacher[c] / values[c]) for c in values) / len(values)"),
+    ("validation_keeps_the_last", "selection: every validated student replaces the best",
+     "if self.best is None or log_ratio < self.best[0]:", "if True:"),
+    ("validation_best_not_restored", "selection: the last weights written, not the best",
+     "        model.load_state_dict(self.best[2])\n", "        pass\n"),
+    ("validation_warning_direction", "warning: the better cells named instead of the worse",
+     "if r[\"model\"] in models and t is not None and r[key] > t:",
+     "if r[\"model\"] in models and t is not None and r[key] < t:"),
+]
 MUTANTS = {"di4c_core.py": CORE, "cifar10_gaussian.py": CIFAR, "imagenet_masked.py": IMAGENET,
-           "owt_masked.py": OWT}
+           "owt_masked.py": OWT, "eval/validation.py": VALIDATION}
 
 
 

@@ -83,16 +83,27 @@ def test_selection_resumes_exactly_after_ctrl_c(tmp_path):
     assert a["id"] == b["id"]
 
 
-def test_geometric_mean_ratio_over_cells():
+def test_fewest_worse_cells_first_then_the_geometric_mean_ratio():
+    """A student no worse than its teacher in any cell beats one with a lower ratio that is
+    worse in a cell (the issue's "never one worse than the teacher when a better one exists");
+    among equals, the lowest geometric-mean ratio wins."""
     ctx = Ctx1()
-    values = iter([{"a": 2.0, "b": 2.0}, {"a": 1.0, "b": 8.0}, {"a": 1.0, "b": 3.0}])
+    values = iter([{"a": 2.2, "b": 2.0},      # worse in a: 1 worse, ratio sqrt(1.1)
+                   {"a": 0.5, "b": 2.5},      # worse in b, ratio sqrt(1/4 * 5/4) = 0.559
+                   {"a": 1.8, "b": 1.6},      # none worse, ratio sqrt(0.9 * 0.8) = 0.849
+                   {"a": 1.0, "b": 2.0},      # none worse (equal is not worse), ratio 0.707
+                   {"a": 1.9, "b": 1.9}])     # none worse, ratio 0.95
     sel = validation.Selection(ctx, lambda model: next(values), {"a": 2.0, "b": 2.0})
     net = torch.nn.Linear(1, 1)
-    for step in (0, 1, 2):
+    for step in range(5):
         sel(step, net)
-    assert [round(p["ratio"], 6) for p in sel.curve] == [1.0, 1.414214, 0.866025]  # sqrt(1/2 * 4)
-    assert sel.best[1] == 2 and net.training                 # the model's mode is restored
-    assert "best: step 2" in ctx.lines[-1]
+        if step == 2:
+            assert sel.best[1] == 2                      # not step 1, whose ratio is lower
+    assert [p["worse"] for p in sel.curve] == [1, 1, 0, 0, 0]
+    assert [round(p["ratio"], 6) for p in sel.curve] == [1.048809, 0.559017, 0.848528,
+                                                         0.707107, 0.95]
+    assert sel.best[1] == 3 and net.training                 # the model's mode is restored
+    assert "best: step 3" in ctx.lines[-1]
 
 
 def test_worse_cells_and_the_warning():
@@ -136,7 +147,7 @@ def test_imagenet_run_validates_on_held_out_codes_and_warns(tmp_path):
     m = json.load(open(tmp_path / "run" / "metrics.json"))
     curve = m["student"]["validation"]["curve"]
     assert [p["step"] for p in curve] == [0, 2, 3]
-    assert set(curve[0]) == {"step", "ratio", "@2_w0", "@2_w1"}
+    assert set(curve[0]) == {"step", "ratio", "worse", "@2_w0", "@2_w1"}
     assert (tmp_path / "run" / "validation.png").exists()
     want = validation.worse_cells(m["results"], "frechet")
     assert m["worse_than_teacher"] == want
@@ -144,57 +155,13 @@ def test_imagenet_run_validates_on_held_out_codes_and_warns(tmp_path):
     assert ("WARNING: the student is worse than its teacher" in log) == bool(want)
 
 
-class TableNet(torch.nn.Module):
-    """A denoiser whose p_{0|t} ignores x_t and t: log-table tables[0] (D, S), or for a mixture
-    (lam_dim 1) tables[0] when lambda < 1/2, else tables[1]."""
-
-    def __init__(self, tables, lam_dim=0):
-        super().__init__()
-        self.tables, self.lam_dim, self.mask_id = tables, lam_dim, tables[0].shape[1] - 1
-
-    def forward(self, x_t, t, lam=None):
-        if lam is None:
-            return self.tables[0].expand(len(x_t), -1, -1)
-        return torch.where(lam[:, :, None] < 0.5, self.tables[0], self.tables[1])
-
-
-class Blocks:                             # corpus.get("val", idx) of fixed blocks
-    def __init__(self, x0):
-        self.x0 = x0
-
-    def n_blocks(self, split):
-        return len(self.x0)
-
-    def get(self, split, idx):
-        return self.x0[idx]
-
-
-def test_n_step_nelbo_pays_each_token_once():
-    """A product model whose p_{0|t} ignores x_t: the N-step NELBO is the mean of
-    -log p(x0^d) at every N (each token is paid exactly once, the last step included); a mixture
-    whose two components agree equals it; components that disagree make it differ."""
-    torch.manual_seed(0)
-    D, S = 12, 6
-    x0 = torch.randint(0, S - 1, (5, D))
-    A, B = (torch.randn(D, S).log_softmax(-1) for _ in range(2))
-    cfg = owt.make_config(owt.Config, preset="smoke", sample_batch=16)
-    ctx = owt.Ctx(0, 1, torch.device("cpu"), ".", "float32")
-    want = -A.gather(1, x0.T).T.sum() / x0.numel()
-    for N in (1, 2, 4, 16):
-        got = owt.n_step_nelbo(cfg, ctx, Blocks(x0), TableNet((A, A)), N)
-        assert got == pytest.approx(want.item(), rel=1e-6), N
-        assert owt.n_step_nelbo(cfg, ctx, Blocks(x0), TableNet((A, A), 1), N) == \
-            pytest.approx(want.item(), rel=1e-6)
-    assert owt.n_step_nelbo(cfg, ctx, Blocks(x0), TableNet((A, B), 1), 2) != \
-        pytest.approx(want.item(), rel=1e-3)
-
-
 @pytest.mark.parametrize("script", ["cifar", "owt"])
 def test_pixel_and_text_runs_validate_and_start_from_the_teacher(script, tmp_path):
     """The smoke runs validate Di4C at step 0, every ckpt_every steps and at the end (curve in
-    metrics.json, plot written); at step 0 the text student scores exactly its teacher (it is
-    the teacher: its lambda path starts at zero), the pixel student within the sampling noise of
-    16 samples (its lambda draws shift the random stream)."""
+    metrics.json, plot written); at step 0 the student (its lambda path starts at zero: it is the
+    teacher) scores its teacher within the sampling noise of the smoke's few samples (its lambda
+    draws shift the random stream); the text run trains its judge for the validation, and the
+    eval reuses it."""
     import cifar10_gaussian as cifar
     m = {"cifar": cifar, "owt": owt}[script]
     cfg = m.make_config(m.Config, preset="smoke", out_dir=str(tmp_path / "run"), ckpt_every=2)
@@ -205,5 +172,7 @@ def test_pixel_and_text_runs_validate_and_start_from_the_teacher(script, tmp_pat
     assert set(rec["teacher"]) == {f"@{n}" for n in cfg.student_steps}
     first = rec["curve"][0]
     for c, v in rec["teacher"].items():
-        assert first[c] == (v if script == "owt" else pytest.approx(v, rel=0.25)), c  # 16 samples
+        assert first[c] == pytest.approx(v, rel=0.25), c                   # 4 to 16 samples
     assert rec["best_step"] in steps and (tmp_path / "run" / "validation.png").exists()
+    if script == "owt":
+        assert "eval: reusing the judge" in open(tmp_path / "run" / "log.txt").read()
