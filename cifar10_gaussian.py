@@ -456,8 +456,6 @@ def stage_distill(cfg: Config, ctx, images: torch.Tensor, proc):
               parents=parents, validate=selection(cfg, ctx, proc, teacher))
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"],
                                               validation=out["validation"])})
-    if out["validation"] and ctx.rank == 0:
-        validation.plot_curve(cfg.out_dir, out["validation"])
     if cfg.control_iters:
         control = copy.deepcopy(teacher).train().requires_grad_(True)
         data = epoch_batches((images,), cfg, ctx, cfg.teacher_batch)
@@ -482,7 +480,7 @@ def selection(cfg: Config, ctx, proc, teacher) -> Optional[validation.Selection]
     def score(net) -> dict:
         return {f"@{N}": metric(sample_images(net, proc, cfg, N, n, seed=cfg.seed + 23)[0])[key]
                 for N in cfg.student_steps}
-    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
+    return validation.Selection.against(ctx, score, teacher)
 
 
 def control_steps(cfg: Config) -> int:

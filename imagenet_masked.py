@@ -487,14 +487,12 @@ def stage_teacher(cfg: Config, ctx: "Ctx"):
 def train(cfg: Config, ctx: "Ctx", meta: dict, name: str, net, loss_fn, batch: int, iters: int,
           lr: float, **opt):
     """fit (AdamW, betas (0.9, 0.96)) on the codes in global batches of `batch` -> metrics.json
-    (with the validation curve, also plotted to validation.png)."""
+    (with the validation curve)."""
     out = fit(cfg, ctx, name, net, loss_fn, epoch_batches((meta["codes"], meta["labels"]), cfg, ctx,
                                                     batch), iters, lr, batch, betas=(0.9, 0.96),
               weight_decay=WEIGHT_DECAY, **opt)
     update_metrics(cfg, ctx, {name: dict(iters=out["step"], train_seconds=out["wall"],
                                          validation=out["validation"])})
-    if out["validation"] and ctx.rank == 0:
-        validation.plot_curve(cfg.out_dir, out["validation"])
 
 
 def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> "validation.Selection":
@@ -515,7 +513,7 @@ def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> "validation.Selec
         return {f"@{N}_w{w:g}": digits.digits_frechet(clf, generate(
             cfg, one, net, net.lam_dim, y, N, w).view(-1, 8, 8), real)
             for N in cfg.student_steps for w in dict.fromkeys((0.0, *cfg.cfg_ws[:1]))}
-    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
+    return validation.Selection.against(ctx, score, teacher)
 
 
 def stage_distill(cfg: Config, ctx: "Ctx"):

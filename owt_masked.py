@@ -462,8 +462,6 @@ def stage_distill(cfg: Config, ctx, corpus: Corpus):
               validate=selection(cfg, ctx, corpus, teacher))
     update_metrics(cfg, ctx, {"student": dict(iters=out["step"], train_seconds=out["wall"],
                                               validation=out["validation"])})
-    if out["validation"] and ctx.rank == 0:
-        validation.plot_curve(cfg.out_dir, out["validation"])
     if cfg.control_iters == 0:
         return
     control = build_model(cfg, corpus.S).to(ctx.device)
@@ -490,7 +488,7 @@ def selection(cfg: Config, ctx, corpus: Corpus, teacher) -> validation.Selection
         return {f"@{N}": score_ids(generate(cfg, one, corpus, net, net.lam_dim, N, x_T,
                                             f"validation{N}")[0], 1)[key]
                 for N in cfg.student_steps}
-    return validation.Selection(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
+    return validation.Selection.against(ctx, score, teacher)
 
 
 def control_steps(cfg: Config) -> int:

@@ -21,6 +21,11 @@ class Selection:
         self.ctx, self.score, self.teacher = ctx, score, teacher
         self.curve, self.best = [], None    # best: ((n worse, log ratio), step, state dict)
 
+    @classmethod
+    def against(cls, ctx, score, teacher) -> "Selection":
+        """A Selection whose teacher values are score(teacher), computed on rank 0."""
+        return cls(ctx, score, ctx.gather(score(teacher) if ctx.rank == 0 else None)[0])
+
     def __call__(self, step: int, model):
         training = model.training
         values = self.ctx.gather(self.score(model.eval()) if self.ctx.rank == 0 else None)[0]
@@ -42,13 +47,17 @@ class Selection:
         self.curve, self.best = state["curve"], state["best"] and tuple(state["best"])
 
     def restore_best(self, model) -> dict:
-        """Load the best weights into model; returns the record for metrics.json."""
+        """Load the best weights into model, plot the curve (rank 0: out_dir/validation.png);
+        returns the record for metrics.json."""
         model.load_state_dict(self.best[2])
         (worse, log_ratio), step = self.best[:2]
         self.ctx.log(f"validation: keeping the student of step {step} (ratio to the teacher "
                      f"{math.exp(log_ratio):.3f}, {worse} cell(s) worse)")
-        return {"teacher": self.teacher, "curve": self.curve, "best_step": step,
-                "best_ratio": math.exp(log_ratio), "best_worse": worse}
+        record = {"teacher": self.teacher, "curve": self.curve, "best_step": step,
+                  "best_ratio": math.exp(log_ratio), "best_worse": worse}
+        if self.ctx.rank == 0:
+            plot_curve(self.ctx.out_dir, record)
+        return record
 
 
 def worse_cells(rows: list, key: str, models=("student",)) -> list:

@@ -172,7 +172,7 @@ VALIDATION = [      # never worse than the teacher: the selection and the warnin
      "log_ratio = sum(math.log(values[c] / self.teacher[c]) for c in values) / len(values)",
      "log_ratio = sum(math.log(self.teacher[c] / values[c]) for c in values) / len(values)"),
     ("validation_keeps_the_last", "selection: every validated student replaces the best",
-     "if self.best is None or log_ratio < self.best[0]:", "if True:"),
+     "if self.best is None or (worse, log_ratio) < tuple(self.best[0]):", "if True:"),
     ("validation_best_not_restored", "selection: the last weights written, not the best",
      "        model.load_state_dict(self.best[2])\n", "        pass\n"),
     ("validation_warning_direction", "warning: the better cells named instead of the worse",
