@@ -12,8 +12,8 @@ def image_scorer(images, levels: int, dataset: str, out_dir: str, fid_stats: str
     with `levels` grey levels: the Frechet distance of classifier features for an embedded 8x8
     set (eval/digits.py, the classifier cached in out_dir), else pigm's FID / IS (the paper's
     package, eval/inception.py; reference statistics fid_stats or computed once to out_dir)."""
-    if dataset in ("digits", "photos"):
-        from eval import digits
+    from eval import digits
+    if dataset in digits.EMBEDDED:
         cache = os.path.join(out_dir, f"{dataset}_classifier.pt")
         return "frechet", digits.frechet_scorer(images, levels, dataset, cache)
     from eval import inception

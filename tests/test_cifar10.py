@@ -203,15 +203,16 @@ def test_second_di4c_round_from_a_student(tmp_path):
     second_di4c_round(m, smoke, tmp_path, "samples_{model}@2.pt", "images")
 
 
-def test_photos_the_second_embedded_set_end_to_end(tmp_path):
-    """--dataset photos: the training images are the photo patches (their fixed 80 %; the other
-    20 % validates Di4C, tests/test_validation.py); the run scores with the
-    classifier trained on the photos (its own cache file)."""
+@pytest.mark.parametrize("data", ["photos", "scenes"])
+def test_other_embedded_sets_end_to_end(tmp_path, data):
+    """--dataset photos | scenes: the training images are the set's patches (their fixed 80 %;
+    the other 20 % validates Di4C, tests/test_validation.py); the run scores with the
+    classifier trained on that set (its own cache file), never with Inception."""
     from eval import digits
-    cfg = smoke(tmp_path, dataset="photos")
-    assert torch.equal(m.load_images(cfg)[:, 0].long(), digits.digits_split("photos")[0])
+    cfg = smoke(tmp_path, dataset=data)
+    assert torch.equal(m.load_images(cfg)[:, 0].long(), digits.digits_split(data)[0])
     m.main(cfg)
     ev = json.load(open(tmp_path / "metrics.json"))["eval"]
     assert ev and all(v["frechet"] > 0 for v in ev.values())
-    assert (tmp_path / "photos_classifier.pt").exists()
+    assert (tmp_path / f"{data}_classifier.pt").exists()
     assert not (tmp_path / "digits_classifier.pt").exists()
