@@ -465,16 +465,14 @@ def stage_distill(cfg: Config, ctx, images: torch.Tensor, proc):
         update_metrics(cfg, ctx, {"control": dict(iters=out["step"], train_seconds=out["wall"])})
 
 
-def selection(cfg: Config, ctx, proc, teacher) -> Optional[validation.Selection]:
+def selection(cfg: Config, ctx, proc, teacher) -> validation.Selection:
     """Di4C's validation (eval/validation.py), rank 0: n_samples samples (at most the held-out
-    count) at each student step count, scored by the classifier's Frechet distance to the
-    held-out 20 % of an embedded set (load_images "val"). None on CIFAR-10 (not validated yet:
-    its FID needs Inception weights during Di4C, docs/validation.md)."""
-    if cfg.dataset not in EMBEDDED:
-        return None
+    count) at each student step count, scored against images never trained on (load_images
+    "val"): the classifier's Frechet distance to an embedded set's held-out 20 %, or the FID to
+    CIFAR-10's test batch (the eval's package; its statistics cached as fid_stats_pigm_val.npz)."""
     val = load_images(cfg, "val")
-    key, metric = report.image_scorer(val, cfg.S, cfg.dataset, cfg.out_dir) if ctx.rank == 0 \
-        else (None, None)
+    key, metric = report.image_scorer(val, cfg.S, cfg.dataset, cfg.out_dir, split="val") \
+        if ctx.rank == 0 else (None, None)
     n = min(cfg.n_samples, len(val))
 
     def score(net) -> dict:
@@ -625,12 +623,13 @@ def stage_eval(cfg: Config, ctx, images: torch.Tensor, proc):
 
 def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
-    the given checkpoints, and for CIFAR-10's eval the FID / IS package and --fid_stats."""
+    the given checkpoints, and on CIFAR-10 the FID / IS package (Di4C's validation, the eval)
+    and --fid_stats (the eval)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = checkpoint_needs(cfg, stages)
-    if "eval" in stages and cfg.dataset not in EMBEDDED:
+    if {"distill", "eval"} & set(stages) and cfg.dataset not in EMBEDDED:
         from eval import inception
-        needs += inception.pigm_needs(cfg.fid_stats)
+        needs += inception.pigm_needs(cfg.fid_stats if "eval" in stages else "")
     return needs
 
 

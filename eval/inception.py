@@ -178,14 +178,14 @@ def pigm_fid_is(samples, stats, batch_size=50, cuda=None, splits=10):
             "is_mean": float(is_mean), "is_std": float(is_std)}
 
 
-def pigm_scorer(images, levels: int, out_dir: str, stats: str = ""):
+def pigm_scorer(images, levels: int, out_dir: str, stats: str = "", name: str = "pigm"):
     """score(samples) -> pigm_fid_is(samples, stats), the paper's FID / IS; samples and the
-    training `images` (N, 3, H, W) have `levels` grey levels 0..levels-1 and are passed as uint8
+    reference `images` (N, 3, H, W) have `levels` grey levels 0..levels-1 and are passed as uint8
     0..255. stats: the reference npz, or "" for the statistics of `images`, computed once to
-    out_dir/fid_stats_pigm.npz (what the package's fid_ref tool writes)."""
+    out_dir/fid_stats_{name}.npz (what the package's fid_ref tool writes)."""
     as_uint8 = lambda x: (x.long() * 256 // levels).to(torch.uint8)  # noqa: E731
     if not stats:
-        stats = os.path.join(out_dir, "fid_stats_pigm.npz")
+        stats = os.path.join(out_dir, f"fid_stats_{name}.npz")
         if not os.path.exists(stats):
             pigm_stats(as_uint8(images), stats)
     return lambda samples: pigm_fid_is(as_uint8(samples), stats)
@@ -195,7 +195,7 @@ def pigm_needs(stats: str = "") -> list:
     """[(problem, fix)] for preflight before pigm_scorer: the package, and the given `stats`."""
     from eval.preflight import package_needs
     needs = package_needs({"pytorch_image_generation_metrics": (
-        "pytorch-image-generation-metrics", "FID / IS (stage eval)")})
+        "pytorch-image-generation-metrics", "FID / IS (Di4C's validation, stage eval)")})
     if stats and not os.path.exists(stats):
         needs.append((f"--fid_stats {stats!r} does not exist", "download "
                       "pytorch-image-generation-metrics' cifar10.train.npz (docs/cifar10.md) "

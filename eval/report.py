@@ -7,17 +7,19 @@ from contextlib import nullcontext
 import torch
 
 
-def image_scorer(images, levels: int, dataset: str, out_dir: str, fid_stats: str = "") -> tuple:
-    """(metric key, score(samples) -> {key: ...}) against the training `images` (N, C, H, W)
-    with `levels` grey levels: the Frechet distance of classifier features for an embedded 8x8
-    set (eval/digits.py, the classifier cached in out_dir), else pigm's FID / IS (the paper's
-    package, eval/inception.py; reference statistics fid_stats or computed once to out_dir)."""
+def image_scorer(images, levels: int, dataset: str, out_dir: str, fid_stats: str = "",
+                 split: str = "train") -> tuple:
+    """(metric key, score(samples) -> {key: ...}) against the `split` images (N, C, H, W) with
+    `levels` grey levels: the Frechet distance of classifier features for an embedded 8x8 set
+    (eval/digits.py, the classifier cached in out_dir), else pigm's FID / IS (the paper's package,
+    eval/inception.py; reference statistics fid_stats or computed once to out_dir)."""
     from eval import digits
     if dataset in digits.EMBEDDED:
         cache = os.path.join(out_dir, f"{dataset}_classifier.pt")
         return "frechet", digits.frechet_scorer(images, levels, dataset, cache)
     from eval import inception
-    return "fid", inception.pigm_scorer(images, levels, out_dir, fid_stats)
+    return "fid", inception.pigm_scorer(images, levels, out_dir, fid_stats,
+                                        "pigm" if split == "train" else f"pigm_{split}")
 
 
 def seconds(fn, device, repeats: int = 5, context=nullcontext) -> list:

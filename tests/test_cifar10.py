@@ -162,7 +162,9 @@ def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
     """CIFAR-10 images are scored by pytorch-image-generation-metrics (the paper's package): the
     reference statistics are computed once from the training images (uint8 0..255) unless
     --fid_stats names a file, every sample set is scored against them, and a missing --fid_stats
-    stops the run before any work. (The package's numbers themselves: tests/test_eval_images.py.)"""
+    stops the run before any work. Di4C's validation scores the teacher and the student (steps 0
+    and 1) against the test batch's own statistics, never the training images'. (The package's
+    numbers themselves: tests/test_eval_images.py.)"""
     write_cifar10_batches(tmp_path / "cifar")
     from eval import inception, preflight
     calls = {"stats": [], "score": []}
@@ -180,8 +182,14 @@ def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
     cfg = smoke(tmp_path / "run", dataset="cifar10", data_dir=str(tmp_path / "cifar"),
                 teacher_iters=2, distil_iters=1)
     m.main(cfg)
-    (ref,) = calls["stats"]           # no validation on CIFAR-10 (yet): the eval's statistics
+    val_ref, ref = calls["stats"]     # Di4C's validation first: the test batch's statistics
+    test_batch = (m.load_images(cfg, "val").long() * 256 // cfg.S).to(torch.uint8)   # 0..255
+    assert torch.equal(val_ref, test_batch) and not torch.equal(ref[:5], test_batch)
     assert ref.dtype == torch.uint8 and ref.shape == (10, 3, 32, 32) and int(ref.max()) > 200
+    val, calls["score"] = calls["score"][:3], calls["score"][3:]
+    assert all(s.shape == (5, 3, 32, 32) and p.endswith("fid_stats_pigm_val.npz") for s, p in val)
+    curve = json.load(open(tmp_path / "run" / "metrics.json"))["student"]["validation"]["curve"]
+    assert [c["step"] for c in curve] == [0, 1]
     assert len(calls["score"]) == 5 and all(
         s.dtype == torch.uint8 and s.shape == (16, 3, 32, 32) and p.endswith("fid_stats_pigm.npz")
         for s, p in calls["score"])
@@ -189,11 +197,11 @@ def test_eval_with_the_papers_fid_package(tmp_path, monkeypatch):
     assert sorted(v["fid"] for v in ev.values()) == \
         pytest.approx(sorted(float(s.float().mean()) for s, _ in calls["score"]))
     m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval"}))
-    assert len(calls["stats"]) == 1                                   # computed once
+    assert len(calls["stats"]) == 2                                   # computed once
     given = tmp_path / "given.npz"
     given.write_text("x")
     m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval", "fid_stats": str(given)}))
-    assert calls["score"][-1][1] == str(given) and len(calls["stats"]) == 1
+    assert calls["score"][-1][1] == str(given) and len(calls["stats"]) == 2
     with pytest.raises(SystemExit, match="--fid_stats .*nope.npz' does not exist"):
         m.main(m.make_config(m.Config, **{**vars(cfg), "stage": "eval",
                                           "fid_stats": str(tmp_path / "nope.npz")}))

@@ -196,6 +196,10 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
                                          "cache.*from_pretrained"):
         owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "j"),
                                  judge="gpt2-large"))
+    # CIFAR-10's Di4C validates with the same package (its FID on the test batch)
+    needs = lambda stage: " ".join(p for p, _ in cifar.run_needs(  # noqa: E731
+        cifar.make_config(cifar.Config, preset="paper", stage=stage)))
+    assert "FID / IS" in needs("distill") and "FID / IS" not in needs("teacher")
     # a stage that needs no metric passes the check (and fails later for its own reasons)
     assert owt.run_needs(owt.make_config(owt.Config, judge="gpt2-large", stage="teacher",
                                          teacher_ckpt="")) == []
