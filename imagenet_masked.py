@@ -109,7 +109,7 @@ PRESETS = {
                  teacher_iters=5000, batch_size=64, lr=(1e-3, 1e-4), warmup=100,
                  teacher_cosine=True, label_smoothing=0.0, ema=(0.995, 0.99), distil_iters=400,
                  distil_batch=16, lam_lr_mult=10.0, L=16, alpha_const=1.0, steps=(2, 4, 8, 16),
-                 student_steps=(2, 4), cfg_ws=(1.0,), r_temp=20.0, n_per_class=200,
+                 student_steps=(2, 4), cfg_ws=(1.0,), r_temp=20.0, n_per_class=1000,
                  sample_batch=500, dtype="float32", log_every=100, ckpt_every=100),
     # seconds, for tests
     "smoke": dict(out_dir="runs/imagenet_smoke", dataset="digits", img_size=16, n_layer=1,
@@ -143,6 +143,7 @@ SM_TEMP = 1.0                          # the samplers' inverse temperature (mult
 K_T = 8                                # the training-time teacher step's Gumbel ramp (34)
 WEIGHT_DECAY = 1e-5                    # AdamW's, every training stage (MaskGIT-pytorch's)
 GRID_CLASSES, WORKERS = 10, min(8, os.cpu_count() or 1)   # PNG grids of the first classes
+VAL_PER_CLASS = 10                     # ImageNet validation: 10 x 1000 samples per cell (FID-10k)
 
 # -----------------------------------------------------------------------------
 # Data and tokens: images resized as MaskGIT-pytorch (pretrained/maskgit.py) through its VQGAN or
@@ -159,6 +160,14 @@ def image_folder(cfg: Config, split: str):
     from pretrained import maskgit
     root = os.path.join(cfg.data_dir, split) if cfg.dataset == "imagenet" else cfg.data_dir
     return maskgit.image_folder(root, cfg.img_size)
+
+
+def val_images(cfg: Config):
+    """The validation images (the FID reference of the eval and of Di4C's validation), one
+    (R, R, 3) uint8 array at a time."""
+    from pretrained import maskgit
+    return (img.permute(1, 2, 0).numpy() for x, _ in maskgit.image_batches(
+        image_folder(cfg, "val"), WORKERS) for img in x)
 
 
 def tokenizer(cfg: Config, ctx: "Ctx", ds=None):
@@ -495,24 +504,39 @@ def train(cfg: Config, ctx: "Ctx", meta: dict, name: str, net, loss_fn, batch: i
                                          validation=out["validation"])})
 
 
-def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> "validation.Selection":
-    """Di4C's validation (eval/validation.py), rank 0: class-conditional samples (the labels of
-    the first n_per_class x classes held-out images) at each student step count, with w = 0 and
-    the first --cfg_ws, scored by the 8x8 classifier's Frechet distance to the held-out 20 %
-    (never trained on). None for VQ tokens (not validated yet, docs/validation.md)."""
-    if token_kind(cfg) != "pixels":
+def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> Optional[validation.Selection]:
+    """Di4C's validation (eval/validation.py), rank 0: class-conditional samples at each student
+    step count, with w = 0 and the first --cfg_ws, scored against images never trained on: the
+    8x8 classifier's Frechet distance to an embedded set's held-out 20 % (their labels), or on
+    ImageNet the eval's Inception features' FID to the validation images (VAL_PER_CLASS samples
+    per class). None for --dataset folder (no held-out split, docs/validation.md)."""
+    if cfg.dataset == "folder":
         return None
-    from eval import digits
-    cache = os.path.join(cfg.out_dir, f"{cfg.dataset}_classifier.pt")
-    clf = digits.load_or_train_classifier(cache, data=cfg.dataset) if ctx.rank == 0 else None
-    real = meta["val_codes"].long().view(-1, 8, 8)
-    y = meta["val_labels"][:cfg.n_per_class * meta["n_classes"]]
     one = dataclasses.replace(ctx, rank=0, world_size=1)             # rank 0 alone: no collective
+    if token_kind(cfg) == "pixels":
+        from eval import digits
+        cache = os.path.join(cfg.out_dir, f"{cfg.dataset}_classifier.pt")
+        clf = digits.load_or_train_classifier(cache, data=cfg.dataset) if ctx.rank == 0 else None
+        real = meta["val_codes"].long().view(-1, 8, 8)
+        y = meta["val_labels"][:cfg.n_per_class * meta["n_classes"]]
+
+        def distance(codes):
+            return digits.digits_frechet(clf, codes.view(-1, 8, 8), real)
+    else:
+        from eval import frechet, inception, maskgit_eval
+        vq = tokenizer(cfg, ctx) if ctx.rank == 0 else None
+        ref = maskgit_eval.reference_features(os.path.join(cfg.out_dir, "fid_ref"), lambda: (
+            val_images(cfg))) if ctx.rank == 0 else None
+        y = torch.arange(meta["n_classes"]).repeat_interleave(min(cfg.n_per_class, VAL_PER_CLASS))
+
+        def distance(codes):                         # decoded and remapped as the eval does
+            imgs = torch.cat([maskgit_eval.remap_uint8(decode(vq, c, meta))
+                              for c in codes.split(256)])                      # (N, 3, R, R)
+            return frechet.frechet_distance(ref[0], inception.inception_features(imgs)[0])
 
     def score(net) -> dict:
-        return {f"@{N}_w{w:g}": digits.digits_frechet(clf, generate(
-            cfg, one, net, net.lam_dim, y, N, w).view(-1, 8, 8), real)
-            for N in cfg.student_steps for w in dict.fromkeys((0.0, *cfg.cfg_ws[:1]))}
+        return {f"@{N}_w{w:g}": distance(generate(cfg, one, net, net.lam_dim, y, N, w))
+                for N in cfg.student_steps for w in dict.fromkeys((0.0, *cfg.cfg_ws[:1]))}
     return validation.Selection.against(ctx, score, teacher)
 
 
@@ -686,11 +710,9 @@ def stage_eval(cfg: Config, ctx: "Ctx"):
             key, res = "frechet", digits.score_sets(sets, cfg.dataset, cfg.label_div, os.path.join(
                 cfg.out_dir, f"{cfg.dataset}_classifier.pt"))
         else:
-            from pretrained import maskgit
             vq = tokenizer(cfg, ctx)
-            key, res = "fid", maskgit_eval.score_sets(sets, lambda c: decode(vq, c, meta), lambda: (
-                img.permute(1, 2, 0).numpy() for x, _ in maskgit.image_batches(
-                    image_folder(cfg, "val"), WORKERS) for img in x), cfg.out_dir)
+            key, res = "fid", maskgit_eval.score_sets(sets, lambda c: decode(vq, c, meta),
+                                                      lambda: val_images(cfg), cfg.out_dir)
         y = torch.arange(cfg.sample_batch, device=ctx.device) % meta["n_classes"]
         lat = {str(N): maskgit_eval.latencies(
             lambda name, g: maskgit_sample(cfg, *nets[name][:2], y, N, 0.0, g), ctx.autocast,
@@ -739,8 +761,10 @@ def run_needs(cfg: Config) -> list:
         needs.append((f"--vqgan_ckpt {cfg.vqgan_ckpt!r} does not exist", "download MaskGIT-"
                       "pytorch's VQGAN (README 'Running the paper') or pass --vqgan_ckpt ''"))
     needs += checkpoint_needs(cfg, stages)
-    if "eval" in stages and token_kind(cfg) != "pixels":
-        needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (stage eval)")})
+    validates = "distill" in stages and cfg.dataset == "imagenet"
+    if ("eval" in stages or validates) and token_kind(cfg) != "pixels":
+        needs += package_needs({"torch_fidelity": ("torch-fidelity", "FID / IS (Di4C's "
+                                                   "validation, stage eval)")})
         ref = os.path.join(cfg.data_dir, "val")
         if cfg.dataset == "imagenet" and not os.path.isdir(ref) and \
                 not os.path.isdir(os.path.join(cfg.out_dir, "fid_ref")):

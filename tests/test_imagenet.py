@@ -396,6 +396,37 @@ def test_image_folder_resize_crop_and_vqvae_tokenizer(tmp_path, monkeypatch):
     assert got["fid"] > 0 and got["is_mean"] >= 1
 
 
+def test_imagenet_tokens_validate_against_the_validation_images(tmp_path, monkeypatch):
+    """On ImageNet's layout (data_dir/{train,val}/<class>/, a VQ-VAE trained here) Di4C's
+    validation scores teacher and student by the FID of the eval's Inception features (mocked
+    here) to the validation images, never the training ones; --dataset folder has no held-out
+    split and is not validated."""
+    make_folder(tmp_path / "inet" / "train", sizes=((20, 24), (24, 20), (30, 30)) * 2)
+    make_folder(tmp_path / "inet" / "val", sizes=((24, 24), (20, 20)))
+    from eval import inception
+    proj = torch.randn(48, 6, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def features(imgs):                                              # pixels -> (N, 6), (N, 5)
+        seen.append(imgs)
+        pooled = nn.functional.avg_pool2d(imgs.float() / 255, 4).flatten(1)   # (N, 48)
+        return pooled @ proj, (pooled @ proj)[:, :5]
+    monkeypatch.setattr(inception, "inception_features", features)
+    monkeypatch.setattr(m, "package_needs", lambda packages: [])     # torch-fidelity: mocked
+    cfg = smoke(tmp_path, dataset="imagenet", data_dir=str(tmp_path / "inet"), vqgan_ckpt="",
+                img_size=16, batch_size=4, teacher_iters=2, distil_iters=1, control_iters=0)
+    for stage in ("tokenize", "teacher", "distill"):
+        m.main(m.make_config(m.Config, **{**asdict(cfg), "stage": stage}))
+    assert len(os.listdir(os.path.join(cfg.out_dir, "fid_ref"))) == 4          # val: 2 x 2
+    ref, *scored = seen
+    assert len(ref) == 4 and all(len(x) == 2 * cfg.n_per_class for x in scored)
+    assert len(scored) == 3 * 2                     # teacher, steps 0 and 1; w = 0 and w = 1
+    v = json.load(open(os.path.join(cfg.out_dir, "metrics.json")))["student"]["validation"]
+    assert [c["step"] for c in v["curve"]] == [0, 1] and set(v["teacher"]) == {"@2_w0", "@2_w1"}
+    folder = m.make_config(m.Config, **{**asdict(cfg), "dataset": "folder"})
+    assert m.selection(folder, None, {}, None) is None
+
+
 def test_smoke_end_to_end_is_deterministic_and_learns(tmp_path):
     """Two identical runs give identical metrics (timings aside); a teacher trained for 300
     steps samples far closer to the digits, and to its labels, than uniform noise does."""

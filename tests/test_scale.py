@@ -196,10 +196,11 @@ def test_paper_run_without_metric_package_stops_before_training(tmp_path, monkey
                                          "cache.*from_pretrained"):
         owt.main(owt.make_config(owt.Config, preset="paper", out_dir=str(tmp_path / "j"),
                                  judge="gpt2-large"))
-    # CIFAR-10's Di4C validates with the same package (its FID on the test batch)
-    needs = lambda stage: " ".join(p for p, _ in cifar.run_needs(  # noqa: E731
-        cifar.make_config(cifar.Config, preset="paper", stage=stage)))
-    assert "FID / IS" in needs("distill") and "FID / IS" not in needs("teacher")
+    # Di4C validates with the same package on CIFAR-10 and ImageNet (FID on held-out images)
+    for m in (cifar, imagenet):
+        needs = " ".join(p for stage in ("teacher", "distill") for p, _ in m.run_needs(
+            m.make_config(m.Config, preset="paper", stage=stage, data_dir=str(tmp_path / "no"))))
+        assert needs.count("FID / IS") == 1 and "validation" in needs, m.__name__
     # a stage that needs no metric passes the check (and fails later for its own reasons)
     assert owt.run_needs(owt.make_config(owt.Config, judge="gpt2-large", stage="teacher",
                                          teacher_ckpt="")) == []
