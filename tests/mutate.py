@@ -113,6 +113,8 @@ CIFAR = [
      '(f"hybrid@{n}", "student", n, cfg.hybrid_teacher_steps + 1)'),
     ("cifar_control_variate_ignored", "switch: --control_variate not passed on",
      "control_variate=cfg.control_variate, generator=g)", "generator=g)"),
+    ("validation_on_training_images", "validation: CIFAR-10 scored against the training images",
+     'val = load_images(cfg, "val")\n', 'val = load_images(cfg)\n'),
 ]
 IMAGENET = [
     ("imagenet_teacher_step_zero", "teacher step: length zero (u = t)",
@@ -141,6 +143,9 @@ IMAGENET = [
     ("imagenet_control_rows", "control compute: counted on the teacher's batch",
      "    B, L = cfg.distil_batch, cfg.L\n    return math.ceil(cfg.distil_iters * (3 * B * L + B",
      "    B, L = cfg.batch_size, cfg.L\n    return math.ceil(cfg.distil_iters * (3 * B * L + B"),
+    ("validation_on_training_images", "validation: ImageNet scored against the training images",
+     'image_folder(cfg, "val"), WORKERS) for img in x)',
+     'image_folder(cfg, "train"), WORKERS) for img in x)'),
 ]
 OWT = [
     ("owt_teacher_step_zero", "teacher step: length zero (u = t)",
