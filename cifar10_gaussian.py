@@ -623,13 +623,17 @@ def stage_eval(cfg: Config, ctx, images: torch.Tensor, proc):
 
 def run_needs(cfg: Config) -> list:
     """What the stages of this run need beyond the config, checked before any work (preflight):
-    the given checkpoints, and on CIFAR-10 the FID / IS package (Di4C's validation, the eval)
-    and --fid_stats (the eval)."""
+    the given checkpoints, and on CIFAR-10 the FID / IS package (Di4C's validation, the eval),
+    --fid_stats (the eval) and the test batch (the validation's images)."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     needs = checkpoint_needs(cfg, stages)
     if {"distill", "eval"} & set(stages) and cfg.dataset not in EMBEDDED:
         from eval import inception
         needs += inception.pigm_needs(cfg.fid_stats if "eval" in stages else "")
+        test = os.path.join(cfg.data_dir, "cifar-10-batches-py", "test_batch")
+        if "distill" in stages and not cfg.download and not os.path.exists(test):
+            needs.append((f"{test!r} not found (Di4C's validation scores against it)",
+                          "put CIFAR-10's test batch there, or add --download true"))
     return needs
 
 

@@ -226,6 +226,11 @@ def test_missing_checkpoints_and_data_stop_before_training(tmp_path):
                             teacher_ckpt=str(tmp_path / "t.pt"), stage="distill")
     with pytest.raises(SystemExit, match="teacher_ckpt .*t.pt.* does not exist"):
         cifar.main(cfg)
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)     # no test batch
+    cfg = cifar.make_config(cifar.Config, preset="smoke", out_dir=str(tmp_path / "c"),
+                            dataset="cifar10", data_dir=str(tmp_path / "cifar"), stage="distill")
+    with pytest.raises(SystemExit, match="test_batch' not found .*Di4C's validation"):
+        cifar.main(cfg)
 
 
 @pytest.mark.slow
