@@ -523,16 +523,15 @@ def selection(cfg: Config, ctx: "Ctx", meta: dict, teacher) -> Optional[validati
         def distance(codes):
             return digits.digits_frechet(clf, codes.view(-1, 8, 8), real)
     else:
-        from eval import frechet, inception, maskgit_eval
+        from eval import frechet, maskgit_eval
         vq = tokenizer(cfg, ctx) if ctx.rank == 0 else None
         ref = maskgit_eval.reference_features(os.path.join(cfg.out_dir, "fid_ref"), lambda: (
             val_images(cfg))) if ctx.rank == 0 else None
         y = torch.arange(meta["n_classes"]).repeat_interleave(min(cfg.n_per_class, VAL_PER_CLASS))
 
         def distance(codes):                         # decoded and remapped as the eval does
-            imgs = torch.cat([maskgit_eval.remap_uint8(decode(vq, c, meta))
-                              for c in codes.split(256)])                      # (N, 3, R, R)
-            return frechet.frechet_distance(ref[0], inception.inception_features(imgs)[0])
+            pool = maskgit_eval.embed(decode(vq, c, meta) for c in codes.split(256))[1]
+            return frechet.frechet_distance(ref[0], pool)
 
     def score(net) -> dict:
         return {f"@{N}_w{w:g}": distance(generate(cfg, one, net, net.lam_dim, y, N, w))

@@ -59,13 +59,20 @@ def reference_features(folder: str, images) -> tuple:
     return feats
 
 
-def score(ref: tuple, decoded, folder: str, label: str) -> dict:
-    """The metrics of one sample set: `decoded` yields float images (n, 3, R, R) (decoded in
-    bounded chunks), remapped to uint8 and written to `folder` as PNGs; ref = reference_features."""
-    from eval import image_metrics, inception
+def embed(decoded) -> tuple:
+    """`decoded` yields float images (n, 3, R, R) (decoded in bounded chunks) -> (the images
+    remapped to uint8 (N, 3, R, R), their Inception pool features, logits)."""
+    from eval import inception
     imgs = torch.cat([remap_uint8(x) for x in decoded])                         # (N, 3, R, R)
+    return (imgs, *inception.inception_features(imgs))
+
+
+def score(ref: tuple, decoded, folder: str, label: str) -> dict:
+    """The metrics of one sample set: `decoded` as in embed, the remapped images written to
+    `folder` as PNGs; ref = reference_features."""
+    from eval import image_metrics
+    imgs, pool, logits = embed(decoded)
     write_pngs(folder, imgs.permute(0, 2, 3, 1).numpy())
-    pool, logits = inception.inception_features(imgs)
     try:
         return image_metrics.metrics_from_features(ref[0], pool, logits, "maskgit")
     except ValueError as e:
