@@ -114,7 +114,7 @@ PRESETS = {
                  remap_vocab=True, n_layer=4, n_embd=128, n_head=4, cond_dim=64,
                  teacher_iters=4000, judge_iters=600, batch_size=32, lr=(1e-3, 1e-4),
                  teacher_cosine=True, ema=(0.995, 0.99), distil_iters=400, distil_batch=4, lam_lr_mult=10.0, warmup=20, L=8, T=32, delta=0.047,
-                 steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=256,
+                 steps=(4, 8, 16, 32, 64), student_steps=(4, 8, 16), n_samples=1024,
                  sample_batch=128, prefix=(24, 8, 24), dtype="float32",
                  log_every=50, ckpt_every=100, judge="trained"),
     # seconds, for tests
